@@ -1,0 +1,3 @@
+"""relay: a durable relay for QingStor bucket notifications."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,345 @@
+"""Configuration: YAML in, validated pydantic models out, every error naming its path.
+
+Loading does the file and environment I/O; the models themselves are plain data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from relay.errors import ConfigError
+
+# --- value types -----------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """`500ms`, `5s`, `10m`, `24h`, `7d` (or a bare number of seconds) -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 500ms, 5s, 10m or 24h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected a duration like 500ms, 5s, 10m or 24h, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds, written in the config as `500ms`, `5s`, `24h`..."""
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    # Relative paths follow the config file, not the working directory, so that the
+    # same file behaves the same wherever `relay serve` is started from.
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# QingStor rules say complete_multipart/abort_multipart, its records complete_upload/
+# abort_upload. relay speaks the rule spelling everywhere and maps the other onto it.
+EVENT_TYPE_ALIASES = {"complete_upload": "complete_multipart", "abort_upload": "abort_multipart"}
+
+
+def normalize_event_type(value: str) -> str:
+    return EVENT_TYPE_ALIASES.get(value, value)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sections --------------------------------------------------------------------------
+
+
+class ServerConfig(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1)
+    # Bound on how long shutdown waits for in-flight requests and deliveries.
+    drain_timeout: Duration = 10.0
+
+
+class StoreConfig(_Model):
+    backend: Literal["sqlite"] = "sqlite"
+    path: ConfigPath = Field(Path("relay-data/relay.db"), validate_default=True)
+    # Finished deliveries are kept this long (for inspection) before pruning.
+    keep_done: Duration = 3600.0
+    prune_interval: Duration = 60.0
+
+
+class DedupeConfig(_Model):
+    window: Duration = 86400.0
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class RetryConfig(_Model):
+    max_attempts: int = Field(10, ge=1)
+    initial: Duration = 1.0
+    max: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> RetryConfig:
+        if self.max < self.initial:
+            raise ValueError("retry.max must not be smaller than retry.initial")
+        return self
+
+
+class QingStorSourceConfig(_Model):
+    """QingStor does not sign its POSTs: a token in the URL is the secret it can carry."""
+
+    kind: Literal["qingstor"]
+    token: SecretStr | None = None
+    allow_ips: list[IPvAnyNetwork] | None = None
+    # `image` results have no documented shape: such a source keeps any JSON object.
+    cloudfunc: Literal["notifier", "tupu-porn", "image"] | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("token is empty; omit the key to accept requests without a token")
+        return value
+
+
+class FileSinkConfig(_Model):
+    kind: Literal["file"]
+    path: ConfigPath
+    retry: RetryConfig = RetryConfig()
+
+
+class HttpSinkConfig(_Model):
+    kind: Literal["http"]
+    url: str
+    headers: dict[str, str] = {}
+    timeout: Duration = 10.0
+    concurrency: int = Field(8, ge=1, le=256)
+    retry: RetryConfig = RetryConfig()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+
+SourceConfig = QingStorSourceConfig
+SinkConfig = Annotated[FileSinkConfig | HttpSinkConfig, Field(discriminator="kind")]
+
+SOURCE_KINDS = ("qingstor",)
+SINK_KINDS = ("file", "http")
+
+
+class When(_Model):
+    """All given conditions must hold; a missing condition holds for every event."""
+
+    event_types: list[str] | None = None
+    buckets: list[str] | None = None
+    keys: list[str] | None = None  # glob patterns, as in QingStor's object_filters
+    sources: list[str] | None = None
+
+    @field_validator("event_types")
+    @classmethod
+    def _normalize(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [normalize_event_type(v) for v in value]
+
+
+class Route(_Model):
+    when: When | None = None
+    to: list[str] = Field(min_length=1)
+
+
+class RelayConfig(_Model):
+    server: ServerConfig = ServerConfig()
+    # Validated even when absent, so that its relative path follows the config file.
+    store: StoreConfig = Field(default_factory=lambda: {}, validate_default=True)  # type: ignore[arg-type]
+    dedupe: DedupeConfig = DedupeConfig()
+    log: LogConfig = LogConfig()
+    sources: dict[str, SourceConfig] = {}
+    sinks: dict[str, SinkConfig] = {}
+    # None (the key absent) sends every event to every sink; [] routes nothing.
+    routes: list[Route] | None = None
+
+    @property
+    def effective_routes(self) -> list[Route]:
+        if self.routes is None:
+            return [Route(to=list(self.sinks))] if self.sinks else []
+        return self.routes
+
+    def summary(self) -> str:
+        routes = len(self.effective_routes)
+        return (
+            f"{len(self.sources)} source(s) ({', '.join(self.sources) or 'none'}), "
+            f"{len(self.sinks)} sink(s) ({', '.join(self.sinks) or 'none'}), "
+            f"{routes} route(s), store {self.store.backend} at {self.store.path}"
+        )
+
+
+# --- loading ---------------------------------------------------------------------------
+
+# The embedded default (DESIGN.md): a tokenless qingstor source, a file sink, SQLite,
+# all under ./relay-data/, so that a newcomer's first `relay serve` just works.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "store": {"backend": "sqlite", "path": "relay-data/relay.db"},
+    "sources": {"qingstor": {"kind": "qingstor"}},
+    "sinks": {"archive": {"kind": "file", "path": "relay-data/events.jsonl"}},
+    "routes": [{"to": ["archive"]}],
+}
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(
+    value: Any, env: Mapping[str, str], path: str = "", problems: list[str] | None = None
+) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string; `$$` is a literal `$`."""
+    if problems is None:
+        problems = []
+    if isinstance(value, dict):
+        return {
+            k: interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}.{i}", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(substitute, value)
+
+
+def _format_error(error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    # Discriminated unions put the chosen tag into the location; people wrote no such key.
+    if len(loc) >= 3 and loc[0] in ("sinks", "sources") and loc[2] in (*SINK_KINDS, *SOURCE_KINDS):
+        del loc[2]
+    kind = error["type"]
+    if kind in ("union_tag_invalid", "union_tag_not_found") or (
+        kind == "literal_error" and loc and loc[-1] == "kind"
+    ):
+        if loc[-1] != "kind":
+            loc.append("kind")
+        expected = ", ".join(SINK_KINDS if loc[0] == "sinks" else SOURCE_KINDS)
+        given = error["input"].get("kind") if isinstance(error["input"], dict) else error["input"]
+        if given is None:
+            return f"{'.'.join(loc)}: missing (expected one of: {expected})"
+        return f"{'.'.join(loc)}: unknown kind {given!r} (expected one of: {expected})"
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "required"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{'.'.join(loc) or '(top level)'}: {message}"
+
+
+def _check_references(config: RelayConfig) -> list[str]:
+    problems = []
+    for section, names in (("sources", config.sources), ("sinks", config.sinks)):
+        for name in names:
+            if not _NAME.match(name):
+                problems.append(
+                    f"{section}.{name}: names are 1-64 letters, digits, '_', '.' or '-'"
+                )
+    for i, route in enumerate(config.routes or []):
+        for sink in route.to:
+            if sink not in config.sinks:
+                defined = ", ".join(config.sinks) or "none"
+                problems.append(f"routes.{i}.to: undefined sink {sink!r} (defined: {defined})")
+        for source in (route.when.sources if route.when else None) or []:
+            if source not in config.sources:
+                defined = ", ".join(config.sources) or "none"
+                problems.append(
+                    f"routes.{i}.when.sources: undefined source {source!r} (defined: {defined})"
+                )
+    return problems
+
+
+def build_config(
+    data: Any, *, base_dir: Path, env: Mapping[str, str] | None = None
+) -> RelayConfig:
+    """Validate an already-parsed document; raises ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"])
+    problems: list[str] = []
+    data = interpolate(data, os.environ if env is None else env, problems=problems)
+    try:
+        config = RelayConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        # A missing variable was reported already; its empty stand-in says nothing new.
+        reported = {p.split(":", 1)[0] for p in problems}
+        for error in exc.errors():
+            message = _format_error(error)
+            if message.split(":", 1)[0] not in reported:
+                problems.append(message)
+        raise ConfigError(problems) from None
+    problems.extend(_check_references(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RelayConfig:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read ({exc.__class__.__name__}: {exc})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
+    return build_config(data, base_dir=file.resolve().parent, env=env)
+
+
+def default_config() -> RelayConfig:
+    return build_config(DEFAULT_CONFIG, base_dir=Path.cwd(), env={})

@@ -1,0 +1,155 @@
+"""The dispatcher: one worker task per sink, taking due deliveries from the store.
+
+A worker owns one sink, so a slow or dead sink stalls nobody but itself, and ingest
+never waits for any of them: it only wakes the workers of the sinks it enqueued for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import structlog
+
+from relay.config import RetryConfig
+from relay.models import Delivery
+from relay.sinks import Outcome, Sink
+from relay.store import Settlement, SqliteStore
+
+log = structlog.get_logger("relay.dispatch")
+
+
+def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
+    """Full jitter: anywhere in [0, min(max, initial * 2**(attempts-1))].
+
+    Spreading retries over the whole interval keeps a recovering sink from being hit
+    by every backlog item at the same instant.
+    """
+    ceiling = min(retry.max, retry.initial * 2 ** min(attempts - 1, 62))
+    return ceiling * rand()
+
+
+def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) -> Settlement:
+    """Turn a sink's outcome into the store's next state for that delivery."""
+    attempts = delivery.attempts + 1
+    if outcome.result == "done":
+        return Settlement(delivery.id, "done", now, outcome.status, None)
+    if outcome.result == "dead" or attempts >= retry.max_attempts:
+        return Settlement(delivery.id, "dead", now, outcome.status, outcome.error)
+    delay = max(backoff(attempts, retry), outcome.retry_after or 0.0)
+    return Settlement(delivery.id, "pending", now + delay, outcome.status, outcome.error)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: SqliteStore,
+        sinks: Mapping[str, Sink],
+        retries: Mapping[str, RetryConfig],
+        *,
+        idle_poll: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.sinks = dict(sinks)
+        self.retries = dict(retries)
+        # Upper bound on a worker's sleep: a safety net for wake-ups that never come
+        # (another process wrote the store), not the normal way work is found.
+        self.idle_poll = idle_poll
+        self._wake = {name: asyncio.Event() for name in self.sinks}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return list(self._tasks.values())
+
+    def start(self) -> None:
+        for name in self.sinks:
+            self._tasks[name] = asyncio.create_task(self._work(name), name=f"relay-sink-{name}")
+
+    def wake(self, sinks: Iterable[str]) -> None:
+        for name in sinks:
+            event = self._wake.get(name)
+            if event is not None:
+                event.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking work, let in-flight sends finish for `timeout` seconds, then cancel.
+
+        A cancelled send is not settled: its delivery stays pending in the store and is
+        sent again (same event id) after the next start.
+        """
+        self._stopping = True
+        self.wake(self.sinks)
+        tasks = self.tasks
+        if not tasks:
+            return
+        _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if unfinished:
+            log.warning(
+                "dispatch.drain_timeout",
+                timeout=timeout,
+                cancelled=sorted(t.get_name() for t in unfinished),
+            )
+
+    async def _work(self, name: str) -> None:
+        sink, wake = self.sinks[name], self._wake[name]
+        while not self._stopping:
+            # Cleared before looking, so a wake-up that lands while we look is kept.
+            wake.clear()
+            try:
+                batch = await self.store.due(name, sink.batch_size)
+                if batch:
+                    await self._deliver(name, sink, batch)
+                    continue
+                next_at = await self.store.next_due_at(name)
+            except Exception:
+                log.exception("dispatch.store_error", sink=name)
+                next_at = None
+            pause = self.idle_poll if next_at is None else next_at - time.time()
+            if self._stopping:
+                break
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll))
+            except TimeoutError:
+                pass
+
+    async def _deliver(self, name: str, sink: Sink, batch: Sequence[Delivery]) -> None:
+        started = time.monotonic()
+        try:
+            outcomes = await sink.send(batch)
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"sink returned {len(outcomes)} outcomes for {len(batch)}")
+        except Exception as exc:
+            log.exception("dispatch.sink_error", sink=name)
+            outcomes = [Outcome("retry", error=f"{exc.__class__.__name__}: {exc}")] * len(batch)
+        now = time.time()
+        retry = self.retries[name]
+        settlements = [judge(d, o, retry, now) for d, o in zip(batch, outcomes, strict=True)]
+        await self.store.settle(settlements, now)
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        for delivery, settled in zip(batch, settlements, strict=True):
+            fields = {
+                "sink": name,
+                "event_id": delivery.event_id,
+                "attempt": delivery.attempts + 1,
+                "batch": len(batch),
+                "elapsed_ms": elapsed_ms,
+            }
+            if settled.state == "done":
+                log.debug("delivery.done", **fields)
+            elif settled.state == "dead":
+                log.warning("delivery.dead", status=settled.status, error=settled.error, **fields)
+            else:
+                log.info(
+                    "delivery.retry",
+                    status=settled.status,
+                    error=settled.error,
+                    retry_in_s=round(settled.next_at - now, 3),
+                    **fields,
+                )

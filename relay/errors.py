@@ -1,0 +1,62 @@
+"""Errors that carry their HTTP answer, so the ingest path maps failures in one place."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base class for relay's own errors."""
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid; `problems` lists each one as `path: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class IngestError(RelayError):
+    """A request that relay refuses; becomes `{"error": code, "message": message}`."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidBody(IngestError):
+    status = 400
+    code = "invalid_body"
+
+
+class Unauthorized(IngestError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(IngestError):
+    status = 403
+    code = "forbidden"
+
+
+class UnknownSource(IngestError):
+    status = 404
+    code = "unknown_source"
+
+
+class BodyTooLarge(IngestError):
+    status = 413
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(IngestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class StoreUnavailable(RelayError):
+    """The store could not persist; ingest answers 503 so the sender retries."""

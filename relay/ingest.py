@@ -1,0 +1,142 @@
+"""POST /hooks/{source}: authenticate, bound, parse, store in one commit, then answer.
+
+Nothing here waits for a sink. The answer is 200 only once the store has committed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from relay.errors import (
+    BodyTooLarge,
+    InvalidBody,
+    StoreUnavailable,
+    UnknownSource,
+    UnsupportedMediaType,
+)
+from relay.routing import Router
+from relay.sources import RequestMeta, Source
+from relay.store import NewEvent, SqliteStore
+
+log = structlog.get_logger("relay.ingest")
+
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class Ingest:
+    """Everything the hook handler needs; the app builds one and keeps it in an AppKey."""
+
+    sources: dict[str, Source]
+    router: Router
+    store: SqliteStore
+    max_body_bytes: int
+    on_enqueued: Any  # callable taking the set of sinks that got new deliveries
+
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["source"]
+        source = self.sources.get(name)
+        if source is None:
+            raise UnknownSource(f"no source named {name!r} is configured")
+        structlog.contextvars.bind_contextvars(source=name)
+
+        meta = RequestMeta(headers=request.headers, query=request.query, peer=_peer(request))
+        source.authenticate(meta)
+
+        body = await read_limited(request, self.max_body_bytes)
+        document = decode_json(body, request.content_type)
+        received_at = datetime.now(UTC)
+        envelopes = source.parse(meta, document, received_at)
+
+        events = []
+        unrouted = 0
+        for envelope in envelopes:
+            sinks = self.router.sinks_for(envelope)
+            unrouted += not sinks
+            text = envelope.to_json()
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidBody(
+                    "body contains an unpaired UTF-16 surrogate escape", code="invalid_json"
+                ) from None
+            events.append(NewEvent(envelope.id, name, text, sinks))
+
+        result = await self.store.accept(events)
+        fresh = set(result.accepted)
+        self.on_enqueued({s for e in events if e.id in fresh for s in e.sinks})
+        structlog.contextvars.bind_contextvars(
+            accepted=len(result.accepted), duplicates=len(result.duplicates)
+        )
+        if unrouted:
+            log.info("ingest.unrouted", count=unrouted)
+        return web.json_response(
+            {"accepted": len(result.accepted), "duplicates": len(result.duplicates)}
+        )
+
+
+def _peer(request: web.Request) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(request.remote or "")
+    except ValueError:
+        return None
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """Read at most `limit` bytes; refuse early on Content-Length, else once past it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # Sinks are sent strict JSON, which has no Infinity: refuse it on the way in.
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def decode_json(body: bytes, content_type: str) -> Any:
+    """Parse the body as JSON whatever it is labelled (senders mislabel), but answer 415
+    rather than 400 when a body that is not JSON also said it was something else.
+    """
+    if not body.strip():
+        raise InvalidBody("the body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    # ValueError covers bad UTF-8, bad JSON, and integers too long to convert.
+    except (ValueError, RecursionError) as exc:
+        declared = content_type.lower()
+        if declared not in ("", "application/octet-stream") and "json" not in declared:
+            raise UnsupportedMediaType(
+                f"the body is not JSON (Content-Type: {declared}); send application/json"
+            ) from None
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
+            exc, json.JSONDecodeError
+        ) else ""
+        raise InvalidBody(f"the body is not valid JSON{where}", code="invalid_json") from None
+
+
+__all__ = ["Ingest", "StoreUnavailable", "decode_json", "read_limited"]

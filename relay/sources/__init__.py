@@ -1,0 +1,22 @@
+"""Source adapters: one file per kind, each turning an authenticated request into envelopes.
+
+A source never touches the network or the store: ingest hands it what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from relay.sources.base import RequestMeta, Source
+from relay.sources.qingstor import QingStorSource
+
+# kind -> class; each class takes (name, its validated config section).
+SOURCES: dict[str, Callable[[str, Any], Source]] = {"qingstor": QingStorSource}
+
+
+def build_source(name: str, config: Any) -> Source:
+    return SOURCES[config.kind](name, config)
+
+
+__all__ = ["SOURCES", "RequestMeta", "Source", "build_source"]

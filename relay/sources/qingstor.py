@@ -1,0 +1,91 @@
+"""`kind: qingstor`: the notify_url target for notifier, tupu-porn and image results."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from relay.config import QingStorSourceConfig
+from relay.errors import Forbidden, InvalidBody, Unauthorized
+from relay.models import (
+    Envelope,
+    NotifierBatch,
+    TupuPornResult,
+    image_envelope,
+    notifier_envelopes,
+    tupu_porn_envelope,
+)
+from relay.sources.base import RequestMeta
+
+TOKEN_HEADER = "X-Relay-Token"
+
+
+def token_matches(expected: str, presented: str | None) -> bool:
+    """Constant-time comparison that fails closed on a missing token."""
+    if presented is None:
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """A short, sender-facing account of what is wrong, without echoing the input."""
+    parts = []
+    for item in error.errors()[:5]:
+        loc = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{prefix}{loc}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+class QingStorSource:
+    def __init__(self, name: str, config: QingStorSourceConfig) -> None:
+        self.name = name
+        self.config = config
+
+    def authenticate(self, meta: RequestMeta) -> None:
+        networks = self.config.allow_ips
+        if networks is not None and (
+            meta.peer is None or not any(meta.peer in net for net in networks)
+        ):
+            raise Forbidden(f"address {meta.peer} is not in sources.{self.name}.allow_ips")
+        if self.config.token is not None:
+            presented = meta.headers.get(TOKEN_HEADER) or meta.query.get("token")
+            if not token_matches(self.config.token.get_secret_value(), presented):
+                what = "invalid" if presented else "missing"
+                raise Unauthorized(
+                    f"{what} token: pass it as ?token= in notify_url or in {TOKEN_HEADER}",
+                    code=f"{what}_token",
+                )
+
+    def parse(self, meta: RequestMeta, document: Any, received_at: datetime) -> list[Envelope]:
+        if not isinstance(document, dict):
+            raise InvalidBody(
+                "expected a JSON object (a notifier batch or a tupu-porn result)",
+                code="not_an_event",
+            )
+        cloudfunc = self.config.cloudfunc
+        if cloudfunc == "image":
+            return [image_envelope(document, self.name, received_at)]
+        if "events" in document and cloudfunc in (None, "notifier"):
+            try:
+                batch = NotifierBatch.model_validate(document)
+            except ValidationError as exc:
+                raise InvalidBody(describe(exc), code="invalid_event") from None
+            return notifier_envelopes(document, batch, self.name, received_at)
+        if "result" in document and cloudfunc in (None, "tupu-porn"):
+            try:
+                result = TupuPornResult.model_validate(document)
+            except ValidationError as exc:
+                raise InvalidBody(describe(exc), code="invalid_event") from None
+            return [tupu_porn_envelope(document, result, self.name, received_at)]
+        expected = {
+            None: "a notifier batch {\"events\": [...]} or a tupu-porn result",
+            "notifier": "a notifier batch {\"events\": [...]}",
+            "tupu-porn": "a tupu-porn result {\"bucket\", \"object\", \"result\"}",
+        }[cloudfunc]
+        raise InvalidBody(f"not a QingStor event: expected {expected}", code="not_an_event")
