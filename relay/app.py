@@ -143,7 +143,7 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher = app[DISPATCHER]
     dispatcher.start()
     yield
-    await dispatcher.stop(timeout=app[CONFIG].server.drain_timeout)
+    await dispatcher.stop(grace=app[CONFIG].server.drain_timeout)
 
 
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -172,9 +172,7 @@ def create_app(config: RelayConfig) -> web.Application:
     )
     store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
     sinks = {name: build_sink(name, sink) for name, sink in config.sinks.items()}
-    dispatcher = Dispatcher(
-        store, sinks, {name: sink.retry for name, sink in config.sinks.items()}
-    )
+    dispatcher = Dispatcher(store, sinks, {name: sink.retry for name, sink in config.sinks.items()})
     app[CONFIG] = config
     app[STORE] = store
     app[SINKS] = sinks

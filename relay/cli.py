@@ -69,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
-        config = config.model_copy(
-            update={"server": config.server.model_copy(update=overrides)}
-        )
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     configure(config.log.level, config.log.format)
     try:
         run(config)

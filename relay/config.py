@@ -188,7 +188,7 @@ class Route(_Model):
 class RelayConfig(_Model):
     server: ServerConfig = ServerConfig()
     # Validated even when absent, so that its relative path follows the config file.
-    store: StoreConfig = Field(default_factory=lambda: {}, validate_default=True)  # type: ignore[arg-type]
+    store: StoreConfig = Field(default_factory=lambda: {}, validate_default=True)
     dedupe: DedupeConfig = DedupeConfig()
     log: LogConfig = LogConfig()
     sources: dict[str, SourceConfig] = {}
@@ -302,9 +302,7 @@ def _check_references(config: RelayConfig) -> list[str]:
     return problems
 
 
-def build_config(
-    data: Any, *, base_dir: Path, env: Mapping[str, str] | None = None
-) -> RelayConfig:
+def build_config(data: Any, *, base_dir: Path, env: Mapping[str, str] | None = None) -> RelayConfig:
     """Validate an already-parsed document; raises ConfigError listing every problem."""
     if data is None:
         data = {}

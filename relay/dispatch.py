@@ -10,6 +10,8 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
+from functools import partial
 
 import structlog
 
@@ -27,7 +29,7 @@ def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = rando
     Spreading retries over the whole interval keeps a recovering sink from being hit
     by every backlog item at the same instant.
     """
-    ceiling = min(retry.max, retry.initial * 2 ** min(attempts - 1, 62))
+    ceiling = min(retry.max, retry.initial * 2.0 ** min(attempts - 1, 62))
     return ceiling * rand()
 
 
@@ -58,16 +60,18 @@ class Dispatcher:
         # (another process wrote the store), not the normal way work is found.
         self.idle_poll = idle_poll
         self._wake = {name: asyncio.Event() for name in self.sinks}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._stopping = False
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
-        return list(self._tasks.values())
+        """Every task the dispatcher owns: one worker per sink and the sends in flight."""
+        return [*self._workers.values(), *self._sending]
 
     def start(self) -> None:
         for name in self.sinks:
-            self._tasks[name] = asyncio.create_task(self._work(name), name=f"relay-sink-{name}")
+            self._workers[name] = asyncio.create_task(self._work(name), name=f"relay-sink-{name}")
 
     def wake(self, sinks: Iterable[str]) -> None:
         for name in sinks:
@@ -75,49 +79,59 @@ class Dispatcher:
             if event is not None:
                 event.set()
 
-    async def stop(self, timeout: float) -> None:
-        """Stop taking work, let in-flight sends finish for `timeout` seconds, then cancel.
+    async def stop(self, grace: float) -> None:
+        """Stop taking work, let in-flight sends finish for `grace` seconds, then cancel.
 
         A cancelled send is not settled: its delivery stays pending in the store and is
         sent again (same event id) after the next start.
         """
-        self._stopping = True
+        self._stop.set()
         self.wake(self.sinks)
         tasks = self.tasks
         if not tasks:
             return
-        _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+        _, unfinished = await asyncio.wait(tasks, timeout=grace)
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if unfinished:
-            log.warning(
-                "dispatch.drain_timeout",
-                timeout=timeout,
-                cancelled=sorted(t.get_name() for t in unfinished),
-            )
+            log.warning("dispatch.drain_timeout", grace_s=grace, cancelled=len(unfinished))
 
     async def _work(self, name: str) -> None:
+        """Keep up to `sink.concurrency` sends of up to `sink.batch_size` in flight."""
         sink, wake = self.sinks[name], self._wake[name]
-        while not self._stopping:
+        in_flight: set[int] = set()
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(ids: list[int], task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._sending.discard(task)
+            in_flight.difference_update(ids)
+            wake.set()
+
+        while not self._stop.is_set():
             # Cleared before looking, so a wake-up that lands while we look is kept.
             wake.clear()
-            try:
-                batch = await self.store.due(name, sink.batch_size)
-                if batch:
-                    await self._deliver(name, sink, batch)
-                    continue
-                next_at = await self.store.next_due_at(name)
-            except Exception:
-                log.exception("dispatch.store_error", sink=name)
-                next_at = None
-            pause = self.idle_poll if next_at is None else next_at - time.time()
-            if self._stopping:
+            next_at: float | None = None
+            if len(running) < sink.concurrency:
+                try:
+                    batch = await self.store.due(name, sink.batch_size, exclude=in_flight)
+                    if batch:
+                        ids = [d.id for d in batch]
+                        in_flight.update(ids)
+                        task = asyncio.create_task(self._deliver(name, sink, batch))
+                        running.add(task)
+                        self._sending.add(task)
+                        task.add_done_callback(partial(finished, ids))
+                        continue
+                    next_at = await self.store.next_due_at(name, exclude=in_flight)
+                except Exception:
+                    log.exception("dispatch.store_error", sink=name)
+            if self._stop.is_set():
                 break
-            try:
+            pause = self.idle_poll if next_at is None else next_at - time.time()
+            with suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll))
-            except TimeoutError:
-                pass
 
     async def _deliver(self, name: str, sink: Sink, batch: Sequence[Delivery]) -> None:
         started = time.monotonic()
@@ -131,7 +145,14 @@ class Dispatcher:
         now = time.time()
         retry = self.retries[name]
         settlements = [judge(d, o, retry, now) for d, o in zip(batch, outcomes, strict=True)]
-        await self.store.settle(settlements, now)
+        try:
+            await self.store.settle(settlements, now)
+        except Exception:
+            # Unsettled deliveries stay pending and are sent again: at least once, never
+            # lost. The pause keeps a failing store from turning that into a tight loop.
+            log.exception("dispatch.settle_failed", sink=name, batch=len(batch))
+            await asyncio.sleep(1.0)
+            return
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         for delivery, settled in zip(batch, settlements, strict=True):
             fields = {

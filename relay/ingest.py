@@ -133,9 +133,11 @@ def decode_json(body: bytes, content_type: str) -> Any:
             raise UnsupportedMediaType(
                 f"the body is not JSON (Content-Type: {declared}); send application/json"
             ) from None
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(
-            exc, json.JSONDecodeError
-        ) else ""
+        where = (
+            f" at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
         raise InvalidBody(f"the body is not valid JSON{where}", code="invalid_json") from None
 
 

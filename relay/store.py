@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +72,10 @@ class Settlement:
     next_at: float
     status: int | None
     error: str | None
+
+
+def _not_in(ids: Collection[int]) -> str:
+    return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
 
 class SqliteStore:
@@ -172,27 +176,33 @@ class SqliteStore:
     # --- dispatch ----------------------------------------------------------------------
 
     async def due(
-        self, sink: str, limit: int, exclude: Sequence[int] = (), now: float | None = None
+        self, sink: str, limit: int, exclude: Collection[int] = (), now: float | None = None
     ) -> list[Delivery]:
+        """Pending deliveries for `sink` due by now, oldest first, skipping `exclude`
+        (those already in flight)."""
         at = time.time() if now is None else now
-        return await self._run(lambda: self._due(sink, limit, exclude, at))
+        skip = _not_in(exclude)
 
-    def _due(self, sink: str, limit: int, exclude: Sequence[int], now: float) -> list[Delivery]:
-        skip = set(exclude)
-        rows = self.db.execute(
-            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
-            " FROM deliveries d JOIN events e ON e.id = d.event_id"
-            " WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?"
-            " ORDER BY d.next_at, d.id LIMIT ?",
-            (sink, now, limit + len(skip)),
-        ).fetchall()
-        return [Delivery(*row) for row in rows if row[0] not in skip][:limit]
+        def query() -> list[Delivery]:
+            rows = self.db.execute(
+                "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
+                " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
+                " ORDER BY d.next_at, d.id LIMIT ?",
+                (sink, at, *exclude, limit),
+            ).fetchall()
+            return [Delivery(*row) for row in rows]
 
-    async def next_due_at(self, sink: str) -> float | None:
+        return await self._run(query)
+
+    async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None:
+        skip = _not_in(exclude)
+
         def query() -> float | None:
             row = self.db.execute(
-                "SELECT MIN(next_at) FROM deliveries WHERE sink = ? AND state = 'pending'",
-                (sink,),
+                "SELECT MIN(d.next_at) FROM deliveries d"
+                f" WHERE d.sink = ? AND d.state = 'pending'{skip}",
+                (sink, *exclude),
             ).fetchone()
             return None if row is None else row[0]
 
@@ -207,10 +217,7 @@ class SqliteStore:
             db.executemany(
                 "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + 1,"
                 " last_status = ?, last_error = ?, updated_at = ? WHERE id = ?",
-                [
-                    (s.state, s.next_at, s.status, s.error, now, s.delivery_id)
-                    for s in settlements
-                ],
+                [(s.state, s.next_at, s.status, s.error, now, s.delivery_id) for s in settlements],
             )
 
     # --- housekeeping ------------------------------------------------------------------

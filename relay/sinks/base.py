@@ -28,9 +28,10 @@ DONE = Outcome("done")
 
 class Sink(Protocol):
     name: str
-    # How many deliveries the dispatcher hands over at once; a file sink writes them
-    # with one fsync, an HTTP sink sends them concurrently.
+    # How many deliveries one send() takes (a file sink writes them with one fsync),
+    # and how many send() calls may be in flight at once (an HTTP sink's connections).
     batch_size: int
+    concurrency: int
 
     async def start(self) -> None: ...
 

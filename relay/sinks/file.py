@@ -13,6 +13,7 @@ from relay.sinks.base import DONE, Outcome
 
 class FileSink:
     batch_size = 512
+    concurrency = 1  # one writer keeps lines whole and in order
 
     def __init__(self, name: str, config: FileSinkConfig) -> None:
         self.name = name

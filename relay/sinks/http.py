@@ -16,7 +16,8 @@ class HttpSink:
     def __init__(self, name: str, config: HttpSinkConfig) -> None:
         self.name = name
         self.config = config
-        self.batch_size = config.concurrency
+        self.batch_size = 1
+        self.concurrency = config.concurrency
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:

@@ -84,8 +84,8 @@ class QingStorSource:
                 raise InvalidBody(describe(exc), code="invalid_event") from None
             return [tupu_porn_envelope(document, result, self.name, received_at)]
         expected = {
-            None: "a notifier batch {\"events\": [...]} or a tupu-porn result",
-            "notifier": "a notifier batch {\"events\": [...]}",
-            "tupu-porn": "a tupu-porn result {\"bucket\", \"object\", \"result\"}",
+            None: 'a notifier batch {"events": [...]} or a tupu-porn result',
+            "notifier": 'a notifier batch {"events": [...]}',
+            "tupu-porn": 'a tupu-porn result {"bucket", "object", "result"}',
         }[cloudfunc]
         raise InvalidBody(f"not a QingStor event: expected {expected}", code="not_an_event")
