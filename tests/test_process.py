@@ -1,0 +1,308 @@
+"""`relay` as a real process: signals, kill -9, restarts, the command line, its log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import ClientSession
+
+from tests.conftest import FIXTURES, TOKEN, eventually, read_lines, sample
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RelayProcess:
+    """`python -m relay serve` in a folder, its JSON log in a file."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any] | None) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / f"relay-{time.monotonic_ns()}.log"
+        self.args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", "0"]
+        if config is not None:
+            path = workdir / "relay.yaml"
+            path.write_text(yaml.safe_dump(config))
+            self.args += ["--config", str(path)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    async def start(self) -> RelayProcess:
+        self.proc = self._spawn()
+        listening = await eventually(lambda: self._find("relay.listening"), within=20)
+        self.port = listening["port"]
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+        with self.log_path.open("wb") as log:
+            return subprocess.Popen(
+                self.args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                lines.append({"event": "<not json>", "text": line})
+        return lines
+
+    def _find(self, event: str) -> dict[str, Any] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            output = self.log_path.read_text()
+            raise AssertionError(f"relay exited {self.proc.returncode}: {output}")
+        return next((e for e in self.logs() if e.get("event") == event), None)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, within: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(within)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def processes():
+    started: list[RelayProcess] = []
+
+    def make(workdir: Path, config: dict[str, Any] | None) -> RelayProcess:
+        process = RelayProcess(workdir, config)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+async def post(url: str, body: Any) -> tuple[int, Any]:
+    async with ClientSession() as session, session.post(url, json=body) as response:
+        return response.status, await response.json()
+
+
+def base_config(http_url: str) -> dict[str, Any]:
+    return {
+        "store": {"path": "data/relay.db"},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {
+            "archive": {"kind": "file", "path": "data/events.jsonl"},
+            "app": {
+                "kind": "http",
+                "url": http_url,
+                "timeout": "2s",
+                "retry": {"max_attempts": 1000, "initial": "50ms", "max": "200ms"},
+            },
+        },
+    }
+
+
+async def test_kill_9_keeps_dedupe_and_delivers_what_was_acked_after_restart(
+    tmp_path: Path, processes, aiohttp_server
+):
+    from aiohttp import web
+
+    port = free_port()  # the downstream app is down: nothing listens here yet
+    config = base_config(f"http://127.0.0.1:{port}/events")
+    hook = f"/hooks/qingstor?token={TOKEN}"
+
+    relay = await processes(tmp_path, config).start()
+    assert await post(relay.url(hook), sample()) == (200, {"accepted": 1, "duplicates": 0})
+    await eventually(lambda: read_lines(tmp_path / "data/events.jsonl"))
+    relay.kill(signal.SIGKILL)
+    assert relay.wait() == -signal.SIGKILL
+
+    got: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        got.append({"id": request.headers["webhook-id"], "body": await request.json()})
+        return web.Response(text="ok")
+
+    downstream = web.Application()
+    downstream.router.add_post("/events", record)
+    await aiohttp_server(downstream, port=port)
+
+    relay = await processes(tmp_path, config).start()
+    # The acknowledged event reaches the app that was down when it was acked.
+    await eventually(lambda: got)
+    assert got[0]["body"]["key"] == "abc/5.mp4"
+    assert got[0]["id"] == got[0]["body"]["id"]
+    # QingStor's retry after the crash is still a duplicate.
+    assert await post(relay.url(hook), sample()) == (200, {"accepted": 0, "duplicates": 1})
+    await asyncio.sleep(0.3)
+    assert len(got) == 1
+    assert len(read_lines(tmp_path / "data/events.jsonl")) == 1
+
+
+async def test_sigterm_drains_and_exits_0(tmp_path, processes, receiver):
+    config = base_config(receiver.url)
+    config["server"] = {"drain_timeout": "2s"}
+    config["sinks"]["app"]["timeout"] = "60s"
+    receiver.hang = True  # a send is in flight when SIGTERM arrives
+    relay = await processes(tmp_path, config).start()
+    await post(relay.url(f"/hooks/qingstor?token={TOKEN}"), sample())
+    await eventually(lambda: receiver.requests)
+    started = time.monotonic()
+    relay.kill(signal.SIGTERM)
+    code = await asyncio.to_thread(relay.wait, 10)
+    assert code == 0
+    assert time.monotonic() - started < 2 + 3  # the drain bound, plus start-up slack
+    events = [e["event"] for e in relay.logs()]
+    assert events[-1] == "relay.stopped"
+    assert "relay.stopping" in events and "dispatch.drain_timeout" in events
+
+
+async def test_embedded_default_runs_with_no_config_at_all(tmp_path, processes):
+    relay = await processes(tmp_path, None).start()
+    assert await post(relay.url("/hooks/qingstor"), sample()) == (
+        200,
+        {"accepted": 1, "duplicates": 0},
+    )
+    [line] = await eventually(lambda: read_lines(tmp_path / "relay-data" / "events.jsonl"))
+    assert line["key"] == "abc/5.mp4"
+    assert (tmp_path / "relay-data" / "relay.db").exists()
+
+
+async def test_log_is_json_with_one_request_line_and_no_secret(tmp_path, processes, receiver):
+    secret_header = "Bearer downstream-secret-value"
+    config = base_config(receiver.url + "?sig=url-secret-value")
+    config["sinks"]["app"]["headers"] = {"Authorization": secret_header}
+    relay = await processes(tmp_path, config).start()
+    await post(relay.url(f"/hooks/qingstor?token={TOKEN}"), sample())
+    await post(relay.url("/hooks/qingstor?token=wrong-token-value"), sample())
+    await eventually(lambda: receiver.requests)
+    await eventually(lambda: len([e for e in relay.logs() if e["event"] == "request"]) == 2)
+    relay.kill(signal.SIGTERM)
+    await asyncio.to_thread(relay.wait, 10)
+
+    logs = relay.logs()
+    assert all(e["event"] != "<not json>" for e in logs), logs
+    requests = [e for e in logs if e["event"] == "request"]
+    assert [r["status"] for r in requests] == [200, 401]
+    ok = requests[0]
+    assert {"request_id", "method", "path", "status", "duration_ms", "source"} <= set(ok)
+    assert (ok["accepted"], ok["duplicates"], ok["path"]) == (1, 0, "/hooks/qingstor")
+    text = relay.log_path.read_text()
+    for secret in (TOKEN, "wrong-token-value", "url-secret-value", "downstream-secret-value"):
+        assert secret not in text
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_check_config_accepts_a_good_file_with_a_one_line_summary(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"qingstor": {"kind": "qingstor", "token": "${RELAY_TEST_TOKEN}"}},
+                "sinks": {"archive": {"kind": "file", "path": "events.jsonl"}},
+                "routes": [{"to": ["archive"]}],
+            }
+        )
+    )
+    result = run_cli("check-config", str(path), env={"RELAY_TEST_TOKEN": "x"})
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert "OK" in line and "qingstor" in line and "archive" in line
+
+
+def test_check_config_names_every_bad_path_and_exits_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        """
+server: {port: 99999, colour: blue}
+dedupe: {window: soon}
+sources:
+  qingstor: {kind: qingstor, token: "${RELAY_UNSET_TOKEN_VAR}"}
+sinks:
+  app: {kind: nosuchsink, url: "http://x"}
+  archive: {kind: file}
+"""
+    )
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    problems = result.stderr.splitlines()
+    assert "sinks.app.kind: unknown kind 'nosuchsink' (expected one of: file, http)" in problems
+    assert "server.colour: unknown key" in problems
+    assert "sinks.archive.path: required" in problems
+    assert "sources.qingstor.token: environment variable RELAY_UNSET_TOKEN_VAR is not set" in (
+        problems
+    )
+    assert any(p.startswith("server.port:") for p in problems)
+    assert any(p.startswith("dedupe.window: expected a duration") for p in problems)
+
+
+def test_check_config_rejects_routes_to_undefined_sinks(tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "sinks: {archive: {kind: file, path: e.jsonl}}\n"
+        "routes: [{to: [archive, nowhere]}, {when: {sources: [ghost]}, to: [archive]}]\n"
+    )
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "routes.0.to: undefined sink 'nowhere' (defined: archive)",
+        "routes.1.when.sources: undefined source 'ghost' (defined: none)",
+    ]
+
+
+def test_check_config_on_missing_file_and_bad_yaml(tmp_path):
+    missing = run_cli("check-config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sinks: [unclosed\n")
+    broken = run_cli("check-config", str(bad))
+    assert broken.returncode == 2 and "invalid YAML" in broken.stderr
+
+
+def test_serve_with_a_bad_config_exits_2_without_starting(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sinks: {a: {kind: nosuchsink}}\n")
+    result = run_cli("serve", env={"RELAY_CONFIG": str(path)})
+    assert result.returncode == 2
+    assert "sinks.a.kind: unknown kind 'nosuchsink'" in result.stderr
+
+
+def test_usage_error_exits_2():
+    assert run_cli("frobnicate").returncode == 2
+
+
+def test_example_configs_are_valid():
+    root = FIXTURES.parent.parent / "config"
+    env = {"RELAY_QINGSTOR_TOKEN": "t", "APP_URL": "http://127.0.0.1:9000/events"}
+    for path in sorted(root.glob("*.yaml")):
+        result = run_cli("check-config", str(path), env=env)
+        assert result.returncode == 0, (path, result.stderr)
