@@ -245,10 +245,13 @@ def interpolate(
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
-        if name in env:
+        # As in the shell: `:-` takes the default when the variable is unset or empty.
+        if env.get(name):
             return env[name]
         if default is not None:
             return default
+        if name in env:
+            return ""
         problems.append(f"{path}: environment variable {name} is not set")
         return ""
 

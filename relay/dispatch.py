@@ -63,6 +63,7 @@ class Dispatcher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -83,8 +84,18 @@ class Dispatcher:
         """Stop taking work, let in-flight sends finish for `grace` seconds, then cancel.
 
         A cancelled send is not settled: its delivery stays pending in the store and is
-        sent again (same event id) after the next start.
+        sent again (same event id) after the next start. Calling it again waits for the
+        first call to finish.
         """
+        await asyncio.shield(self.begin_stop(grace))
+
+    def begin_stop(self, grace: float) -> asyncio.Future[None]:
+        """Start `stop` without waiting for it."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain(grace))
+        return self._stopping
+
+    async def _drain(self, grace: float) -> None:
         self._stop.set()
         self.wake(self.sinks)
         tasks = self.tasks

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from relay.app import STORE
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
@@ -369,3 +371,24 @@ async def test_raw_socket_garbage_never_costs_a_5xx(tmp_path, start_relay):
                 assert 400 <= response.status < 500, body[:20]
                 assert set(await response.json()) == {"error", "message"}
     assert await client.app[STORE].counts() == {"events": 0}
+
+
+async def test_one_log_line_per_request_with_its_request_id(tmp_path, start_relay):
+    client = await start_relay(relay_config(tmp_path))
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await client.post(HOOK, json=sample(), headers={"X-Request-Id": "req-1"})
+        await client.post("/hooks/qingstor?token=wrong", json=sample())
+        await client.get("/healthz")
+    lines = [e for e in logs if e["event"] == "request"]
+    assert [(e["status"], e["log_level"]) for e in lines] == [
+        (200, "info"),
+        (401, "info"),
+        (200, "debug"),  # probes are quiet unless they fail
+    ]
+    first, second, _ = lines
+    assert first["request_id"] == "req-1"
+    assert (first["source"], first["accepted"], first["duplicates"]) == ("qingstor", 1, 0)
+    assert first["path"] == "/hooks/qingstor"  # the query string, with its token, stays out
+    assert second["request_id"] != "req-1" and "accepted" not in second
+    assert second["error"] == "invalid_token" and "error" not in first
+    assert all("wrong" not in str(value) for e in logs for value in e.values())

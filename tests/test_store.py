@@ -1,0 +1,85 @@
+"""The SQLite store: one-commit accept, dedupe window, durability across reopen, pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay.store import NewEvent, Settlement, SqliteStore
+
+
+def event(i: int, sinks=("a", "b")) -> NewEvent:
+    return NewEvent(f"evt_{i}", "qingstor", f'{{"id": "evt_{i}"}}', tuple(sinks))
+
+
+async def open_store(path: Path, window: float = 100.0) -> SqliteStore:
+    store = SqliteStore(path, dedupe_window=window)
+    await store.open()
+    return store
+
+
+async def test_accept_claims_and_enqueues_in_one_commit_that_survives_reopen(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    result = await store.accept([event(1), event(2), event(1)], now=1000.0)
+    assert (result.accepted, result.duplicates) == (["evt_1", "evt_2"], ["evt_1"])
+    await store.close()
+
+    store = await open_store(tmp_path / "r.db")
+    try:
+        assert await store.counts() == {"events": 2, "pending": 4}
+        again = await store.accept([event(2)], now=1050.0)
+        assert again.duplicates == ["evt_2"]
+        due = await store.due("a", limit=10, now=1000.0)
+        assert [d.event_id for d in due] == ["evt_1", "evt_2"]
+        assert due[0].envelope == '{"id": "evt_1"}'
+    finally:
+        await store.close()
+
+
+async def test_after_the_window_a_repeat_is_a_new_event(tmp_path):
+    store = await open_store(tmp_path / "r.db", window=60.0)
+    try:
+        await store.accept([event(1, sinks=())], now=1000.0)
+        assert (await store.accept([event(1, sinks=())], now=1059.0)).duplicates == ["evt_1"]
+        assert (await store.accept([event(1, sinks=())], now=1061.0)).accepted == ["evt_1"]
+    finally:
+        await store.close()
+
+
+async def test_due_respects_time_exclusions_and_settlement(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    try:
+        await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+        first, second = await store.due("a", limit=10, now=1000.0)
+        assert [d.id for d in await store.due("a", 10, exclude={first.id}, now=1000.0)] == [
+            second.id
+        ]
+        await store.settle(
+            [
+                Settlement(first.id, "pending", 1100.0, 503, "busy"),
+                Settlement(second.id, "done", 1000.0, 200, None),
+            ],
+            now=1000.0,
+        )
+        assert await store.due("a", limit=10, now=1050.0) == []
+        assert await store.next_due_at("a") == 1100.0
+        [again] = await store.due("a", limit=10, now=1100.0)
+        assert (again.id, again.attempts) == (first.id, 1)
+    finally:
+        await store.close()
+
+
+async def test_prune_drops_old_done_deliveries_then_expired_unreferenced_events(tmp_path):
+    store = await open_store(tmp_path / "r.db", window=100.0)
+    try:
+        await store.accept([event(1, ("a",)), event(2, ("a",)), event(3, ())], now=1000.0)
+        one, two = await store.due("a", limit=10, now=1000.0)
+        await store.settle([Settlement(one.id, "done", 1000.0, 200, None)], now=1000.0)
+        await store.settle([Settlement(two.id, "dead", 1000.0, 400, "bad")], now=1000.0)
+        # Inside the window nothing goes, whatever its state: dedupe must hold.
+        assert await store.prune(keep_done=10.0, now=1050.0) == (1, 0)
+        assert (await store.accept([event(3, ())], now=1050.0)).duplicates == ["evt_3"]
+        # Past the window: events 1 and 3 go; event 2 stays, its dead letter needs it.
+        assert await store.prune(keep_done=10.0, now=1200.0) == (0, 2)
+        assert await store.counts() == {"events": 1, "dead": 1}
+    finally:
+        await store.close()
