@@ -5,6 +5,8 @@ Loading does the file and environment I/O; the models themselves are plain data.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +29,8 @@ from pydantic import (
 )
 
 from relay.errors import ConfigError
+from relay.models import normalize_event_type
+from relay.templates import check_template
 
 # --- value types -----------------------------------------------------------------------
 
@@ -67,14 +71,6 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# QingStor rules say complete_multipart/abort_multipart, its records complete_upload/
-# abort_upload. relay speaks the rule spelling everywhere and maps the other onto it.
-EVENT_TYPE_ALIASES = {"complete_upload": "complete_multipart", "abort_upload": "abort_multipart"}
-
-
-def normalize_event_type(value: str) -> str:
-    return EVENT_TYPE_ALIASES.get(value, value)
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -112,6 +108,8 @@ class RetryConfig(_Model):
     max_attempts: int = Field(10, ge=1)
     initial: Duration = 1.0
     max: Duration = 300.0
+    # A delivery older than this is dead-lettered at its next failure (None: no bound).
+    max_age: Duration | None = None
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryConfig:
@@ -120,12 +118,64 @@ class RetryConfig(_Model):
         return self
 
 
-class QingStorSourceConfig(_Model):
+class CircuitConfig(_Model):
+    """After `failures` consecutive failed attempts, stop sending for `cooldown`, then
+    let one delivery probe whether the sink is back."""
+
+    failures: int = Field(5, ge=1)
+    cooldown: Duration = 30.0
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+
+
+def parse_rate(value: object) -> float:
+    """`10/s`, `600/m`, `1000/h` -> sends per second."""
+    if isinstance(value, str):
+        match = _RATE.match(value)
+        if match and float(match.group(1)) > 0:
+            return float(match.group(1)) / _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected a rate like 10/s, 600/m or 1000/h, got {value!r}")
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+"""Sends per second, written as `10/s`, `600/m`, `1000/h`."""
+
+
+def _check_whsec(value: SecretStr) -> SecretStr:
+    secret = value.get_secret_value()
+    try:
+        decoded = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if not decoded:
+        raise ValueError("expected a Standard Webhooks secret: whsec_ followed by base64")
+    return value
+
+
+WhsecSecret = Annotated[SecretStr, AfterValidator(_check_whsec)]
+
+_EXTRACTOR = re.compile(r"^(header:[A-Za-z0-9!#$%&'*+.^_`|~-]+|\$?(\.?[A-Za-z0-9_-]+)+)$")
+
+
+def _check_extractor(value: str | None) -> str | None:
+    if value is not None and not _EXTRACTOR.match(value):
+        raise ValueError("expected header:<Name> or a JSON path such as $.data.id or data.id")
+    return value
+
+
+Extractor = Annotated[str | None, AfterValidator(_check_extractor)]
+
+
+class _SourceBase(_Model):
+    allow_ips: list[IPvAnyNetwork] | None = None
+
+
+class QingStorSourceConfig(_SourceBase):
     """QingStor does not sign its POSTs: a token in the URL is the secret it can carry."""
 
     kind: Literal["qingstor"]
     token: SecretStr | None = None
-    allow_ips: list[IPvAnyNetwork] | None = None
     # `image` results have no documented shape: such a source keeps any JSON object.
     cloudfunc: Literal["notifier", "tupu-porn", "image"] | None = None
 
@@ -137,47 +187,142 @@ class QingStorSourceConfig(_Model):
         return value
 
 
-class FileSinkConfig(_Model):
-    kind: Literal["file"]
-    path: ConfigPath
-    retry: RetryConfig = RetryConfig()
+class _GenericSourceBase(_SourceBase):
+    # Where the event id comes from: `header:<Name>` or a JSON path into the body;
+    # absent, the hash of the body's canonical JSON.
+    id_from: Extractor = None
+    # Where the envelope `type` comes from, likewise; absent, the body's string `type`
+    # field if it has one, else the source kind.
+    type_from: Extractor = None
 
 
-class HttpSinkConfig(_Model):
-    kind: Literal["http"]
-    url: str
-    headers: dict[str, str] = {}
-    timeout: Duration = 10.0
-    concurrency: int = Field(8, ge=1, le=256)
-    retry: RetryConfig = RetryConfig()
+class StandardWebhooksSourceConfig(_GenericSourceBase):
+    """Senders that sign per Standard Webhooks; dedupe on their `webhook-id`."""
 
-    @field_validator("url")
+    kind: Literal["standard-webhooks"]
+    secrets: list[WhsecSecret] = Field(min_length=1)  # several while rotating
+    tolerance: Duration = 300.0
+
+
+class HmacSourceConfig(_GenericSourceBase):
+    """A hex or base64 HMAC of the raw body in one header, GitHub-style."""
+
+    kind: Literal["hmac"]
+    secrets: list[SecretStr] = Field(min_length=1)  # several while rotating
+    header: str = "X-Hub-Signature-256"
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""  # e.g. "sha256=" for GitHub
+
+    @field_validator("secrets")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("url must start with http:// or https://")
+    def _not_empty(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not v.get_secret_value() for v in value):
+            raise ValueError("a secret is empty")
         return value
 
 
-SourceConfig = QingStorSourceConfig
-SinkConfig = Annotated[FileSinkConfig | HttpSinkConfig, Field(discriminator="kind")]
-
-SOURCE_KINDS = ("qingstor",)
-SINK_KINDS = ("file", "http")
+class BasicAuthConfig(_Model):
+    username: str = Field(min_length=1)
+    password: SecretStr
 
 
-class When(_Model):
-    """All given conditions must hold; a missing condition holds for every event."""
+class GenericSourceConfig(_GenericSourceBase):
+    """Any JSON sender, authenticated by a token and/or HTTP basic auth."""
 
+    kind: Literal["generic"]
+    token: SecretStr | None = None
+    basic_auth: BasicAuthConfig | None = None
+
+
+class _SinkBase(_Model):
+    retry: RetryConfig = RetryConfig()
+    circuit: CircuitConfig = CircuitConfig()
+
+
+class FileSinkConfig(_SinkBase):
+    kind: Literal["file"]
+    path: ConfigPath
+
+
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("url must start with http:// or https://")
+    return value
+
+
+def _check_secret_url(value: SecretStr) -> SecretStr:
+    _check_http_url(value.get_secret_value())
+    return value
+
+
+class HttpSinkConfig(_SinkBase):
+    kind: Literal["http"]
+    url: Annotated[str, AfterValidator(_check_http_url)]
+    headers: dict[str, SecretStr] = {}  # often credentials: never logged or shown
+    timeout: Duration = 10.0
+    concurrency: int = Field(8, ge=1, le=256)
+    rate_limit: Rate | None = None
+    format: Literal["envelope", "cloudevents", "cloudevents-binary"] = "envelope"
+    # Standard Webhooks signing; a list while rotating (one signature per secret).
+    signing_secret: list[WhsecSecret] | None = None
+
+    @field_validator("signing_secret", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class SlackSinkConfig(_SinkBase):
+    kind: Literal["slack"]
+    # An incoming-webhook URL is itself the credential: it is kept secret.
+    url: Annotated[SecretStr, AfterValidator(_check_secret_url)]
+    # Jinja2 (sandboxed) rendering the message text; the envelope is its context.
+    template: Annotated[str, AfterValidator(check_template)] | None = None
+    timeout: Duration = 10.0
+    pace: Duration = 1.0  # at least this long between two messages to the webhook
+    # This many events or more taken at once become one digest message.
+    rollup_threshold: int = Field(5, ge=2)
+    rollup_keys: int = Field(10, ge=1, le=40)  # keys listed in a digest
+
+
+SourceConfig = Annotated[
+    QingStorSourceConfig | StandardWebhooksSourceConfig | HmacSourceConfig | GenericSourceConfig,
+    Field(discriminator="kind"),
+]
+SinkConfig = Annotated[
+    FileSinkConfig | HttpSinkConfig | SlackSinkConfig, Field(discriminator="kind")
+]
+
+SOURCE_KINDS = ("qingstor", "standard-webhooks", "hmac", "generic")
+SINK_KINDS = ("file", "http", "slack")
+
+
+class _Conditions(_Model):
     event_types: list[str] | None = None
     buckets: list[str] | None = None
     keys: list[str] | None = None  # glob patterns, as in QingStor's object_filters
     sources: list[str] | None = None
+    notification_ids: list[str] | None = None
+    prefixes: list[str] | None = None
+    suffixes: list[str] | None = None
+    min_size: int | None = Field(None, ge=0)
+    max_size: int | None = Field(None, ge=0)
 
     @field_validator("event_types")
     @classmethod
     def _normalize(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [normalize_event_type(v) for v in value]
+
+
+class Not(_Conditions):
+    """Conditions that must NOT hold: the event is refused if any one given holds."""
+
+
+class When(_Conditions):
+    """All given conditions must hold; a missing condition holds for every event."""
+
+    not_: Not | None = Field(None, alias="not")
 
 
 class Route(_Model):
@@ -296,12 +441,17 @@ def _check_references(config: RelayConfig) -> list[str]:
             if sink not in config.sinks:
                 defined = ", ".join(config.sinks) or "none"
                 problems.append(f"routes.{i}.to: undefined sink {sink!r} (defined: {defined})")
-        for source in (route.when.sources if route.when else None) or []:
-            if source not in config.sources:
-                defined = ", ".join(config.sources) or "none"
-                problems.append(
-                    f"routes.{i}.when.sources: undefined source {source!r} (defined: {defined})"
-                )
+        conditions: list[tuple[str, _Conditions | None]] = [("when", route.when)]
+        if route.when is not None:
+            conditions.append(("when.not", route.when.not_))
+        for where, condition in conditions:
+            for source in (condition.sources if condition else None) or []:
+                if source not in config.sources:
+                    defined = ", ".join(config.sources) or "none"
+                    problems.append(
+                        f"routes.{i}.{where}.sources: undefined source {source!r}"
+                        f" (defined: {defined})"
+                    )
     return problems
 
 

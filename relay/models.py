@@ -10,7 +10,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from relay.config import normalize_event_type
+# QingStor rules say complete_multipart/abort_multipart, its records complete_upload/
+# abort_upload. relay speaks the rule spelling everywhere and maps the other onto it.
+EVENT_TYPE_ALIASES = {"complete_upload": "complete_multipart", "abort_upload": "abort_multipart"}
+
+
+def normalize_event_type(value: str) -> str:
+    return EVENT_TYPE_ALIASES.get(value, value)
 
 
 def canonical_json(value: Any) -> str:

@@ -120,10 +120,10 @@ def test_every_problem_is_reported_with_its_path(tmp_path):
     assert paths == [
         "server.port",
         "store.backend",
-        "sources.q.token",
         "sources.q.allow_ips.0",
-        "sinks.h.url",
+        "sources.q.token",
         "sinks.h.retry",
+        "sinks.h.url",
         "sinks.f.colour",
         "routes.0.to",
         "extra",
@@ -132,7 +132,7 @@ def test_every_problem_is_reported_with_its_path(tmp_path):
 
 def test_missing_kind_and_bad_names(tmp_path):
     assert problems_of({"sinks": {"a": {"path": "x"}}}, tmp_path) == [
-        "sinks.a.kind: missing (expected one of: file, http)"
+        "sinks.a.kind: missing (expected one of: file, http, slack)"
     ]
     assert problems_of({"sinks": {"a b/c": {"kind": "file", "path": "x"}}}, tmp_path) == [
         "sinks.a b/c: names are 1-64 letters, digits, '_', '.' or '-'"

@@ -255,7 +255,8 @@ sinks:
     result = run_cli("check-config", str(path))
     assert result.returncode == 2
     problems = result.stderr.splitlines()
-    assert "sinks.app.kind: unknown kind 'nosuchsink' (expected one of: file, http)" in problems
+    unknown = "sinks.app.kind: unknown kind 'nosuchsink' (expected one of: file, http, slack)"
+    assert unknown in problems
     assert "server.colour: unknown key" in problems
     assert "sinks.archive.path: required" in problems
     assert "sources.qingstor.token: environment variable RELAY_UNSET_TOKEN_VAR is not set" in (

@@ -39,7 +39,7 @@ class HttpSink:
         if self._session is None:
             raise RuntimeError("HttpSink.send before start")
         headers = {
-            **self.config.headers,
+            **{k: v.get_secret_value() for k, v in self.config.headers.items()},
             "Content-Type": "application/json",
             # The stable event id, identical on every retry, lets the receiver dedupe.
             "webhook-id": delivery.event_id,
