@@ -51,8 +51,9 @@ class Ingest:
         source.authenticate(meta)
 
         body = await read_limited(request, self.max_body_bytes)
-        document = decode_json(body, request.content_type)
         received_at = datetime.now(UTC)
+        source.verify(meta, body, received_at.timestamp())
+        document = decode_json(body, request.content_type)
         envelopes = source.parse(meta, document, received_at)
 
         events = []

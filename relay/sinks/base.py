@@ -21,6 +21,8 @@ class Outcome:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
+    # The receiver said the endpoint is gone for good (HTTP 410): report the sink.
+    gone: bool = False
 
 
 DONE = Outcome("done")

@@ -26,5 +26,9 @@ class Source(Protocol):
     def authenticate(self, meta: RequestMeta) -> None:
         """Raise Unauthorized or Forbidden; return quietly when the request may proceed."""
 
+    def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
+        """Check a signature over the raw body; raise Unauthorized when it fails.
+        Pure: `now` is passed in, so tests can move the clock."""
+
     def parse(self, meta: RequestMeta, document: Any, received_at: datetime) -> list[Envelope]:
         """Turn a parsed JSON document into events; raise InvalidBody when it is none."""
