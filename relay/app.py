@@ -121,7 +121,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[STORE].open()
+    await app[STORE].open(exclusive=True)
     yield
     await app[STORE].close()
 
@@ -181,7 +181,7 @@ def create_app(config: RelayConfig) -> web.Application:
     )
     store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
     sinks = {name: build_sink(name, sink) for name, sink in config.sinks.items()}
-    dispatcher = Dispatcher(store, sinks, {name: sink.retry for name, sink in config.sinks.items()})
+    dispatcher = Dispatcher(store, sinks, config.sinks)
     app[CONFIG] = config
     app[STORE] = store
     app[SINKS] = sinks

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
 
 import structlog
 
-from relay import __version__
+from relay import __version__, dlq
 from relay.app import run
 from relay.config import RelayConfig, default_config, load_config
 from relay.errors import ConfigError
 from relay.logs import configure
+from relay.store import Selection
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +39,41 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
+
+    dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
+    )
+    listing = actions.add_parser("list", parents=[config_flag], help="a table of dead letters")
+    listing.add_argument("--sink", metavar="S", help="only this sink's")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = actions.add_parser("show", parents=[config_flag], help="one event's dead letters")
+    show.add_argument("event_id", metavar="ID")
+    for name, purpose in (
+        ("replay", "make dead letters pending again, due now"),
+        ("purge", "delete dead letters"),
+    ):
+        action = actions.add_parser(name, parents=[config_flag], help=purpose)
+        action.add_argument("event_ids", metavar="ID", nargs="*", help="event ids")
+        action.add_argument("--sink", metavar="S", help="this sink's (with IDs: only theirs)")
+        action.add_argument("--all", action="store_true", help="every dead letter")
     return parser
+
+
+def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
+    if args.action == "show":
+        return asyncio.run(dlq.show(config, args.event_id))
+    if args.action == "list":
+        selection = Selection(everything=True, sink=args.sink)
+        return asyncio.run(dlq.list_letters(config, selection, as_json=args.json))
+    if not (args.all or args.sink or args.event_ids):
+        print(f"relay dlq {args.action}: give --all, --sink S, or event ids", file=sys.stderr)
+        return EXIT_USAGE
+    selection = Selection(everything=args.all, sink=args.sink, event_ids=tuple(args.event_ids))
+    command = dlq.replay if args.action == "replay" else dlq.purge
+    return asyncio.run(command(config, selection))
 
 
 def _load(path: str | None) -> RelayConfig:
@@ -67,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
+    if args.command == "dlq":
+        try:
+            return _dlq(args, config)
+        except Exception as exc:  # the store is missing, locked, unreadable...
+            print(f"relay dlq {args.action}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})

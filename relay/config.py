@@ -56,6 +56,9 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A duration in seconds, written in the config as `500ms`, `5s`, `24h`..."""
 
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+"""A duration that must be above zero: an interval or a timeout (0 would spin or hang)."""
+
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     # Relative paths follow the config file, not the working directory, so that the
@@ -92,11 +95,11 @@ class StoreConfig(_Model):
     path: ConfigPath = Field(Path("relay-data/relay.db"), validate_default=True)
     # Finished deliveries are kept this long (for inspection) before pruning.
     keep_done: Duration = 3600.0
-    prune_interval: Duration = 60.0
+    prune_interval: PositiveDuration = 60.0
 
 
 class DedupeConfig(_Model):
-    window: Duration = 86400.0
+    window: PositiveDuration = 86400.0
 
 
 class LogConfig(_Model):
@@ -106,7 +109,7 @@ class LogConfig(_Model):
 
 class RetryConfig(_Model):
     max_attempts: int = Field(10, ge=1)
-    initial: Duration = 1.0
+    initial: PositiveDuration = 1.0
     max: Duration = 300.0
     # A delivery older than this is dead-lettered at its next failure (None: no bound).
     max_age: Duration | None = None
@@ -123,7 +126,7 @@ class CircuitConfig(_Model):
     let one delivery probe whether the sink is back."""
 
     failures: int = Field(5, ge=1)
-    cooldown: Duration = 30.0
+    cooldown: PositiveDuration = 30.0
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
@@ -260,7 +263,7 @@ class HttpSinkConfig(_SinkBase):
     kind: Literal["http"]
     url: Annotated[str, AfterValidator(_check_http_url)]
     headers: dict[str, SecretStr] = {}  # often credentials: never logged or shown
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     concurrency: int = Field(8, ge=1, le=256)
     rate_limit: Rate | None = None
     format: Literal["envelope", "cloudevents", "cloudevents-binary"] = "envelope"
@@ -279,8 +282,8 @@ class SlackSinkConfig(_SinkBase):
     url: Annotated[SecretStr, AfterValidator(_check_secret_url)]
     # Jinja2 (sandboxed) rendering the message text; the envelope is its context.
     template: Annotated[str, AfterValidator(check_template)] | None = None
-    timeout: Duration = 10.0
-    pace: Duration = 1.0  # at least this long between two messages to the webhook
+    timeout: PositiveDuration = 10.0
+    pace: PositiveDuration = 1.0  # at least this long between two messages to the webhook
     # This many events or more taken at once become one digest message.
     rollup_threshold: int = Field(5, ge=2)
     rollup_keys: int = Field(10, ge=1, le=40)  # keys listed in a digest
@@ -298,7 +301,7 @@ SOURCE_KINDS = ("qingstor", "standard-webhooks", "hmac", "generic")
 SINK_KINDS = ("file", "http", "slack")
 
 
-class _Conditions(_Model):
+class Conditions(_Model):
     event_types: list[str] | None = None
     buckets: list[str] | None = None
     keys: list[str] | None = None  # glob patterns, as in QingStor's object_filters
@@ -315,11 +318,11 @@ class _Conditions(_Model):
         return None if value is None else [normalize_event_type(v) for v in value]
 
 
-class Not(_Conditions):
+class Not(Conditions):
     """Conditions that must NOT hold: the event is refused if any one given holds."""
 
 
-class When(_Conditions):
+class When(Conditions):
     """All given conditions must hold; a missing condition holds for every event."""
 
     not_: Not | None = Field(None, alias="not")
@@ -441,7 +444,7 @@ def _check_references(config: RelayConfig) -> list[str]:
             if sink not in config.sinks:
                 defined = ", ".join(config.sinks) or "none"
                 problems.append(f"routes.{i}.to: undefined sink {sink!r} (defined: {defined})")
-        conditions: list[tuple[str, _Conditions | None]] = [("when", route.when)]
+        conditions: list[tuple[str, Conditions | None]] = [("when", route.when)]
         if route.when is not None:
             conditions.append(("when.not", route.when.not_))
         for where, condition in conditions:

@@ -15,7 +15,8 @@ from functools import partial
 
 import structlog
 
-from relay.config import RetryConfig
+from relay.circuit import CircuitBreaker
+from relay.config import RetryConfig, SinkConfig
 from relay.models import Delivery
 from relay.sinks import Outcome, Sink
 from relay.store import Settlement, SqliteStore
@@ -40,6 +41,9 @@ def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) 
         return Settlement(delivery.id, "done", now, outcome.status, None)
     if outcome.result == "dead" or attempts >= retry.max_attempts:
         return Settlement(delivery.id, "dead", now, outcome.status, outcome.error)
+    if retry.max_age is not None and now - delivery.created_at >= retry.max_age:
+        error = f"{outcome.error} (gave up: older than max_age {retry.max_age:g}s)"
+        return Settlement(delivery.id, "dead", now, outcome.status, error)
     delay = max(backoff(attempts, retry), outcome.retry_after or 0.0)
     return Settlement(delivery.id, "pending", now + delay, outcome.status, outcome.error)
 
@@ -49,13 +53,19 @@ class Dispatcher:
         self,
         store: SqliteStore,
         sinks: Mapping[str, Sink],
-        retries: Mapping[str, RetryConfig],
+        configs: Mapping[str, SinkConfig],
         *,
         idle_poll: float = 1.0,
     ) -> None:
         self.store = store
         self.sinks = dict(sinks)
-        self.retries = dict(retries)
+        self.retries = {name: config.retry for name, config in configs.items()}
+        self.circuits = {
+            name: CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
+            for name, config in configs.items()
+        }
+        # Sinks whose receiver answered 410 Gone, until one of their sends succeeds.
+        self.gone: set[str] = set()
         # Upper bound on a worker's sleep: a safety net for wake-ups that never come
         # (another process wrote the store), not the normal way work is found.
         self.idle_poll = idle_poll
@@ -98,19 +108,27 @@ class Dispatcher:
     async def _drain(self, grace: float) -> None:
         self._stop.set()
         self.wake(self.sinks)
-        tasks = self.tasks
-        if not tasks:
-            return
-        _, unfinished = await asyncio.wait(tasks, timeout=grace)
-        for task in unfinished:
+        deadline = time.monotonic() + grace
+        # Workers first: once they are out, no new send can start, so the set of
+        # sends to wait for is final.
+        workers = list(self._workers.values())
+        if workers:
+            await asyncio.wait(workers, timeout=grace)
+        sends = list(self._sending)
+        unfinished: set[asyncio.Task[None]] = set()
+        if sends:
+            _, unfinished = await asyncio.wait(sends, timeout=max(deadline - time.monotonic(), 0.0))
+        leftovers = [t for t in [*workers, *sends] if not t.done()]
+        for task in leftovers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*workers, *sends, return_exceptions=True)
         if unfinished:
             log.warning("dispatch.drain_timeout", grace_s=grace, cancelled=len(unfinished))
 
     async def _work(self, name: str) -> None:
-        """Keep up to `sink.concurrency` sends of up to `sink.batch_size` in flight."""
-        sink, wake = self.sinks[name], self._wake[name]
+        """Keep up to `sink.concurrency` sends of up to `sink.batch_size` in flight,
+        as far as the sink's circuit allows."""
+        sink, wake, circuit = self.sinks[name], self._wake[name], self.circuits[name]
         in_flight: set[int] = set()
         running: set[asyncio.Task[None]] = set()
 
@@ -123,10 +141,20 @@ class Dispatcher:
         while not self._stop.is_set():
             # Cleared before looking, so a wake-up that lands while we look is kept.
             wake.clear()
-            next_at: float | None = None
-            if len(running) < sink.concurrency:
+            now = time.time()
+            before = circuit.state
+            allowance = circuit.allowance(now)
+            if circuit.state != before:
+                log.info("circuit.half_open", sink=name)
+            # A half-open circuit lets exactly one delivery probe the sink.
+            slots = sink.concurrency if allowance is None else allowance
+            limit = sink.batch_size if allowance is None else 1
+            next_at: float | None = circuit.open_until if allowance == 0 else None
+            if allowance != 0 and len(running) < slots:
                 try:
-                    batch = await self.store.due(name, sink.batch_size, exclude=in_flight)
+                    batch = await self.store.due(name, limit, exclude=in_flight)
+                    if self._stop.is_set():
+                        break  # taken while stopping: left pending for the next start
                     if batch:
                         ids = [d.id for d in batch]
                         in_flight.update(ids)
@@ -144,6 +172,28 @@ class Dispatcher:
             with suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll))
 
+    def _observe(self, name: str, outcomes: Sequence[Outcome], now: float) -> None:
+        """Feed one send's result to the sink's circuit and gone flag; log changes."""
+        succeeded = any(o.result == "done" for o in outcomes)
+        failed = not succeeded and any(o.result == "retry" for o in outcomes)
+        circuit = self.circuits[name]
+        changed = circuit.record(succeeded, failed, now)
+        if changed == "open":
+            log.warning(
+                "circuit.open",
+                sink=name,
+                failures=circuit.failures,
+                cooldown_s=circuit.cooldown,
+            )
+        elif changed == "closed":
+            log.info("circuit.closed", sink=name)
+        if any(o.gone for o in outcomes):
+            if name not in self.gone:
+                log.error("sink.gone", sink=name, status=410)
+            self.gone.add(name)
+        elif succeeded:
+            self.gone.discard(name)
+
     async def _deliver(self, name: str, sink: Sink, batch: Sequence[Delivery]) -> None:
         started = time.monotonic()
         try:
@@ -154,6 +204,7 @@ class Dispatcher:
             log.exception("dispatch.sink_error", sink=name)
             outcomes = [Outcome("retry", error=f"{exc.__class__.__name__}: {exc}")] * len(batch)
         now = time.time()
+        self._observe(name, outcomes, now)
         retry = self.retries[name]
         settlements = [judge(d, o, retry, now) for d, o in zip(batch, outcomes, strict=True)]
         try:

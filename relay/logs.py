@@ -9,15 +9,31 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Keys whose values are secrets whatever they hold.
 _SECRET_KEYS = re.compile(r"token|secret|password|authorization|signature|api[_-]?key", re.I)
 # A URL's query string is where tokens travel (notify_url, DingTalk, WeCom, ...).
 _URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
+# The same outside a full URL, e.g. a raw request line quoted by the HTTP parser.
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&](?:token|access_token|key|sign|sig|signature|secret|password)=)[^&\s\"'\\]*"
+)
+_HEADER_SECRET = re.compile(
+    r"(?i)((?:x-relay-token|authorization|webhook-signature|x-hub-signature(?:-256)?)"
+    r"\s*:\s*)[^\r\n\"']*"
+)
 
 
 def redact_url(text: str) -> str:
     return _URL_QUERY.sub(r"\1?[redacted]", text)
+
+
+def redact_text(text: str) -> str:
+    """Scrub URL query strings, query-style secrets and secret headers from free text."""
+    text = redact_url(text)
+    text = _QUERY_SECRET.sub(r"\1[redacted]", text)
+    return _HEADER_SECRET.sub(r"\1[redacted]", text)
 
 
 def scrub_secrets(
@@ -27,9 +43,24 @@ def scrub_secrets(
     for key, value in event_dict.items():
         if _SECRET_KEYS.search(key):
             event_dict[key] = "[redacted]"
-        elif isinstance(value, str) and "://" in value:
-            event_dict[key] = redact_url(value)
+        elif isinstance(value, str):
+            event_dict[key] = redact_text(value)
     return event_dict
+
+
+class _QuietParserErrors(logging.Filter):
+    """aiohttp logs a malformed request at ERROR with a traceback quoting the raw bytes,
+    tokens included. It is the sender's mistake, not ours: one warning line, no bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "http.malformed_request"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.reason = type(exc).__name__
+        return True
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -40,15 +71,28 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        scrub_secrets,
+    ]
+    # Libraries log through the standard library: render their records the same way,
+    # through the same scrubber, so nothing reaches stdout unscrubbed or as plain text.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    handler.addFilter(_QuietParserErrors())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            scrub_secrets,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),

@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from fnmatch import fnmatchcase
+from typing import Any
 
-from relay.config import Route, When
+from relay.config import Conditions, Route, When
 from relay.models import Envelope
+
+
+def _qingstor_detail(event: Envelope) -> dict[str, Any]:
+    detail = event.data.get("qingstor") if isinstance(event.data, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def object_size(event: Envelope) -> int | None:
+    obj = _qingstor_detail(event).get("object")
+    size = obj.get("size") if isinstance(obj, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def notification_id(event: Envelope) -> str | None:
+    value = _qingstor_detail(event).get("notification_id")
+    return value if isinstance(value, str) else None
+
+
+def _checks(c: Conditions, event: Envelope) -> Iterator[bool]:
+    """One verdict per condition that is given; conditions left out yield nothing."""
+    key = event.key
+    if c.event_types is not None:
+        yield event.type in c.event_types
+    if c.buckets is not None:
+        yield event.bucket in c.buckets
+    if c.sources is not None:
+        yield event.source in c.sources
+    if c.notification_ids is not None:
+        yield notification_id(event) in c.notification_ids
+    if c.keys is not None:
+        # `*` crosses `/`, as in QingStor's own object_filters.
+        yield key is not None and any(fnmatchcase(key, p) for p in c.keys)
+    if c.prefixes is not None:
+        yield key is not None and key.startswith(tuple(c.prefixes))
+    if c.suffixes is not None:
+        yield key is not None and key.endswith(tuple(c.suffixes))
+    if c.min_size is not None or c.max_size is not None:
+        # An event without a size (a delete, a tupu-porn result) fails size conditions.
+        size = object_size(event)
+        yield (
+            size is not None
+            and (c.min_size is None or size >= c.min_size)
+            and (c.max_size is None or size <= c.max_size)
+        )
 
 
 def matches(when: When | None, event: Envelope) -> bool:
     if when is None:
         return True
-    if when.event_types is not None and event.type not in when.event_types:
+    if not all(_checks(when, event)):
         return False
-    if when.buckets is not None and event.bucket not in when.buckets:
-        return False
-    if when.sources is not None and event.source not in when.sources:
-        return False
-    if when.keys is not None:
-        # `*` crosses `/`, as in QingStor's own object_filters.
-        return event.key is not None and any(fnmatchcase(event.key, p) for p in when.keys)
-    return True
+    return when.not_ is None or not any(_checks(when.not_, event))
 
 
 class Router:

@@ -9,6 +9,7 @@ power loss alike.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar
 
 from relay.errors import StoreUnavailable
 from relay.models import Delivery
@@ -74,6 +75,42 @@ class Settlement:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    delivery_id: int
+    event_id: str
+    sink: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    dead_since: float
+    envelope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters a DLQ command acts on: all, or those of a sink and/or events."""
+
+    everything: bool = False
+    sink: str | None = None
+    event_ids: tuple[str, ...] = ()
+
+    def where(self, table: str = "") -> tuple[str, list[object]]:
+        """SQL condition and parameters over `deliveries`, columns prefixed by `table`."""
+        t = f"{table}." if table else ""
+        clauses: list[str] = [f"{t}state = 'dead'"]
+        params: list[object] = []
+        if self.sink is not None:
+            clauses.append(f"{t}sink = ?")
+            params.append(self.sink)
+        if self.event_ids:
+            clauses.append(f"{t}event_id IN ({','.join('?' * len(self.event_ids))})")
+            params.extend(self.event_ids)
+        if not self.everything and len(clauses) == 1:
+            raise ValueError("select --all, a sink, or event ids")
+        return " AND ".join(clauses), params
+
+
 def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
@@ -84,19 +121,39 @@ class SqliteStore:
         self.dedupe_window = dedupe_window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._db: sqlite3.Connection | None = None
+        self._lock: BinaryIO | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def open(self) -> None:
-        await self._run(self._open)
+    async def open(self, *, exclusive: bool = False) -> None:
+        """Open the database; `exclusive` (the server) also takes the store's lock file.
 
-    def _open(self) -> None:
+        Two servers on one store would both dispatch the same pending rows, so the
+        second one refuses to start. The DLQ commands open without it.
+        """
+        await self._run(lambda: self._open(exclusive))
+
+    def _open(self, exclusive: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
+        if exclusive:
+            lock = open(f"{self.path}.lock", "a+b")  # noqa: SIM115 - held until close()
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                raise StoreUnavailable(
+                    f"another relay process is serving {self.path} (lock held)"
+                ) from None
+            self._lock = lock
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+        except BaseException:
+            self._close()
+            raise
         self._db = db
 
     async def close(self) -> None:
@@ -109,6 +166,9 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -166,10 +226,13 @@ class SqliteStore:
                     duplicates.append(event.id)
                     continue
                 accepted.append(event.id)
+                # A re-claimed event may still have a delivery pending from its first
+                # claim: one pending delivery per event and sink is enough.
                 db.executemany(
                     "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(event.id, sink, now, now, now) for sink in event.sinks],
+                    " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+                    "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
+                    [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
                 )
         return AcceptResult(accepted, duplicates)
 
@@ -219,6 +282,51 @@ class SqliteStore:
                 " last_status = ?, last_error = ?, updated_at = ? WHERE id = ?",
                 [(s.state, s.next_at, s.status, s.error, now, s.delivery_id) for s in settlements],
             )
+
+    # --- dead letters ------------------------------------------------------------------
+
+    async def dead_letters(self, selection: Selection) -> list[DeadLetter]:
+        where, params = selection.where("d")
+
+        def query() -> list[DeadLetter]:
+            rows = self.db.execute(
+                "SELECT d.id, d.event_id, d.sink, d.attempts, d.last_status, d.last_error,"
+                " d.updated_at, e.envelope FROM deliveries d JOIN events e ON e.id = d.event_id"
+                f" WHERE {where}"
+                " ORDER BY d.updated_at, d.id",
+                params,
+            ).fetchall()
+            return [DeadLetter(*row) for row in rows]
+
+        return await self._run(query)
+
+    async def replay(self, selection: Selection, now: float | None = None) -> int:
+        """Make dead letters pending again, due now, with a fresh attempt budget.
+
+        A running `relay serve` on the same database picks them up on its next look.
+        """
+        at = time.time() if now is None else now
+        where, params = selection.where()
+
+        def work() -> int:
+            with self._transaction() as db:
+                return db.execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?,"
+                    f" created_at = ?, updated_at = ? WHERE {where}",
+                    [at, at, at, *params],
+                ).rowcount
+
+        return await self._run(work)
+
+    async def purge(self, selection: Selection) -> int:
+        """Delete dead letters; their events go with the next prune once unreferenced."""
+        where, params = selection.where()
+
+        def work() -> int:
+            with self._transaction() as db:
+                return db.execute(f"DELETE FROM deliveries WHERE {where}", params).rowcount
+
+        return await self._run(work)
 
     # --- housekeeping ------------------------------------------------------------------
 

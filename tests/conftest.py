@@ -76,7 +76,8 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 class Receiver:
     """A downstream HTTP service: records each request, answers from a script."""
 
-    statuses: list[int] = field(default_factory=list)  # answered in order, then 200
+    # Answered in order, then 200: a status, or (status, headers) for e.g. Retry-After.
+    statuses: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     hang: bool = False
     release: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -89,8 +90,9 @@ class Receiver:
         )
         if self.hang:
             await self.release.wait()
-        status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, text="ok" if status < 300 else "nope")
+        answer = self.statuses.pop(0) if self.statuses else 200
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        return web.Response(status=status, text="ok" if status < 300 else "nope", headers=headers)
 
     def bodies(self) -> list[dict[str, Any]]:
         return [json.loads(r["body"]) for r in self.requests]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from relay.app import STORE
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
+
+
+async def _if(awaitable, predicate):
+    value = await awaitable
+    return value if predicate(value) else None
 
 
 async def test_documented_sample_posted_four_times_is_one_event_in_each_sink(
@@ -39,8 +45,8 @@ async def test_documented_sample_posted_four_times_is_one_event_in_each_sink(
     ]
     out = tmp_path / "out" / "events.jsonl"
     await eventually(lambda: read_lines(out) and receiver.requests)
-    await eventually(lambda: client.app[STORE].counts())
-    counts = await client.app[STORE].counts()
+    store = client.app[STORE]
+    counts = await eventually(lambda: _if(store.counts(), lambda c: c.get("done") == 2))
     assert counts == {"events": 1, "done": 2}
 
     [line] = read_lines(out)
@@ -339,7 +345,7 @@ async def test_readyz_reports_the_store(tmp_path, start_relay):
     response = await client.get("/readyz")
     assert response.status == 503
     assert (await response.json())["error"] == "not_ready"
-    await client.app[STORE]._run(client.app[STORE]._open)
+    await client.app[STORE]._run(lambda: client.app[STORE]._open(False))
 
 
 async def test_request_id_is_echoed_or_made(tmp_path, start_relay):
@@ -371,6 +377,28 @@ async def test_raw_socket_garbage_never_costs_a_5xx(tmp_path, start_relay):
                 assert 400 <= response.status < 500, body[:20]
                 assert set(await response.json()) == {"error", "message"}
     assert await client.app[STORE].counts() == {"events": 0}
+
+
+async def test_undecodable_token_header_is_a_401_not_a_crash(tmp_path, start_relay):
+    import socket
+
+    client = await start_relay(relay_config(tmp_path))
+    raw = (
+        b"POST /hooks/qingstor HTTP/1.1\r\nHost: x\r\nX-Relay-Token: \xff\xfe\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+            sock.sendall(raw)
+            chunks = []
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    answer = await asyncio.to_thread(exchange)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+    assert b'"invalid_token"' in answer
 
 
 async def test_one_log_line_per_request_with_its_request_id(tmp_path, start_relay):

@@ -191,10 +191,11 @@ async def test_log_is_json_with_one_request_line_and_no_secret(tmp_path, process
     secret_header = "Bearer downstream-secret-value"
     config = base_config(receiver.url + "?sig=url-secret-value")
     config["sinks"]["app"]["headers"] = {"Authorization": secret_header}
+    receiver.statuses = [500]  # a failed attempt, so delivery.retry is logged too
     relay = await processes(tmp_path, config).start()
     await post(relay.url(f"/hooks/qingstor?token={TOKEN}"), sample())
     await post(relay.url("/hooks/qingstor?token=wrong-token-value"), sample())
-    await eventually(lambda: receiver.requests)
+    await eventually(lambda: len(receiver.requests) == 2)
     await eventually(lambda: len([e for e in relay.logs() if e["event"] == "request"]) == 2)
     relay.kill(signal.SIGTERM)
     await asyncio.to_thread(relay.wait, 10)
@@ -206,6 +207,7 @@ async def test_log_is_json_with_one_request_line_and_no_secret(tmp_path, process
     ok = requests[0]
     assert {"request_id", "method", "path", "status", "duration_ms", "source"} <= set(ok)
     assert (ok["accepted"], ok["duplicates"], ok["path"]) == (1, 0, "/hooks/qingstor")
+    assert any(e["event"] == "delivery.retry" for e in logs)
     text = relay.log_path.read_text()
     for secret in (TOKEN, "wrong-token-value", "url-secret-value", "downstream-secret-value"):
         assert secret not in text

@@ -83,3 +83,32 @@ async def test_prune_drops_old_done_deliveries_then_expired_unreferenced_events(
         assert await store.counts() == {"events": 1, "dead": 1}
     finally:
         await store.close()
+
+
+async def test_a_second_server_on_the_same_store_refuses_to_start(tmp_path):
+    import pytest
+
+    from relay.errors import StoreUnavailable
+
+    first = SqliteStore(tmp_path / "r.db", dedupe_window=60)
+    await first.open(exclusive=True)
+    second = SqliteStore(tmp_path / "r.db", dedupe_window=60)
+    with pytest.raises(StoreUnavailable, match="another relay process"):
+        await second.open(exclusive=True)
+    # The DLQ commands open beside a running server without the lock.
+    reader = SqliteStore(tmp_path / "r.db", dedupe_window=60)
+    await reader.open()
+    await reader.close()
+    await first.close()
+    await second.open(exclusive=True)  # free again once the first has closed
+    await second.close()
+
+
+async def test_a_reclaimed_event_does_not_queue_a_second_pending_delivery(tmp_path):
+    store = await open_store(tmp_path / "r.db", window=10.0)
+    try:
+        await store.accept([event(1, ("a",))], now=1000.0)
+        assert (await store.accept([event(1, ("a",))], now=1100.0)).accepted == ["evt_1"]
+        assert await store.counts() == {"events": 1, "pending": 1}
+    finally:
+        await store.close()

@@ -1,15 +1,98 @@
-"""`kind: http`: POST the envelope as JSON; 2xx is done, anything else is retried."""
+"""`kind: http`: POST each event to a service, optionally signed per Standard Webhooks.
+
+Answers are read as the Standard Webhooks receiver conventions describe them: 2xx
+done; 410 the endpoint is gone; 429/502/503/504 back off, honouring Retry-After; other
+4xx, except 408/409/425/429, will not improve with retrying; the rest is transient.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
 from relay.config import HttpSinkConfig
 from relay.models import Delivery
+from relay.ratelimit import Pacer
+from relay.signatures import standard_webhooks_header, whsec_key
 from relay.sinks.base import DONE, Outcome
+
+_THROTTLED = frozenset({429, 502, 503, 504})
+_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+# Retry-After beyond this is treated as this: a typo must not park events for a year.
+_MAX_RETRY_AFTER = 86400.0
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - now, 0.0), _MAX_RETRY_AFTER)
+
+
+def judge_response(status: int, retry_after: str | None, body: str, now: float) -> Outcome:
+    if 200 <= status < 300:
+        return DONE
+    error = f"HTTP {status}: {body}" if body else f"HTTP {status}"
+    if status == 410:
+        return Outcome("dead", status, error, gone=True)
+    wait = parse_retry_after(retry_after, now) if status in _THROTTLED else None
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return Outcome("dead", status, error)
+    return Outcome("retry", status, error, retry_after=wait)
+
+
+# CloudEvents HTTP binding: header values are percent-encoded beyond printable ASCII.
+_CE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '%"')
+
+
+def cloudevent_attributes(envelope: dict[str, Any]) -> dict[str, str]:
+    """The envelope's CloudEvents context attributes (all but `data`)."""
+    attributes = {
+        "specversion": "1.0",
+        "id": envelope["id"],
+        "source": envelope["source"],
+        "type": envelope["type"],
+        "time": envelope["time"],
+    }
+    if envelope.get("subject"):
+        attributes["subject"] = envelope["subject"]
+    # Extension attributes: lowercase alphanumeric names, string values.
+    for name in ("bucket", "key"):
+        if envelope.get(name) is not None:
+            attributes[name] = str(envelope[name])
+    return attributes
+
+
+def encode(format_: str, envelope_json: str) -> tuple[bytes, dict[str, str]]:
+    """The request body and format headers for one stored envelope."""
+    if format_ == "envelope":
+        return envelope_json.encode("utf-8"), {"Content-Type": "application/json"}
+    envelope = json.loads(envelope_json)
+    attributes = cloudevent_attributes(envelope)
+    if format_ == "cloudevents":
+        event = {**attributes, "datacontenttype": "application/json", "data": envelope["data"]}
+        body = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+        return body.encode("utf-8"), {"Content-Type": "application/cloudevents+json"}
+    headers = {f"ce-{name}": quote(value, safe=_CE_SAFE) for name, value in attributes.items()}
+    headers["Content-Type"] = "application/json"
+    body = json.dumps(envelope["data"], separators=(",", ":"), ensure_ascii=False)
+    return body.encode("utf-8"), headers
 
 
 class HttpSink:
@@ -18,6 +101,8 @@ class HttpSink:
         self.config = config
         self.batch_size = 1
         self.concurrency = config.concurrency
+        self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
+        self._pacer = Pacer(config.rate_limit) if config.rate_limit else None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -35,25 +120,38 @@ class HttpSink:
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         return list(await asyncio.gather(*(self._post(d) for d in batch)))
 
+    def request_for(self, delivery: Delivery, now: float) -> tuple[bytes, dict[str, str]]:
+        body, format_headers = encode(self.config.format, delivery.envelope)
+        headers = {k: v.get_secret_value() for k, v in self.config.headers.items()}
+        headers.update(format_headers)
+        # The stable event id, identical on every retry, lets the receiver dedupe.
+        headers["webhook-id"] = delivery.event_id
+        headers["Idempotency-Key"] = delivery.event_id
+        if self._keys:
+            timestamp = int(now)
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = standard_webhooks_header(
+                self._keys, delivery.event_id, timestamp, body
+            )
+        return body, headers
+
     async def _post(self, delivery: Delivery) -> Outcome:
         if self._session is None:
             raise RuntimeError("HttpSink.send before start")
-        headers = {
-            **{k: v.get_secret_value() for k, v in self.config.headers.items()},
-            "Content-Type": "application/json",
-            # The stable event id, identical on every retry, lets the receiver dedupe.
-            "webhook-id": delivery.event_id,
-            "Idempotency-Key": delivery.event_id,
-        }
+        if self._pacer is not None:
+            await self._pacer.wait()
+        # Signed when sent, not when queued: the timestamp must be fresh on every retry.
+        body, headers = self.request_for(delivery, time.time())
         try:
             async with self._session.post(
-                self.config.url, data=delivery.envelope.encode("utf-8"), headers=headers
+                self.config.url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                if 200 <= response.status < 300:
-                    return DONE
-                body = (await response.content.read(200)).decode("utf-8", "replace")
-                return Outcome(
-                    "retry", status=response.status, error=f"HTTP {response.status}: {body}"
+                text = ""
+                if not 200 <= response.status < 300:
+                    raw = await response.content.read(200)
+                    text = raw.decode("utf-8", "replace")
+                return judge_response(
+                    response.status, response.headers.get("Retry-After"), text, time.time()
                 )
         except aiohttp.InvalidURL:
             # Its message would echo the URL, which may embed a secret.

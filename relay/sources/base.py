@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Protocol
 
+from relay.errors import Forbidden
 from relay.models import Envelope
 
 
@@ -32,3 +33,19 @@ class Source(Protocol):
 
     def parse(self, meta: RequestMeta, document: Any, received_at: datetime) -> list[Envelope]:
         """Turn a parsed JSON document into events; raise InvalidBody when it is none."""
+
+
+def check_peer(
+    source: str,
+    networks: Sequence[IPv4Network | IPv6Network] | None,
+    peer: IPv4Address | IPv6Address | None,
+) -> None:
+    """Raise Forbidden unless `peer` is in one of `networks` (None: every address may post)."""
+    if networks is None:
+        return
+    candidates: list[IPv4Address | IPv6Address] = [] if peer is None else [peer]
+    # A dual-stack listener reports IPv4 senders as ::ffff:a.b.c.d; operators write a.b.c.d.
+    if isinstance(peer, IPv6Address) and peer.ipv4_mapped is not None:
+        candidates.append(peer.ipv4_mapped)
+    if not any(address in net for address in candidates for net in networks):
+        raise Forbidden(f"address {peer} is not in sources.{source}.allow_ips")

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from relay.config import QingStorSourceConfig
-from relay.errors import Forbidden, InvalidBody, Unauthorized
+from relay.errors import InvalidBody, Unauthorized
 from relay.models import (
     Envelope,
     NotifierBatch,
@@ -18,7 +18,7 @@ from relay.models import (
     notifier_envelopes,
     tupu_porn_envelope,
 )
-from relay.sources.base import RequestMeta
+from relay.sources.base import RequestMeta, check_peer
 
 TOKEN_HEADER = "X-Relay-Token"
 
@@ -27,7 +27,10 @@ def token_matches(expected: str, presented: str | None) -> bool:
     """Constant-time comparison that fails closed on a missing token."""
     if presented is None:
         return False
-    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+    # aiohttp hands undecodable header bytes over as surrogates: keep them, don't crash.
+    return hmac.compare_digest(
+        expected.encode("utf-8"), presented.encode("utf-8", "surrogateescape")
+    )
 
 
 def describe(error: ValidationError, prefix: str = "") -> str:
@@ -48,11 +51,7 @@ class QingStorSource:
         self.config = config
 
     def authenticate(self, meta: RequestMeta) -> None:
-        networks = self.config.allow_ips
-        if networks is not None and (
-            meta.peer is None or not any(meta.peer in net for net in networks)
-        ):
-            raise Forbidden(f"address {meta.peer} is not in sources.{self.name}.allow_ips")
+        check_peer(self.name, self.config.allow_ips, meta.peer)
         if self.config.token is not None:
             presented = meta.headers.get(TOKEN_HEADER) or meta.query.get("token")
             if not token_matches(self.config.token.get_secret_value(), presented):

@@ -1,0 +1,137 @@
+"""`relay dlq ...`: list, show, replay and purge dead letters in the store.
+
+These open the store directly, beside a running `relay serve` if there is one (SQLite
+WAL lets both in); a replayed delivery is due at once and the server's dispatcher
+finds it on its next look, within about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from relay.config import RelayConfig
+from relay.logs import redact_url
+from relay.store import DeadLetter, Selection, SqliteStore
+
+
+def _key(letter: DeadLetter) -> str:
+    try:
+        key = json.loads(letter.envelope).get("key")
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    return key if isinstance(key, str) else ""
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line per row, whatever the error said
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _error(letter: DeadLetter) -> str:
+    # Receivers' answers may quote URLs; their query strings can carry secrets.
+    return redact_url(letter.last_error or "")
+
+
+def format_table(letters: Sequence[DeadLetter]) -> str:
+    header = ("EVENT ID", "SINK", "ATTEMPTS", "LAST ERROR", "DEAD SINCE", "OBJECT KEY")
+    rows = [
+        (
+            letter.event_id,
+            letter.sink,
+            str(letter.attempts),
+            _clip(_error(letter), 48),
+            _when(letter.dead_since),
+            _clip(_key(letter), 60),
+        )
+        for letter in letters
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+async def _with_store(config: RelayConfig) -> SqliteStore:
+    store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
+    await store.open()
+    return store
+
+
+async def list_letters(
+    config: RelayConfig, selection: Selection, *, as_json: bool, out: TextIO = sys.stdout
+) -> int:
+    store = await _with_store(config)
+    try:
+        letters = await store.dead_letters(selection)
+    finally:
+        await store.close()
+    if as_json:
+        for letter in letters:
+            record = {
+                "event_id": letter.event_id,
+                "sink": letter.sink,
+                "attempts": letter.attempts,
+                "last_status": letter.last_status,
+                "last_error": _error(letter),
+                "dead_since": _when(letter.dead_since),
+                "key": _key(letter),
+            }
+            print(json.dumps(record, ensure_ascii=False), file=out)
+    elif letters:
+        print(format_table(letters), file=out)
+    else:
+        print("no dead letters", file=out)
+    return 0
+
+
+async def show(config: RelayConfig, event_id: str, out: TextIO = sys.stdout) -> int:
+    store = await _with_store(config)
+    try:
+        letters = await store.dead_letters(Selection(event_ids=(event_id,)))
+    finally:
+        await store.close()
+    if not letters:
+        print(f"no dead letter for event {event_id}", file=sys.stderr)
+        return 1
+    for letter in letters:
+        detail = {
+            "event_id": letter.event_id,
+            "sink": letter.sink,
+            "attempts": letter.attempts,
+            "last_status": letter.last_status,
+            "last_error": _error(letter),
+            "dead_since": _when(letter.dead_since),
+            "envelope": json.loads(letter.envelope),
+        }
+        print(json.dumps(detail, indent=2, ensure_ascii=False), file=out)
+    return 0
+
+
+async def replay(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
+    store = await _with_store(config)
+    try:
+        count = await store.replay(selection)
+    finally:
+        await store.close()
+    print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
+    return 0
+
+
+async def purge(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
+    store = await _with_store(config)
+    try:
+        count = await store.purge(selection)
+    finally:
+        await store.close()
+    print(f"purged {count} dead letter(s)", file=out)
+    return 0

@@ -1,0 +1,232 @@
+"""The HTTP sink against a real local receiver: signing, formats, answers, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from urllib.parse import unquote
+
+import pytest
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
+
+from relay.app import STORE
+from relay.sinks.http import judge_response, parse_retry_after
+from tests.conftest import TOKEN, eventually, notifier_body, relay_config, sample
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET_B = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24="
+FAST = {"max_attempts": 5, "initial": "10ms", "max": "50ms"}
+
+
+def parse_cloudevent(request):
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    return from_http_event(HTTPMessage(headers=headers, body=request["body"]))
+
+
+def http(url: str, **extra):
+    return {"kind": "http", "url": url, "retry": FAST, **extra}
+
+
+async def counts_when(store, predicate):
+    value = await store.counts()
+    return value if predicate(value) else None
+
+
+async def test_signatures_verify_with_the_reference_library_for_every_secret(
+    tmp_path, start_relay, receiver
+):
+    config = relay_config(
+        tmp_path, sinks={"app": http(receiver.url, signing_secret=[SECRET_A, SECRET_B])}
+    )
+    client = await start_relay(config)
+    await client.post(HOOK, json=sample())
+    [request] = await eventually(lambda: receiver.requests)
+    headers = request["headers"]
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    # A receiver holding either secret accepts it: rotation without downtime.
+    for secret in (SECRET_A, SECRET_B):
+        payload = Webhook(secret).verify(request["body"], headers)
+        assert payload["id"] == headers["webhook-id"]
+    with pytest.raises(Exception, match=r"(?i)signature"):
+        Webhook("whsec_" + "d3Jvbmcgc2VjcmV0").verify(request["body"], headers)
+
+
+async def test_a_retried_delivery_keeps_its_id_and_is_signed_afresh(
+    tmp_path, start_relay, receiver
+):
+    receiver.statuses = [503, 200]
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, signing_secret=SECRET_A)})
+    )
+    await client.post(HOOK, json=sample())
+    await eventually(lambda: len(receiver.requests) == 2)
+    first, second = (r["headers"] for r in receiver.requests)
+    assert first["webhook-id"] == second["webhook-id"]
+    for request in receiver.requests:
+        Webhook(SECRET_A).verify(request["body"], request["headers"])
+
+
+async def test_cloudevents_structured_mode_parses_with_the_sdk(tmp_path, start_relay, receiver):
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, format="cloudevents")})
+    )
+    await client.post(HOOK, json=sample())
+    [request] = await eventually(lambda: receiver.requests)
+    assert request["headers"]["Content-Type"] == "application/cloudevents+json"
+    event = parse_cloudevent(request)
+    assert event.get_specversion() == "1.0"
+    assert event.get_id() == request["headers"]["webhook-id"]
+    assert (event.get_source(), event.get_type()) == ("qingstor", "create_object")
+    assert event.get_time() == datetime(2021, 8, 31, 6, 25, 46, tzinfo=UTC)
+    assert event.get_subject() == "max-test2/abc/5.mp4"
+    assert event.get_data() == sample()["events"][0]
+
+
+async def test_cloudevents_binary_mode_parses_with_the_sdk(tmp_path, start_relay, receiver):
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, format="cloudevents-binary")})
+    )
+    key = "图片/猫 100%.jpg"
+    await client.post(HOOK, json=notifier_body(key))
+    [request] = await eventually(lambda: receiver.requests)
+    headers = request["headers"]
+    assert headers["ce-specversion"] == "1.0"
+    assert headers["ce-id"] == headers["webhook-id"]
+    assert unquote(headers["ce-key"]) == key  # percent-encoded, per the HTTP binding
+    event = parse_cloudevent(request)
+    assert (event.get_type(), event.get_source()) == ("create_object", "qingstor")
+    assert event.get_extension("key") == key
+    assert event.get_data()["qingstor"]["object"]["name"] == key
+
+
+async def test_410_dead_letters_at_once_and_reports_the_sink_gone(tmp_path, start_relay, receiver):
+    receiver.statuses = [410]
+    client = await start_relay(relay_config(tmp_path, sinks={"app": http(receiver.url)}))
+    with capture_logs() as logs:
+        await client.post(HOOK, json=sample())
+        await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("dead") == 1))
+    assert len(receiver.requests) == 1
+    assert [e["sink"] for e in logs if e["event"] == "sink.gone"] == ["app"]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+async def test_other_4xx_are_permanent_after_one_request(tmp_path, start_relay, receiver, status):
+    receiver.statuses = [status]
+    client = await start_relay(relay_config(tmp_path, sinks={"app": http(receiver.url)}))
+    await client.post(HOOK, json=sample())
+    await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("dead") == 1))
+    await asyncio.sleep(0.1)
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504, 302])
+async def test_transient_answers_are_retried(tmp_path, start_relay, receiver, status):
+    receiver.statuses = [status]
+    client = await start_relay(relay_config(tmp_path, sinks={"app": http(receiver.url)}))
+    await client.post(HOOK, json=sample())
+    await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("done") == 1))
+    assert len(receiver.requests) == 2
+
+
+async def test_retry_after_is_honoured_over_a_shorter_backoff(tmp_path, start_relay, receiver):
+    receiver.statuses = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})]
+    client = await start_relay(relay_config(tmp_path, sinks={"app": http(receiver.url)}))
+    await client.post(HOOK, json=sample())
+    await eventually(lambda: len(receiver.requests) == 3, within=10)
+    times = [r["at"] for r in receiver.requests]
+    assert times[1] - times[0] >= 0.95
+    assert times[2] - times[1] >= 0.95
+
+
+def test_retry_after_parsing():
+    now = 1_700_000_000.0
+    assert parse_retry_after("120", now) == 120
+    date = format_datetime(datetime.fromtimestamp(now, UTC) + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(date, now) == pytest.approx(30)
+    past = format_datetime(datetime.fromtimestamp(now - 60, UTC), usegmt=True)
+    assert parse_retry_after(past, now) == 0
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("99999999999", now) == 86400
+    assert parse_retry_after(None, now) is None
+
+
+def test_judge_response_table():
+    now = 0.0
+    assert judge_response(204, None, "", now).result == "done"
+    gone = judge_response(410, None, "bye", now)
+    assert (gone.result, gone.gone) == ("dead", True)
+    assert judge_response(404, "5", "", now).result == "dead"
+    throttled = judge_response(503, "7", "", now)
+    assert (throttled.result, throttled.retry_after) == ("retry", 7)
+    # Retry-After only means something on the statuses that throttle.
+    assert judge_response(500, "7", "", now).retry_after is None
+
+
+async def test_concurrency_bounds_requests_in_flight(tmp_path, start_relay, receiver):
+    receiver.hang = True
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, concurrency=3, timeout="30s")})
+    )
+    for i in range(6):
+        await client.post(HOOK, json=notifier_body(f"k{i}", request_id=f"r{i}"))
+    await eventually(lambda: len(receiver.requests) == 3)
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 3
+
+
+async def test_rate_limit_spaces_requests(tmp_path, start_relay, receiver):
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, rate_limit="10/s")})
+    )
+    await client.post(HOOK, json=notifier_body(*[f"k{i}" for i in range(6)]))
+    await eventually(lambda: len(receiver.requests) == 6)
+    times = sorted(r["at"] for r in receiver.requests)
+    # Six sends at 10/s take at least half a second from first to last.
+    assert times[-1] - times[0] >= 0.45
+
+
+async def test_headers_are_sent_and_cannot_override_the_event_id(tmp_path, start_relay, receiver):
+    config = relay_config(
+        tmp_path,
+        sinks={"app": http(receiver.url, headers={"Authorization": "Bearer t", "webhook-id": "x"})},
+    )
+    client = await start_relay(config)
+    await client.post(HOOK, json=sample())
+    [request] = await eventually(lambda: receiver.requests)
+    assert request["headers"]["Authorization"] == "Bearer t"
+    assert request["headers"]["webhook-id"] == json.loads(request["body"])["id"]
+
+
+async def test_max_age_dead_letters_an_old_delivery_at_its_next_failure(
+    tmp_path, start_relay, receiver
+):
+    receiver.statuses = [500] * 100
+    retry = {"max_attempts": 100, "initial": "50ms", "max": "50ms", "max_age": "300ms"}
+    client = await start_relay(
+        relay_config(
+            tmp_path,
+            sinks={
+                "app": {
+                    "kind": "http",
+                    "url": receiver.url,
+                    "retry": retry,
+                    "circuit": {"failures": 1000},  # keep sending: this test is about age
+                }
+            },
+        )
+    )
+    started = time.monotonic()
+    await client.post(HOOK, json=sample())
+    await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("dead") == 1))
+    assert time.monotonic() - started < 5
+    store = client.app[STORE]
+    [(error,)] = await store._run(
+        lambda: store.db.execute("SELECT last_error FROM deliveries").fetchall()
+    )
+    assert "max_age" in error
