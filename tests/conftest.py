@@ -18,6 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay.app import create_app
 from relay.config import RelayConfig, build_config
 
+# The `processes` fixture: relay as a real subprocess.
+pytest_plugins = ("tests.processes",)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN = "s3cr3t-token-for-tests"
 
