@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -118,20 +118,20 @@ async def show(config: RelayConfig, event_id: str, out: TextIO = sys.stdout) -> 
 
 
 async def replay(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
-    store = await _with_store(config)
-    try:
-        count = await store.replay(selection)
-    finally:
-        await store.close()
+    count = await _change(config, lambda store: store.replay(selection))
     print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
     return 0
 
 
 async def purge(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
-    store = await _with_store(config)
-    try:
-        count = await store.purge(selection)
-    finally:
-        await store.close()
+    count = await _change(config, lambda store: store.purge(selection))
     print(f"purged {count} dead letter(s)", file=out)
     return 0
+
+
+async def _change(config: RelayConfig, change: Callable[[SqliteStore], Awaitable[int]]) -> int:
+    store = await _with_store(config)
+    try:
+        return await change(store)
+    finally:
+        await store.close()
