@@ -66,6 +66,7 @@ async def request_context(
         response = await handler(request)
     except IngestError as exc:
         response = error_response(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
         if exc.status == 413:
             # The rest of the body was never read; the connection cannot be reused.
             response.force_close()

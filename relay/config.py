@@ -190,7 +190,7 @@ class QingStorSourceConfig(_SourceBase):
         return value
 
 
-class _GenericSourceBase(_SourceBase):
+class GenericSourceBase(_SourceBase):
     # Where the event id comes from: `header:<Name>` or a JSON path into the body;
     # absent, the hash of the body's canonical JSON.
     id_from: Extractor = None
@@ -199,7 +199,7 @@ class _GenericSourceBase(_SourceBase):
     type_from: Extractor = None
 
 
-class StandardWebhooksSourceConfig(_GenericSourceBase):
+class StandardWebhooksSourceConfig(GenericSourceBase):
     """Senders that sign per Standard Webhooks; dedupe on their `webhook-id`."""
 
     kind: Literal["standard-webhooks"]
@@ -207,7 +207,7 @@ class StandardWebhooksSourceConfig(_GenericSourceBase):
     tolerance: Duration = 300.0
 
 
-class HmacSourceConfig(_GenericSourceBase):
+class HmacSourceConfig(GenericSourceBase):
     """A hex or base64 HMAC of the raw body in one header, GitHub-style."""
 
     kind: Literal["hmac"]
@@ -230,7 +230,7 @@ class BasicAuthConfig(_Model):
     password: SecretStr
 
 
-class GenericSourceConfig(_GenericSourceBase):
+class GenericSourceConfig(GenericSourceBase):
     """Any JSON sender, authenticated by a token and/or HTTP basic auth."""
 
     kind: Literal["generic"]

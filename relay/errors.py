@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 
 class RelayError(Exception):
     """Base class for relay's own errors."""
@@ -20,6 +23,8 @@ class IngestError(RelayError):
 
     status = 400
     code = "bad_request"
+    # Extra headers for the answer, e.g. WWW-Authenticate on a 401 asking for credentials.
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

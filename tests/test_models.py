@@ -11,7 +11,8 @@ from relay.config import QingStorSourceConfig
 from relay.errors import Forbidden, InvalidBody, Unauthorized
 from relay.models import NotifierBatch, notifier_envelopes
 from relay.sources import RequestMeta
-from relay.sources.qingstor import QingStorSource, token_matches
+from relay.sources.base import token_matches
+from relay.sources.qingstor import QingStorSource
 from tests.conftest import notifier_body, sample
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

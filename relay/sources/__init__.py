@@ -9,10 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.sources.base import RequestMeta, Source
+from relay.sources.generic import GenericSource
+from relay.sources.hmac_header import HmacSource
 from relay.sources.qingstor import QingStorSource
+from relay.sources.standard_webhooks import StandardWebhooksSource
 
 # kind -> class; each class takes (name, its validated config section).
-SOURCES: dict[str, Callable[[str, Any], Source]] = {"qingstor": QingStorSource}
+SOURCES: dict[str, Callable[[str, Any], Source]] = {
+    "qingstor": QingStorSource,
+    "standard-webhooks": StandardWebhooksSource,
+    "hmac": HmacSource,
+    "generic": GenericSource,
+}
 
 
 def build_source(name: str, config: Any) -> Source:

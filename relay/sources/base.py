@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Protocol
 
-from relay.errors import Forbidden
+from pydantic import SecretStr
+
+from relay.errors import Forbidden, Unauthorized
 from relay.models import Envelope
 
 
@@ -49,3 +52,40 @@ def check_peer(
         candidates.append(peer.ipv4_mapped)
     if not any(address in net for address in candidates for net in networks):
         raise Forbidden(f"address {peer} is not in sources.{source}.allow_ips")
+
+
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """The header's value, whatever its case; aiohttp's mapping is case-insensitive
+    already, a plain dict (as tests and other callers may pass) is not."""
+    value = headers.get(name)
+    if value is None:
+        wanted = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == wanted), None)
+    return value
+
+
+TOKEN_HEADER = "X-Relay-Token"
+
+
+def token_matches(expected: str, presented: str | None) -> bool:
+    """Constant-time comparison that fails closed on a missing token."""
+    if presented is None:
+        return False
+    # aiohttp hands undecodable header bytes over as surrogates: keep them, don't crash.
+    return hmac.compare_digest(
+        expected.encode("utf-8"), presented.encode("utf-8", "surrogateescape")
+    )
+
+
+def check_token(token: SecretStr | None, meta: RequestMeta) -> None:
+    """Raise Unauthorized unless the request presents `token` (None: no token needed),
+    as `?token=` (the only place QingStor's notify_url can carry it) or a header."""
+    if token is None:
+        return
+    presented = header_value(meta.headers, TOKEN_HEADER) or meta.query.get("token")
+    if not token_matches(token.get_secret_value(), presented):
+        what = "invalid" if presented else "missing"
+        raise Unauthorized(
+            f"{what} token: pass it as ?token= in the URL or in {TOKEN_HEADER}",
+            code=f"{what}_token",
+        )
