@@ -19,6 +19,7 @@ from relay.circuit import CircuitBreaker
 from relay.config import RetryConfig, SinkConfig
 from relay.models import Delivery
 from relay.sinks import Outcome, Sink
+from relay.sinks.base import backoff_ceiling
 from relay.store import Settlement, SqliteStore
 
 log = structlog.get_logger("relay.dispatch")
@@ -30,8 +31,7 @@ def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = rando
     Spreading retries over the whole interval keeps a recovering sink from being hit
     by every backlog item at the same instant.
     """
-    ceiling = min(retry.max, retry.initial * 2.0 ** min(attempts - 1, 62))
-    return ceiling * rand()
+    return backoff_ceiling(attempts, retry) * rand()
 
 
 def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) -> Settlement:

@@ -15,7 +15,8 @@ from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
 from relay.app import STORE
-from relay.sinks.http import judge_response, parse_retry_after
+from relay.sinks.base import parse_retry_after
+from relay.sinks.http import judge_response
 from tests.conftest import TOKEN, eventually, notifier_body, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -154,6 +155,9 @@ def test_retry_after_parsing():
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("99999999999", now) == 86400
     assert parse_retry_after(None, now) is None
+    assert parse_retry_after("1.5", now) == 1.5
+    assert parse_retry_after("-3", now) == 0
+    assert parse_retry_after("inf", now) is None
 
 
 def test_judge_response_table():

@@ -8,9 +8,14 @@ from typing import Any
 from relay.sinks.base import DONE, Outcome, Sink
 from relay.sinks.file import FileSink
 from relay.sinks.http import HttpSink
+from relay.sinks.slack import SlackSink
 
 # kind -> class; each class takes (name, its validated config section).
-SINKS: dict[str, Callable[[str, Any], Sink]] = {"file": FileSink, "http": HttpSink}
+SINKS: dict[str, Callable[[str, Any], Sink]] = {
+    "file": FileSink,
+    "http": HttpSink,
+    "slack": SlackSink,
+}
 
 
 def build_sink(name: str, config: Any) -> Sink:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -21,28 +20,10 @@ from relay.config import HttpSinkConfig
 from relay.models import Delivery
 from relay.ratelimit import Pacer
 from relay.signatures import standard_webhooks_header, whsec_key
-from relay.sinks.base import DONE, Outcome
+from relay.sinks.base import DONE, Outcome, parse_retry_after
 
 _THROTTLED = frozenset({429, 502, 503, 504})
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
-# Retry-After beyond this is treated as this: a typo must not park events for a year.
-_MAX_RETRY_AFTER = 86400.0
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), _MAX_RETRY_AFTER)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return min(max(when.timestamp() - now, 0.0), _MAX_RETRY_AFTER)
 
 
 def judge_response(status: int, retry_after: str | None, body: str, now: float) -> Outcome:
