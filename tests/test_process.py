@@ -203,7 +203,13 @@ def test_usage_error_exits_2():
 
 def test_example_configs_are_valid():
     root = FIXTURES.parent.parent / "config"
-    env = {"RELAY_QINGSTOR_TOKEN": "t", "APP_URL": "http://127.0.0.1:9000/events"}
+    env = {
+        "RELAY_QINGSTOR_TOKEN": "t",
+        "APP_URL": "http://127.0.0.1:9000/events",
+        "APP_SIGNING_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/x",
+        "GITHUB_WEBHOOK_SECRET": "g",
+    }
     for path in sorted(root.glob("*.yaml")):
         result = run_cli("check-config", str(path), env=env)
         assert result.returncode == 0, (path, result.stderr)
