@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -21,23 +23,20 @@ from aiohttp import web
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, StoreUnavailable
-from relay.ingest import Ingest
-from relay.routing import Router
-from relay.sinks import Sink, build_sink
-from relay.sources import build_source
+from relay.metrics import CONTENT_TYPE
+from relay.runtime import Runtime
 from relay.store import SqliteStore
 
 log = structlog.get_logger("relay.app")
 
-CONFIG = web.AppKey("config", RelayConfig)
+RUNTIME = web.AppKey("runtime", Runtime)
 STORE = web.AppKey("store", SqliteStore)
-SINKS = web.AppKey("sinks", dict[str, Sink])
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
-INGEST = web.AppKey("ingest", Ingest)
 HOUSEKEEPER = web.AppKey("housekeeper", asyncio.Task[None])
+WATCHER = web.AppKey("watcher", asyncio.Task[None])
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_QUIET_PATHS = frozenset({"/healthz", "/readyz"})
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _HTTP_CODES = {
     404: ("not_found", "no such endpoint; events go to POST /hooks/{source}"),
     405: ("method_not_allowed", "this endpoint does not take that method"),
@@ -85,10 +84,22 @@ async def request_context(
         log.exception("request.unhandled")
         response = error_response(500, "internal_error", "relay failed; see its log")
     response.headers["X-Request-Id"] = request_id
+    _count(request, response.status, started)
     level = "debug" if request.path in _QUIET_PATHS and response.status < 400 else "info"
     _log_request(level, request, response.status, started)
     structlog.contextvars.clear_contextvars()
     return response
+
+
+def _count(request: web.Request, status: int, started: float) -> None:
+    runtime = request.app[RUNTIME]
+    name = request.match_info.get("source", "")
+    # Only configured names become labels: a scanner must not mint a time series per
+    # path it tries.
+    source = name if name in runtime.ingest.sources else "-"
+    runtime.metrics.requests.labels(source, str(status)).inc()
+    if status == 200 and source != "-":
+        runtime.metrics.ingest_seconds.observe(time.perf_counter() - started)
 
 
 def _log_request(level: str, request: web.Request, status: int, started: float) -> None:
@@ -103,7 +114,7 @@ def _log_request(level: str, request: web.Request, status: int, started: float) 
 
 
 async def hook(request: web.Request) -> web.StreamResponse:
-    return await request.app[INGEST].handle(request)
+    return await request.app[RUNTIME].ingest.handle(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -111,11 +122,36 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
     try:
-        await asyncio.wait_for(request.app[STORE].ping(), timeout=2.0)
+        await asyncio.wait_for(runtime.store.ping(), timeout=2.0)
     except Exception as exc:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
+    free = await asyncio.to_thread(_free_bytes, runtime.store.path)
+    if free is not None and free < runtime.config.store.min_free_bytes:
+        return error_response(
+            503, "not_ready", f"the store's disk is nearly full ({free} bytes free)"
+        )
     return web.json_response({"status": "ready"})
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+
+
+async def metrics(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    try:
+        stats = await asyncio.wait_for(runtime.store.sink_stats(), timeout=5.0)
+    except Exception:
+        # Counters still tell a story when the store does not answer; the gauges go.
+        log.exception("metrics.store_failed")
+        stats = {}
+    text = runtime.metrics.render(stats, runtime.config.sinks)
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
 # --- background work owned by the app ---------------------------------------------------
@@ -128,88 +164,88 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sinks_ctx(app: web.Application) -> AsyncIterator[None]:
-    started: list[Sink] = []
+    runtime = app[RUNTIME]
     try:
-        for sink in app[SINKS].values():
-            await sink.start()
-            started.append(sink)
+        await runtime.start_sinks()
         yield
     finally:
-        for sink in reversed(started):
-            try:
-                await sink.close()
-            except Exception:
-                log.exception("sink.close_failed", sink=sink.name)
-
-
-async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    dispatcher = app[DISPATCHER]
-    dispatcher.start()
-    yield
-    await dispatcher.stop(grace=app[CONFIG].server.drain_timeout)
+        await runtime.stop_sinks()
 
 
 async def _begin_drain(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for in-flight requests: starting the drain
     # here lets both waits overlap, so shutdown takes one drain_timeout, not two.
     # Events a late request enqueues stay pending in the store for the next start.
-    app[DISPATCHER].begin_stop(grace=app[CONFIG].server.drain_timeout)
+    app[RUNTIME].begin_drain()
 
 
-async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_housekeep(app[STORE], app[CONFIG]), name="relay-housekeeping")
-    app[HOUSEKEEPER] = task
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    tasks = [asyncio.create_task(_housekeep(runtime), name="relay-housekeeping")]
+    app[HOUSEKEEPER] = tasks[0]
+    if runtime.config.server.watch_config and runtime.config_path is not None:
+        interval = runtime.config.server.watch_interval
+        tasks.append(asyncio.create_task(runtime.watch(interval), name="relay-watch"))
+        app[WATCHER] = tasks[1]
     yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _housekeep(store: SqliteStore, config: RelayConfig) -> None:
+async def _housekeep(runtime: Runtime) -> None:
     while True:
+        store_config = runtime.config.store  # read each round: a reload may change it
         try:
-            deliveries, events = await store.prune(config.store.keep_done)
+            deliveries, events = await runtime.store.prune(store_config.keep_done)
             if deliveries or events:
                 log.info("store.pruned", deliveries=deliveries, events=events)
         except Exception:
             log.exception("store.prune_failed")
-        await asyncio.sleep(config.store.prune_interval)
+        await asyncio.sleep(store_config.prune_interval)
 
 
-def create_app(config: RelayConfig) -> web.Application:
+def create_app(
+    config: RelayConfig,
+    config_path: Path | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+) -> web.Application:
+    runtime = Runtime(config, config_path, server_overrides)
+    config = runtime.config
     app = web.Application(
         middlewares=[request_context], client_max_size=config.server.max_body_bytes
     )
-    store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
-    sinks = {name: build_sink(name, sink) for name, sink in config.sinks.items()}
-    dispatcher = Dispatcher(store, sinks, config.sinks)
-    app[CONFIG] = config
-    app[STORE] = store
-    app[SINKS] = sinks
-    app[DISPATCHER] = dispatcher
-    app[INGEST] = Ingest(
-        sources={name: build_source(name, src) for name, src in config.sources.items()},
-        router=Router(config.effective_routes),
-        store=store,
-        max_body_bytes=config.server.max_body_bytes,
-        on_enqueued=dispatcher.wake,
-    )
+    app[RUNTIME] = runtime
+    app[STORE] = runtime.store
+    app[DISPATCHER] = runtime.dispatcher
     app.router.add_post("/hooks/{source}", hook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(_begin_drain)
-    app.cleanup_ctx.extend([_store_ctx, _sinks_ctx, _dispatcher_ctx, _housekeeping_ctx])
+    # Entered in order, left in reverse: background tasks stop first, then the sinks
+    # drain and close, then the store closes.
+    app.cleanup_ctx.extend([_store_ctx, _sinks_ctx, _background_ctx])
     return app
 
 
 # --- running -----------------------------------------------------------------------------
 
 
-async def serve(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within the bound."""
+async def serve(
+    config: RelayConfig,
+    *,
+    config_path: Path | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within the bound.
+    SIGHUP re-reads `config_path`."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+    app = create_app(config, config_path, server_overrides)
+    config = app[RUNTIME].config
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
@@ -217,8 +253,9 @@ async def serve(config: RelayConfig, *, stop: asyncio.Event | None = None) -> No
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, app[RUNTIME].request_reload, "SIGHUP")
     runner = web.AppRunner(
-        create_app(config),
+        app,
         shutdown_timeout=config.server.drain_timeout,
         access_log=None,
         handle_signals=False,
@@ -232,12 +269,16 @@ async def serve(config: RelayConfig, *, stop: asyncio.Event | None = None) -> No
         await stop.wait()
         log.info("relay.stopping", signal=received[0] if received else None)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
     log.info("relay.stopped")
 
 
-def run(config: RelayConfig) -> None:
+def run(
+    config: RelayConfig,
+    config_path: Path | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+) -> None:
     """Synchronous entry point over `serve`, for the command line."""
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, config_path=config_path, server_overrides=server_overrides))

@@ -7,10 +7,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
-from relay import __version__, dlq
+from relay import __version__, dlq, qingstor_admin, sendtest
 from relay.app import run
 from relay.config import RelayConfig, default_config, load_config
 from relay.errors import ConfigError
@@ -36,9 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+    serve.add_argument("--watch", action="store_true", help="reload when the config file changes")
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
+
+    sendtest.add_parser(commands)
+    qingstor_admin.add_parser(commands)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -76,9 +81,14 @@ def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
     return asyncio.run(command(config, selection))
 
 
+def _config_path(path: str | None) -> Path | None:
+    given = path or os.environ.get("RELAY_CONFIG") or None
+    return None if given is None else Path(given)
+
+
 def _load(path: str | None) -> RelayConfig:
-    path = path or os.environ.get("RELAY_CONFIG") or None
-    return default_config() if path is None else load_config(path)
+    file = _config_path(path)
+    return default_config() if file is None else load_config(file)
 
 
 def _print_problems(problems: Sequence[str]) -> None:
@@ -98,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.file}: OK: {config.summary()}")
         return EXIT_OK
 
+    # These talk to a URL or to QingStor's API; they need no relay config.
+    if args.command == "send-test":
+        return sendtest.run(args)
+    if args.command == "qingstor":
+        return qingstor_admin.run(args)
+
     try:
         config = _load(args.config)
     except ConfigError as exc:
@@ -109,12 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # the store is missing, locked, unreadable...
             print(f"relay dlq {args.action}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if overrides:
-        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    flags = (("host", args.host), ("port", args.port), ("watch_config", args.watch or None))
+    overrides = {key: value for key, value in flags if value is not None}
     configure(config.log.level, config.log.format)
     try:
-        run(config)
+        run(config, _config_path(args.config), overrides)
     except Exception:
         structlog.get_logger("relay").exception("relay.failed")
         return EXIT_FAILURE

@@ -88,6 +88,9 @@ class ServerConfig(_Model):
     max_body_bytes: int = Field(1_048_576, ge=1)
     # Bound on how long shutdown waits for in-flight requests and deliveries.
     drain_timeout: Duration = 10.0
+    # Reload when the config file changes (also `relay serve --watch`); SIGHUP always does.
+    watch_config: bool = False
+    watch_interval: PositiveDuration = 1.0
 
 
 class StoreConfig(_Model):
@@ -96,6 +99,9 @@ class StoreConfig(_Model):
     # Finished deliveries are kept this long (for inspection) before pruning.
     keep_done: Duration = 3600.0
     prune_interval: PositiveDuration = 60.0
+    # /readyz fails below this much free space where the store lives: the sender is
+    # told to wait before a full disk makes every ingest a 503.
+    min_free_bytes: int = Field(100 * 1024 * 1024, ge=0)
 
 
 class DedupeConfig(_Model):

@@ -17,6 +17,7 @@ import structlog
 
 from relay.circuit import CircuitBreaker
 from relay.config import RetryConfig, SinkConfig
+from relay.metrics import Metrics
 from relay.models import Delivery
 from relay.sinks import Outcome, Sink
 from relay.sinks.base import backoff_ceiling
@@ -36,6 +37,9 @@ def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = rando
 
 def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) -> Settlement:
     """Turn a sink's outcome into the store's next state for that delivery."""
+    if outcome.result == "defer":
+        wait = outcome.retry_after or 0.0
+        return Settlement(delivery.id, "pending", now + wait, None, None, attempted=False)
     attempts = delivery.attempts + 1
     if outcome.result == "done":
         return Settlement(delivery.id, "done", now, outcome.status, None)
@@ -48,47 +52,70 @@ def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) 
     return Settlement(delivery.id, "pending", now + delay, outcome.status, outcome.error)
 
 
+class Lane:
+    """One sink's runtime: its worker, its sends in flight, its circuit."""
+
+    def __init__(self, name: str, sink: Sink, config: SinkConfig) -> None:
+        self.name = name
+        self.sink = sink
+        self.retry = config.retry
+        self.circuit = CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
+        self.gone = False  # the receiver answered 410 Gone, until a send succeeds
+        self.wake = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.worker: asyncio.Task[None] | None = None
+        self.sending: set[asyncio.Task[None]] = set()
+        self.in_flight: set[int] = set()
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [*([self.worker] if self.worker else []), *self.sending]
+
+
 class Dispatcher:
+    """Runs one Lane per sink. Lanes come and go with `start` and `retire`, so a config
+    reload replaces the sinks that changed and leaves the others undisturbed."""
+
     def __init__(
         self,
         store: SqliteStore,
-        sinks: Mapping[str, Sink],
-        configs: Mapping[str, SinkConfig],
+        metrics: Metrics | None = None,
         *,
         idle_poll: float = 1.0,
     ) -> None:
         self.store = store
-        self.sinks = dict(sinks)
-        self.retries = {name: config.retry for name, config in configs.items()}
-        self.circuits = {
-            name: CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
-            for name, config in configs.items()
-        }
-        # Sinks whose receiver answered 410 Gone, until one of their sends succeeds.
-        self.gone: set[str] = set()
+        self.metrics = metrics
         # Upper bound on a worker's sleep: a safety net for wake-ups that never come
         # (another process wrote the store), not the normal way work is found.
         self.idle_poll = idle_poll
-        self._wake = {name: asyncio.Event() for name in self.sinks}
-        self._workers: dict[str, asyncio.Task[None]] = {}
-        self._sending: set[asyncio.Task[None]] = set()
-        self._stop = asyncio.Event()
+        self.lanes: dict[str, Lane] = {}
         self._stopping: asyncio.Future[None] | None = None
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
         """Every task the dispatcher owns: one worker per sink and the sends in flight."""
-        return [*self._workers.values(), *self._sending]
+        return [task for lane in self.lanes.values() for task in lane.tasks]
 
-    def start(self) -> None:
-        for name in self.sinks:
-            self._workers[name] = asyncio.create_task(self._work(name), name=f"relay-sink-{name}")
+    def start(self, sinks: Mapping[str, Sink], configs: Mapping[str, SinkConfig]) -> None:
+        if self._stopping is not None:
+            return  # shutting down: their work waits in the store for the next start
+        for name, sink in sinks.items():
+            lane = Lane(name, sink, configs[name])
+            lane.worker = asyncio.create_task(self._work(lane), name=f"relay-sink-{name}")
+            self.lanes[name] = lane
 
     def wake(self, sinks: Iterable[str]) -> None:
         for name in sinks:
-            event = self._wake.get(name)
-            if event is not None:
-                event.set()
+            lane = self.lanes.get(name)
+            if lane is not None:
+                lane.wake.set()
+
+    async def retire(self, names: Iterable[str], grace: float) -> list[Sink]:
+        """Stop the lanes of `names` (bounded like shutdown); returns their sinks, for
+        the caller to close. Their unsent deliveries stay pending in the store."""
+        lanes = [self.lanes.pop(name) for name in names if name in self.lanes]
+        await _drain(lanes, grace)
+        return [lane.sink for lane in lanes]
 
     async def stop(self, grace: float) -> None:
         """Stop taking work, let in-flight sends finish for `grace` seconds, then cancel.
@@ -102,99 +129,99 @@ class Dispatcher:
     def begin_stop(self, grace: float) -> asyncio.Future[None]:
         """Start `stop` without waiting for it."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._drain(grace))
+            self._stopping = asyncio.ensure_future(_drain(list(self.lanes.values()), grace))
         return self._stopping
 
-    async def _drain(self, grace: float) -> None:
-        self._stop.set()
-        self.wake(self.sinks)
-        deadline = time.monotonic() + grace
-        # Workers first: once they are out, no new send can start, so the set of
-        # sends to wait for is final.
-        workers = list(self._workers.values())
-        if workers:
-            await asyncio.wait(workers, timeout=grace)
-        sends = list(self._sending)
-        unfinished: set[asyncio.Task[None]] = set()
-        if sends:
-            _, unfinished = await asyncio.wait(sends, timeout=max(deadline - time.monotonic(), 0.0))
-        leftovers = [t for t in [*workers, *sends] if not t.done()]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*workers, *sends, return_exceptions=True)
-        if unfinished:
-            log.warning("dispatch.drain_timeout", grace_s=grace, cancelled=len(unfinished))
-
-    async def _work(self, name: str) -> None:
+    async def _work(self, lane: Lane) -> None:
         """Keep up to `sink.concurrency` sends of up to `sink.batch_size` in flight,
         as far as the sink's circuit allows."""
-        sink, wake, circuit = self.sinks[name], self._wake[name], self.circuits[name]
-        in_flight: set[int] = set()
-        running: set[asyncio.Task[None]] = set()
+        sink, circuit, name = lane.sink, lane.circuit, lane.name
 
         def finished(ids: list[int], task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            self._sending.discard(task)
-            in_flight.difference_update(ids)
-            wake.set()
+            lane.sending.discard(task)
+            lane.in_flight.difference_update(ids)
+            lane.wake.set()
 
-        while not self._stop.is_set():
+        while not lane.stop.is_set():
             # Cleared before looking, so a wake-up that lands while we look is kept.
-            wake.clear()
+            lane.wake.clear()
             now = time.time()
             before = circuit.state
             allowance = circuit.allowance(now)
             if circuit.state != before:
                 log.info("circuit.half_open", sink=name)
+                await self._save_state(lane)
+            if lane.gone:
+                # The receiver said 410 Gone: its endpoint is disabled. Sending the rest
+                # would only dead-letter them one by one, so they wait in the store until
+                # the sink's config changes (a reload) or relay restarts.
+                allowance = 0
             # A half-open circuit lets exactly one delivery probe the sink.
             slots = sink.concurrency if allowance is None else allowance
             limit = sink.batch_size if allowance is None else 1
-            next_at: float | None = circuit.open_until if allowance == 0 else None
-            if allowance != 0 and len(running) < slots:
+            next_at: float | None = None
+            if allowance == 0:
+                next_at = time.time() + self.idle_poll if lane.gone else circuit.open_until
+            if allowance != 0 and len(lane.sending) < slots:
                 try:
-                    batch = await self.store.due(name, limit, exclude=in_flight)
-                    if self._stop.is_set():
+                    batch = await self.store.due(name, limit, exclude=lane.in_flight)
+                    if lane.stop.is_set():
                         break  # taken while stopping: left pending for the next start
                     if batch:
                         ids = [d.id for d in batch]
-                        in_flight.update(ids)
-                        task = asyncio.create_task(self._deliver(name, sink, batch))
-                        running.add(task)
-                        self._sending.add(task)
+                        lane.in_flight.update(ids)
+                        task = asyncio.create_task(self._deliver(lane, batch))
+                        lane.sending.add(task)
                         task.add_done_callback(partial(finished, ids))
                         continue
-                    next_at = await self.store.next_due_at(name, exclude=in_flight)
+                    next_at = await self.store.next_due_at(name, exclude=lane.in_flight)
                 except Exception:
                     log.exception("dispatch.store_error", sink=name)
-            if self._stop.is_set():
+            if lane.stop.is_set():
                 break
             pause = self.idle_poll if next_at is None else next_at - time.time()
             with suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll))
+                await asyncio.wait_for(
+                    lane.wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll)
+                )
 
-    def _observe(self, name: str, outcomes: Sequence[Outcome], now: float) -> None:
+    async def _observe(self, lane: Lane, outcomes: Sequence[Outcome], now: float) -> None:
         """Feed one send's result to the sink's circuit and gone flag; log changes."""
+        name, circuit = lane.name, lane.circuit
         succeeded = any(o.result == "done" for o in outcomes)
-        failed = not succeeded and any(o.result == "retry" for o in outcomes)
-        circuit = self.circuits[name]
+        # Throttling (429, or any Retry-After) is the sink pacing us, not failing: it is
+        # honoured through Retry-After, and must not open the circuit on top of that.
+        failed = not succeeded and any(
+            o.result == "retry" and o.status != 429 and o.retry_after is None for o in outcomes
+        )
         changed = circuit.record(succeeded, failed, now)
         if changed == "open":
             log.warning(
-                "circuit.open",
-                sink=name,
-                failures=circuit.failures,
-                cooldown_s=circuit.cooldown,
+                "circuit.open", sink=name, failures=circuit.failures, cooldown_s=circuit.cooldown
             )
         elif changed == "closed":
             log.info("circuit.closed", sink=name)
+        was_gone = lane.gone
         if any(o.gone for o in outcomes):
-            if name not in self.gone:
-                log.error("sink.gone", sink=name, status=410)
-            self.gone.add(name)
+            if not lane.gone:
+                log.error("sink.gone", sink=name, status=410, paused=True)
+            lane.gone = True
         elif succeeded:
-            self.gone.discard(name)
+            lane.gone = False
+        if changed is not None or was_gone != lane.gone:
+            await self._save_state(lane)
 
-    async def _deliver(self, name: str, sink: Sink, batch: Sequence[Delivery]) -> None:
+    async def _save_state(self, lane: Lane) -> None:
+        # For `relay status` and the metrics of other processes; losing it loses no event.
+        try:
+            await self.store.save_sink_state(
+                lane.name, lane.circuit.state, lane.circuit.open_until, lane.gone
+            )
+        except Exception:
+            log.exception("dispatch.state_save_failed", sink=lane.name)
+
+    async def _deliver(self, lane: Lane, batch: Sequence[Delivery]) -> None:
+        name, sink = lane.name, lane.sink
         started = time.monotonic()
         try:
             outcomes = await sink.send(batch)
@@ -203,10 +230,9 @@ class Dispatcher:
         except Exception as exc:
             log.exception("dispatch.sink_error", sink=name)
             outcomes = [Outcome("retry", error=f"{exc.__class__.__name__}: {exc}")] * len(batch)
+        elapsed = time.monotonic() - started
         now = time.time()
-        self._observe(name, outcomes, now)
-        retry = self.retries[name]
-        settlements = [judge(d, o, retry, now) for d, o in zip(batch, outcomes, strict=True)]
+        settlements = [judge(d, o, lane.retry, now) for d, o in zip(batch, outcomes, strict=True)]
         try:
             await self.store.settle(settlements, now)
         except Exception:
@@ -215,8 +241,16 @@ class Dispatcher:
             log.exception("dispatch.settle_failed", sink=name, batch=len(batch))
             await asyncio.sleep(1.0)
             return
-        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        await self._observe(lane, outcomes, now)
+        if self.metrics is not None:
+            self.metrics.delivery_seconds.labels(name).observe(elapsed)
+        elapsed_ms = round(elapsed * 1000, 1)
         for delivery, settled in zip(batch, settlements, strict=True):
+            if not settled.attempted:
+                continue  # held back by the sink: not an attempt, nothing to count or log
+            outcome = "retry" if settled.state == "pending" else settled.state
+            if self.metrics is not None:
+                self.metrics.deliveries.labels(name, outcome).inc()
             fields = {
                 "sink": name,
                 "event_id": delivery.event_id,
@@ -236,3 +270,26 @@ class Dispatcher:
                     retry_in_s=round(settled.next_at - now, 3),
                     **fields,
                 )
+
+
+async def _drain(lanes: Sequence[Lane], grace: float) -> None:
+    """Stop `lanes`: no new sends, in-flight ones get `grace` seconds, then cancel."""
+    for lane in lanes:
+        lane.stop.set()
+        lane.wake.set()
+    deadline = time.monotonic() + grace
+    # Workers first: once they are out, no new send can start, so the set of sends to
+    # wait for is final.
+    workers = [lane.worker for lane in lanes if lane.worker is not None]
+    if workers:
+        await asyncio.wait(workers, timeout=grace)
+    sends = [task for lane in lanes for task in lane.sending]
+    unfinished: set[asyncio.Task[None]] = set()
+    if sends:
+        _, unfinished = await asyncio.wait(sends, timeout=max(deadline - time.monotonic(), 0.0))
+    leftovers = [t for t in [*workers, *sends] if not t.done()]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*workers, *sends, return_exceptions=True)
+    if unfinished:
+        log.warning("dispatch.drain_timeout", grace_s=grace, cancelled=len(unfinished))

@@ -11,11 +11,13 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from relay.config import RelayConfig
-from relay.logs import redact_url
+from relay.logs import redact_text
 from relay.store import DeadLetter, Selection, SqliteStore
+
+T = TypeVar("T")
 
 
 def _key(letter: DeadLetter) -> str:
@@ -37,7 +39,7 @@ def _clip(text: str, width: int) -> str:
 
 def _error(letter: DeadLetter) -> str:
     # Receivers' answers may quote URLs; their query strings can carry secrets.
-    return redact_url(letter.last_error or "")
+    return redact_text(letter.last_error or "")
 
 
 def format_table(letters: Sequence[DeadLetter]) -> str:
@@ -61,32 +63,31 @@ def format_table(letters: Sequence[DeadLetter]) -> str:
     return "\n".join(lines)
 
 
+def _record(letter: DeadLetter) -> dict[str, object]:
+    return {
+        "event_id": letter.event_id,
+        "sink": letter.sink,
+        "attempts": letter.attempts,
+        "last_status": letter.last_status,
+        "last_error": _error(letter),
+        "dead_since": _when(letter.dead_since),
+        "key": _key(letter),
+    }
+
+
 async def _with_store(config: RelayConfig) -> SqliteStore:
     store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
-    await store.open()
+    await store.open(create=False)
     return store
 
 
 async def list_letters(
     config: RelayConfig, selection: Selection, *, as_json: bool, out: TextIO = sys.stdout
 ) -> int:
-    store = await _with_store(config)
-    try:
-        letters = await store.dead_letters(selection)
-    finally:
-        await store.close()
+    letters = await _change(config, lambda store: store.dead_letters(selection))
     if as_json:
         for letter in letters:
-            record = {
-                "event_id": letter.event_id,
-                "sink": letter.sink,
-                "attempts": letter.attempts,
-                "last_status": letter.last_status,
-                "last_error": _error(letter),
-                "dead_since": _when(letter.dead_since),
-                "key": _key(letter),
-            }
-            print(json.dumps(record, ensure_ascii=False), file=out)
+            print(json.dumps(_record(letter), ensure_ascii=False), file=out)
     elif letters:
         print(format_table(letters), file=out)
     else:
@@ -95,24 +96,13 @@ async def list_letters(
 
 
 async def show(config: RelayConfig, event_id: str, out: TextIO = sys.stdout) -> int:
-    store = await _with_store(config)
-    try:
-        letters = await store.dead_letters(Selection(event_ids=(event_id,)))
-    finally:
-        await store.close()
+    selection = Selection(event_ids=(event_id,))
+    letters = await _change(config, lambda store: store.dead_letters(selection))
     if not letters:
         print(f"no dead letter for event {event_id}", file=sys.stderr)
         return 1
     for letter in letters:
-        detail = {
-            "event_id": letter.event_id,
-            "sink": letter.sink,
-            "attempts": letter.attempts,
-            "last_status": letter.last_status,
-            "last_error": _error(letter),
-            "dead_since": _when(letter.dead_since),
-            "envelope": json.loads(letter.envelope),
-        }
+        detail = {**_record(letter), "envelope": json.loads(letter.envelope)}
         print(json.dumps(detail, indent=2, ensure_ascii=False), file=out)
     return 0
 
@@ -129,7 +119,7 @@ async def purge(config: RelayConfig, selection: Selection, out: TextIO = sys.std
     return 0
 
 
-async def _change(config: RelayConfig, change: Callable[[SqliteStore], Awaitable[int]]) -> int:
+async def _change(config: RelayConfig, change: Callable[[SqliteStore], Awaitable[T]]) -> T:
     store = await _with_store(config)
     try:
         return await change(store)

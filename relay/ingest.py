@@ -6,6 +6,7 @@ Nothing here waits for a sink. The answer is 200 only once the store has committ
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -21,6 +22,7 @@ from relay.errors import (
     UnknownSource,
     UnsupportedMediaType,
 )
+from relay.metrics import Metrics
 from relay.routing import Router
 from relay.sources import RequestMeta, Source
 from relay.store import NewEvent, SqliteStore
@@ -34,11 +36,13 @@ _CHUNK = 64 * 1024
 class Ingest:
     """Everything the hook handler needs; the app builds one and keeps it in an AppKey."""
 
+    # The first three are replaced whole by a config reload, between two requests.
     sources: dict[str, Source]
     router: Router
-    store: SqliteStore
     max_body_bytes: int
-    on_enqueued: Any  # callable taking the set of sinks that got new deliveries
+    store: SqliteStore
+    metrics: Metrics
+    on_enqueued: Callable[[Iterable[str]], None]  # wakes the sinks that got new work
 
     async def handle(self, request: web.Request) -> web.Response:
         name = request.match_info["source"]
@@ -57,10 +61,8 @@ class Ingest:
         envelopes = source.parse(meta, document, received_at)
 
         events = []
-        unrouted = 0
         for envelope in envelopes:
             sinks = self.router.sinks_for(envelope)
-            unrouted += not sinks
             text = envelope.to_json()
             try:
                 text.encode("utf-8")
@@ -71,12 +73,17 @@ class Ingest:
             events.append(NewEvent(envelope.id, name, text, sinks))
 
         result = await self.store.accept(events)
-        fresh = set(result.accepted)
-        self.on_enqueued({s for e in events if e.id in fresh for s in e.sinks})
+        fresh = [e for e in events if e.id in set(result.accepted)]
+        self.on_enqueued({sink for e in fresh for sink in e.sinks})
         structlog.contextvars.bind_contextvars(
             accepted=len(result.accepted), duplicates=len(result.duplicates)
         )
+        self.metrics.received.labels(name).inc(len(events))
+        self.metrics.duplicates.labels(name).inc(len(result.duplicates))
+        unrouted = sum(1 for e in fresh if not e.sinks)
         if unrouted:
+            # Not an error: stored and deduplicated, just wanted by no sink.
+            self.metrics.unrouted.labels(name).inc(unrouted)
             log.info("ingest.unrouted", count=unrouted)
         return web.json_response(
             {"accepted": len(result.accepted), "duplicates": len(result.duplicates)}

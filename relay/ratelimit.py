@@ -13,8 +13,8 @@ class Pacer:
     waking at once. `hold_until` pushes the next slot out, e.g. for a 429's Retry-After.
     """
 
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 0.0 if rate is None else 1.0 / rate
         self._next = 0.0
 
     async def wait(self) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar
 
@@ -47,7 +47,26 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, state, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+-- Events received per source and minute, duplicates included: for `relay status`.
+CREATE TABLE IF NOT EXISTS receipts (
+    source      TEXT NOT NULL,
+    minute      INTEGER NOT NULL,     -- unix time // 60
+    received    INTEGER NOT NULL,
+    duplicates  INTEGER NOT NULL,
+    PRIMARY KEY (source, minute)
+);
+-- What the server knows of each sink beyond its deliveries, for other processes to read.
+CREATE TABLE IF NOT EXISTS sink_state (
+    sink        TEXT PRIMARY KEY,
+    circuit     TEXT NOT NULL,        -- closed | open | half-open
+    open_until  REAL NOT NULL,
+    gone        INTEGER NOT NULL,     -- 1 after a 410 Gone, until a send succeeds
+    updated_at  REAL NOT NULL
+);
 """
+
+# Receipts older than this are pruned; `relay status` looks back one hour.
+RECEIPTS_KEPT = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +92,7 @@ class Settlement:
     next_at: float
     status: int | None
     error: str | None
+    attempted: bool = True  # False: the sink held it back; the attempt is not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +131,16 @@ class Selection:
         return " AND ".join(clauses), params
 
 
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    pending: int = 0
+    oldest_pending_s: float = 0.0
+    dead: int = 0
+    circuit: str = "closed"
+    open_until: float = 0.0
+    gone: bool = False
+
+
 def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
@@ -125,12 +155,16 @@ class SqliteStore:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def open(self, *, exclusive: bool = False) -> None:
+    async def open(self, *, exclusive: bool = False, create: bool = True) -> None:
         """Open the database; `exclusive` (the server) also takes the store's lock file.
 
         Two servers on one store would both dispatch the same pending rows, so the
         second one refuses to start. The DLQ commands open without it.
         """
+        if not create and not self.path.exists():
+            # An operator's command on a mistyped path must not answer from a new,
+            # empty store as if all were well.
+            raise StoreUnavailable(f"no store at {self.path}")
         await self._run(lambda: self._open(exclusive))
 
     def _open(self, exclusive: bool) -> None:
@@ -234,6 +268,14 @@ class SqliteStore:
                     "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
                     [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
                 )
+            if events:
+                db.execute(
+                    "INSERT INTO receipts (source, minute, received, duplicates)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (source, minute) DO UPDATE SET"
+                    " received = received + excluded.received,"
+                    " duplicates = duplicates + excluded.duplicates",
+                    (events[0].source, int(now // 60), len(events), len(duplicates)),
+                )
         return AcceptResult(accepted, duplicates)
 
     # --- dispatch ----------------------------------------------------------------------
@@ -278,9 +320,24 @@ class SqliteStore:
     def _settle(self, settlements: Sequence[Settlement], now: float) -> None:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + 1,"
-                " last_status = ?, last_error = ?, updated_at = ? WHERE id = ?",
-                [(s.state, s.next_at, s.status, s.error, now, s.delivery_id) for s in settlements],
+                "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
+                " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
+                " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
+                " updated_at = ? WHERE id = ?",
+                [
+                    (
+                        s.state,
+                        s.next_at,
+                        int(s.attempted),
+                        s.attempted,
+                        s.status,
+                        s.attempted,
+                        s.error,
+                        now,
+                        s.delivery_id,
+                    )
+                    for s in settlements
+                ],
             )
 
     # --- dead letters ------------------------------------------------------------------
@@ -328,6 +385,87 @@ class SqliteStore:
 
         return await self._run(work)
 
+    # --- what operators look at ---------------------------------------------------------
+
+    async def sink_stats(self, now: float | None = None) -> dict[str, SinkStats]:
+        """Per sink: pending deliveries, age of the oldest, dead letters; from the rows,
+        so right after a restart and whichever process asks."""
+        at = time.time() if now is None else now
+
+        def query() -> dict[str, SinkStats]:
+            stats: dict[str, SinkStats] = {}
+            for sink, state, count, oldest in self.db.execute(
+                "SELECT sink, state, COUNT(*), MIN(created_at) FROM deliveries"
+                " WHERE state IN ('pending', 'dead') GROUP BY sink, state"
+            ):
+                current = stats.get(sink, SinkStats())
+                if state == "pending":
+                    current = replace(current, pending=count, oldest_pending_s=at - oldest)
+                else:
+                    current = replace(current, dead=count)
+                stats[sink] = current
+            for sink, circuit, open_until, gone in self.db.execute(
+                "SELECT sink, circuit, open_until, gone FROM sink_state"
+            ):
+                current = stats.get(sink, SinkStats())
+                stats[sink] = replace(
+                    current, circuit=circuit, open_until=open_until, gone=bool(gone)
+                )
+            return stats
+
+        return await self._run(query)
+
+    async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]:
+        """Per source: (events received, of which duplicates) since `since`."""
+
+        def query() -> dict[str, tuple[int, int]]:
+            rows = self.db.execute(
+                "SELECT source, SUM(received), SUM(duplicates) FROM receipts"
+                " WHERE minute >= ? GROUP BY source",
+                (int(since // 60),),
+            )
+            return {source: (received, dup) for source, received, dup in rows}
+
+        return await self._run(query)
+
+    async def save_sink_state(
+        self, sink: str, circuit: str, open_until: float, gone: bool, now: float | None = None
+    ) -> None:
+        at = time.time() if now is None else now
+
+        def work() -> None:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO sink_state (sink, circuit, open_until, gone, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sink) DO UPDATE SET"
+                    " circuit = excluded.circuit, open_until = excluded.open_until,"
+                    " gone = excluded.gone, updated_at = excluded.updated_at",
+                    (sink, circuit, open_until, int(gone), at),
+                )
+
+        await self._run(work)
+
+    async def retire_sinks(self, keep: Collection[str], now: float | None = None) -> int:
+        """Dead-letter the pending deliveries of every sink not in `keep`, with the reason
+        `sink removed`: never silently dropped, and `relay dlq replay` can bring them
+        back once a sink of that name exists again."""
+        at = time.time() if now is None else now
+        names = list(keep)
+        marks = ",".join("?" * len(names))
+        other = f" AND sink NOT IN ({marks})" if names else ""
+
+        def work() -> int:
+            with self._transaction() as db:
+                count = db.execute(
+                    "UPDATE deliveries SET state = 'dead', last_error = 'sink removed',"
+                    f" updated_at = ? WHERE state = 'pending'{other}",
+                    [at, *names],
+                ).rowcount
+                db.execute(f"DELETE FROM sink_state WHERE 1 = 1{other}", names)
+            return count
+
+        return await self._run(work)
+
     # --- housekeeping ------------------------------------------------------------------
 
     async def prune(self, keep_done: float, now: float | None = None) -> tuple[int, int]:
@@ -347,6 +485,9 @@ class SqliteStore:
                     " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
                     (at,),
                 ).rowcount
+                db.execute(
+                    "DELETE FROM receipts WHERE minute < ?", (int((at - RECEIPTS_KEPT) // 60),)
+                )
             return deliveries, events
 
         return await self._run(work)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from relay.app import DISPATCHER, HOUSEKEEPER, SINKS, STORE, create_app
+from relay.app import DISPATCHER, HOUSEKEEPER, RUNTIME, STORE, create_app
 from relay.config import RetryConfig
 from relay.dispatch import backoff, judge
 from relay.models import Delivery
@@ -173,11 +173,12 @@ async def test_shutdown_closes_every_background_task_and_the_store(
     await client.post(HOOK, json=sample())
     await eventually(lambda: receiver.requests)
     tasks = [*app[DISPATCHER].tasks, app[HOUSEKEEPER]]
+    http_sink_object = app[RUNTIME].sinks["app"]
     assert tasks and not any(t.done() for t in tasks)
     await client.close()
     assert all(t.done() for t in tasks)
     assert app[STORE]._db is None
-    assert app[SINKS]["app"]._session is None  # type: ignore[attr-defined]
+    assert http_sink_object._session is None
 
 
 async def test_shutdown_waits_for_an_in_flight_send_within_the_bound(

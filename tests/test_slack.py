@@ -301,7 +301,7 @@ async def test_an_error_page_quoting_the_webhook_path_is_scrubbed(
         await client.post(HOOK, json=sample())
         await counts_when(client, lambda c: c.get("dead") == 1)
     [(_, _, status, error)] = await last_errors(client)
-    assert status == 404 and "<webhook>" in error and SECRET not in error
+    assert status == 404 and "<url>" in error and SECRET not in error
     assert SECRET not in repr(logs)
 
 

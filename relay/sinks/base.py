@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Literal, Protocol
+
+import aiohttp
+from yarl import URL
 
 from relay.config import RetryConfig
 from relay.models import Delivery
@@ -35,6 +38,49 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+def scrub_url(text: str, url: str) -> str:
+    """`text` without `url` or its path and query: webhook URLs carry their credential
+    there (Slack, Discord, DingTalk), and errors and answer pages like to quote them."""
+    parsed = URL(url)
+    for secret in (url, str(parsed), parsed.raw_path_qs, parsed.path_qs, parsed.raw_path):
+        if secret and secret != "/":
+            text = text.replace(secret, "<url>")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    retry_after: str | None
+    body: str  # the first KiB, the URL scrubbed out
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+) -> Answer | Outcome:
+    """POST once: the answer to judge, or the Outcome of a request that got none."""
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+            text = (await response.content.read(1024)).decode("utf-8", "replace")
+            # Scrubbed before anyone shortens it: a cut could leave part of the URL.
+            return Answer(
+                response.status, response.headers.get("Retry-After"), scrub_url(text, url)
+            )
+    except aiohttp.InvalidURL:
+        # Its message would echo the URL.
+        return Outcome("dead", error="invalid url")
+    except TimeoutError:
+        return Outcome("retry", error=f"timed out after {session.timeout.total or 0:g}s")
+    except aiohttp.ClientResponseError as exc:
+        # A malformed answer: its message names the request URL. The status is enough.
+        return Outcome("retry", status=exc.status or None, error=exc.__class__.__name__)
+    except aiohttp.ClientError as exc:
+        return Outcome("retry", error=scrub_url(f"{exc.__class__.__name__}: {exc}", url))
+
+
 def backoff_ceiling(attempts: int, retry: RetryConfig) -> float:
     """The top of the backoff range after `attempts` failures: initial * 2**(n-1), capped."""
     return min(retry.max, retry.initial * 2.0 ** min(attempts - 1, 62))
@@ -46,9 +92,11 @@ class Outcome:
 
     `done`: the sink has it. `retry`: try again later (not before `retry_after` seconds,
     when the sink said so). `dead`: retrying cannot help; dead-letter it now.
+    `defer`: not attempted at all (the sink held it back, e.g. after a 429 to an earlier
+    message): back to the queue, due after `retry_after`, costing no attempt.
     """
 
-    result: Literal["done", "retry", "dead"]
+    result: Literal["done", "retry", "dead", "defer"]
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None

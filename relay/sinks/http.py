@@ -20,7 +20,7 @@ from relay.config import HttpSinkConfig
 from relay.models import Delivery
 from relay.ratelimit import Pacer
 from relay.signatures import standard_webhooks_header, whsec_key
-from relay.sinks.base import DONE, Outcome, parse_retry_after
+from relay.sinks.base import DONE, Answer, Outcome, parse_retry_after, post
 
 _THROTTLED = frozenset({429, 502, 503, 504})
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -29,9 +29,14 @@ _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 def judge_response(status: int, retry_after: str | None, body: str, now: float) -> Outcome:
     if 200 <= status < 300:
         return DONE
-    error = f"HTTP {status}: {body}" if body else f"HTTP {status}"
+    shown = " ".join(body.split())[:200]
+    error = f"HTTP {status}: {shown}" if shown else f"HTTP {status}"
     if status == 410:
         return Outcome("dead", status, error, gone=True)
+    if 300 <= status < 400:
+        # Redirects are not followed (a POST would turn into a GET and the event be
+        # lost); the URL is wrong, and will be on every retry: fix it, then replay.
+        return Outcome("dead", status, f"{error} (redirect not followed: fix the url)")
     wait = parse_retry_after(retry_after, now) if status in _THROTTLED else None
     if 400 <= status < 500 and status not in _RETRYABLE_4XX:
         return Outcome("dead", status, error)
@@ -83,7 +88,8 @@ class HttpSink:
         self.batch_size = 1
         self.concurrency = config.concurrency
         self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
-        self._pacer = Pacer(config.rate_limit) if config.rate_limit else None
+        # Spaces sends per rate_limit, and holds them all back after a Retry-After.
+        self._pacer = Pacer(config.rate_limit)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -119,26 +125,14 @@ class HttpSink:
     async def _post(self, delivery: Delivery) -> Outcome:
         if self._session is None:
             raise RuntimeError("HttpSink.send before start")
-        if self._pacer is not None:
-            await self._pacer.wait()
+        await self._pacer.wait()
         # Signed when sent, not when queued: the timestamp must be fresh on every retry.
         body, headers = self.request_for(delivery, time.time())
-        try:
-            async with self._session.post(
-                self.config.url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                text = ""
-                if not 200 <= response.status < 300:
-                    raw = await response.content.read(200)
-                    text = raw.decode("utf-8", "replace")
-                return judge_response(
-                    response.status, response.headers.get("Retry-After"), text, time.time()
-                )
-        except aiohttp.InvalidURL:
-            # Its message would echo the URL, which may embed a secret.
-            return Outcome("dead", error="invalid url")
-        except TimeoutError:
-            return Outcome("retry", error=f"timed out after {self.config.timeout:g}s")
-        except aiohttp.ClientError as exc:
-            # Connection errors name host and port, never the path or query string.
-            return Outcome("retry", error=f"{exc.__class__.__name__}: {exc}")
+        answer = await post(self._session, self.config.url, body, headers)
+        if not isinstance(answer, Answer):
+            return answer
+        outcome = judge_response(answer.status, answer.retry_after, answer.body, time.time())
+        if outcome.retry_after:
+            # The receiver asked the sink, not one delivery, to wait.
+            self._pacer.hold_until(outcome.retry_after)
+        return outcome

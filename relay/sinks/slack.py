@@ -20,11 +20,16 @@ from typing import Any
 
 import aiohttp
 import structlog
-from yarl import URL
 
 from relay.config import SlackSinkConfig
 from relay.models import Delivery
-from relay.sinks.base import Outcome, backoff_ceiling, parse_retry_after
+from relay.sinks.base import (
+    Answer,
+    Outcome,
+    backoff_ceiling,
+    parse_retry_after,
+    post,
+)
 from relay.templates import DEFAULT_SLACK_TEMPLATE, compile_template, render
 
 log = structlog.get_logger("relay.sinks.slack")
@@ -436,11 +441,7 @@ class SlackSink:
                 # The webhook is unwell or asked us to wait: the rest of this batch goes
                 # back to the store rather than holding already-sent outcomes unsettled
                 # through a long wait (a shutdown then would resend them).
-                rest = Outcome(
-                    "retry",
-                    error=f"not sent: an earlier message failed ({outcome.error})",
-                    retry_after=self._wait_left() or None,
-                )
+                rest = Outcome("defer", retry_after=self._wait_left() or None)
                 outcomes.extend([rest] * (len(batch) - len(outcomes)))
                 break
         return outcomes
@@ -487,43 +488,18 @@ class SlackSink:
         if self._session is None:
             raise RuntimeError("SlackSink.send before start")
         body = json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
+        headers = {"Content-Type": "application/json; charset=utf-8"}
         try:
-            async with self._session.post(
-                self._url,
-                data=body,
-                headers={"Content-Type": "application/json; charset=utf-8"},
-                allow_redirects=False,
-            ) as response:
-                text = (await response.content.read(1024)).decode("utf-8", "replace")
-                # Scrubbed before classify() shortens it: a web server's 404 page may
-                # quote the path, and a cut could leave part of it behind.
-                text = self._scrub(text)
-                outcome = classify(response.status, text, response.headers.get("Retry-After"))
-        except aiohttp.InvalidURL:
-            # Its message would echo the URL, which is the webhook's secret.
-            outcome = Outcome("dead", error="invalid url")
-        except TimeoutError:
-            outcome = Outcome("retry", error=f"timed out after {self.config.timeout:g}s")
-        except aiohttp.ClientResponseError as exc:
-            # Its message names the URL: keep the status only.
-            outcome = Outcome("retry", status=exc.status, error=exc.__class__.__name__)
-        except Exception as exc:
-            # Connection errors name host and port; scrubbed all the same, in case one
-            # day one names more.
-            outcome = Outcome("retry", error=self._scrub(f"{exc.__class__.__name__}: {exc}"))
+            answer = await post(self._session, self._url, body, headers)
         finally:
             self._last_answer = time.monotonic()
+        outcome = (
+            classify(answer.status, answer.body, answer.retry_after)
+            if isinstance(answer, Answer)
+            else answer
+        )
         if outcome.status == 429 or (outcome.retry_after and outcome.result == "retry"):
             wait = outcome.retry_after or DEFAULT_RETRY_AFTER
             self._not_before = max(self._not_before, time.monotonic() + wait)
             log.info("slack.rate_limited", sink=self.name, status=outcome.status, wait_s=wait)
         return outcome
-
-    def _scrub(self, text: str) -> str:
-        """Whatever an error says, it never carries the webhook URL (its path is the
-        credential)."""
-        url = URL(self._url)
-        for secret in (self._url, str(url), url.raw_path_qs, url.path_qs, url.raw_path):
-            if secret and secret != "/":
-                text = text.replace(secret, "<webhook>")
-        return text
