@@ -49,7 +49,7 @@ async def test_a_failing_sink_opens_its_circuit_waits_then_closes_on_a_probe(
                 "kind": "http",
                 "url": receiver.url,
                 "retry": {"max_attempts": 50, "initial": "10ms", "max": "20ms"},
-                "circuit": {"failures": 3, "cooldown": "800ms"},
+                "circuit": {"failures": 3, "cooldown": "2s"},
                 "concurrency": 1,  # one at a time, so the failures are consecutive
             }
         },
@@ -60,7 +60,7 @@ async def test_a_failing_sink_opens_its_circuit_waits_then_closes_on_a_probe(
         await eventually(lambda: [e for e in logs if e["event"] == "circuit.open"])
         opened_with = len(receiver.requests)
         # While open nothing is sent, although backoff alone would retry within 20 ms.
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         assert len(receiver.requests) == opened_with
         await eventually(lambda: [e for e in logs if e["event"] == "circuit.closed"], within=10)
         store = client.app[STORE]

@@ -107,3 +107,12 @@ async def test_purge_deletes_dead_letters(tmp_path, processes, receiver):
     assert "no dead letters" in (await cli("dlq", "list", "--config", str(path))).stdout
     await asyncio.sleep(0.3)
     assert len(receiver.requests) == 2  # purged letters are never sent again
+
+
+def test_dlq_on_a_mistyped_store_path_fails_instead_of_making_an_empty_store(tmp_path):
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump({"store": {"path": "nowhere/relay.db"}}))
+    result = run_cli("dlq", "list", "--config", str(config))
+    assert result.returncode == 1
+    assert "no store at" in result.stderr
+    assert not (tmp_path / "nowhere").exists()

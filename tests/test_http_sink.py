@@ -234,3 +234,77 @@ async def test_max_age_dead_letters_an_old_delivery_at_its_next_failure(
         lambda: store.db.execute("SELECT last_error FROM deliveries").fetchall()
     )
     assert "max_age" in error
+
+
+async def test_retry_after_holds_the_whole_sink_not_just_one_delivery(
+    tmp_path, start_relay, receiver
+):
+    receiver.statuses = [(429, {"Retry-After": "1"})]
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, concurrency=1)})
+    )
+    await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    await eventually(lambda: len(receiver.requests) == 4)
+    first, *rest = [r["at"] for r in receiver.requests]
+    # After the 429 nothing at all goes out for a second, then everything does.
+    assert min(rest) - first >= 0.95
+
+
+async def test_throttling_does_not_open_the_circuit(tmp_path, start_relay, receiver):
+    receiver.statuses = [(429, {"Retry-After": "0"})] * 4
+    sink = http(receiver.url, concurrency=1, circuit={"failures": 2, "cooldown": "1h"})
+    client = await start_relay(relay_config(tmp_path, sinks={"app": sink}))
+    with capture_logs() as logs:
+        await client.post(HOOK, json=sample())
+        await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("done") == 1))
+    assert len(receiver.requests) == 5
+    assert not [e for e in logs if e["event"].startswith("circuit.")]
+
+
+async def test_a_gone_sink_pauses_and_keeps_the_rest_pending(tmp_path, start_relay, receiver):
+    receiver.statuses = [410]
+    client = await start_relay(
+        relay_config(tmp_path, sinks={"app": http(receiver.url, concurrency=1)})
+    )
+    await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    store = client.app[STORE]
+    await eventually(lambda: counts_when(store, lambda c: c.get("dead") == 1))
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 1  # paused: no more sends after the 410
+    assert await store.counts() == {"events": 3, "dead": 1, "pending": 2}
+    stats = await store.sink_stats()
+    assert stats["app"].gone is True
+    metrics = await (await client.get("/metrics")).text()
+    assert 'relay_sink_gone{sink="app"} 1.0' in metrics
+
+
+async def test_a_malformed_answer_never_puts_the_url_in_the_stored_error(tmp_path, start_relay):
+    secret = "PATHSECRET123"
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/hook/{secret}?token={secret}"
+    try:
+        client = await start_relay(relay_config(tmp_path, sinks={"app": http(url)}))
+        await client.post(HOOK, json=sample())
+        store = client.app[STORE]
+
+        async def stored_error():
+            rows = await store._run(
+                lambda: store.db.execute(
+                    "SELECT last_error FROM deliveries WHERE last_error IS NOT NULL"
+                ).fetchall()
+            )
+            return rows[0][0] if rows else None
+
+        error = await eventually(stored_error)
+        assert secret not in error
+    finally:
+        server.close()
+        await server.wait_closed()

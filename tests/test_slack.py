@@ -229,6 +229,13 @@ async def test_429_mid_batch_holds_back_the_rest_of_the_batch(tmp_path: Path, st
     assert slack.gaps()[0] >= 0.95, slack.gaps()
     keys = [fields_of(m)["Key"] for m in slack.messages[1:]]
     assert sorted(keys) == ["a.jpg", "b.jpg", "c.jpg"]
+    # Held back is not attempted: the refused message spent two attempts, the two that
+    # waited behind it one each (their one send), not one more for the wait.
+    store = client.app[STORE]
+    attempts = await store._run(
+        lambda: store.db.execute("SELECT attempts FROM deliveries ORDER BY attempts").fetchall()
+    )
+    assert [a for (a,) in attempts] == [1, 1, 2]
 
 
 SLACK_STATUS = {
