@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from relay import __version__, dlq, qingstor_admin, sendtest
+from relay import __version__, dlq, qingstor_admin, sendtest, status
 from relay.app import run
 from relay.config import RelayConfig, default_config, load_config
 from relay.errors import ConfigError
@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
+
+    report = commands.add_parser(
+        "status", help="queues, dead letters, circuits and recent traffic, from the store"
+    )
+    report.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
+    )
+    report.add_argument("--json", action="store_true", help="as JSON")
 
     sendtest.add_parser(commands)
     qingstor_admin.add_parser(commands)
@@ -119,11 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
-    if args.command == "dlq":
+    if args.command in ("dlq", "status"):
         try:
+            if args.command == "status":
+                return asyncio.run(status.show(config, as_json=args.json))
             return _dlq(args, config)
         except Exception as exc:  # the store is missing, locked, unreadable...
-            print(f"relay dlq {args.action}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            print(f"relay {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
     flags = (("host", args.host), ("port", args.port), ("watch_config", args.watch or None))
     overrides = {key: value for key, value in flags if value is not None}

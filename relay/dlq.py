@@ -16,6 +16,7 @@ from typing import TextIO, TypeVar
 from relay.config import RelayConfig
 from relay.logs import redact_text
 from relay.store import DeadLetter, Selection, SqliteStore
+from relay.tables import table
 
 T = TypeVar("T")
 
@@ -55,12 +56,7 @@ def format_table(letters: Sequence[DeadLetter]) -> str:
         )
         for letter in letters
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)
+    return table(header, rows)
 
 
 def _record(letter: DeadLetter) -> dict[str, object]:

@@ -1,0 +1,311 @@
+"""Operating relay: metrics, live reload (SIGHUP, --watch), sink removal, status, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.app import RUNTIME, STORE, create_app
+from relay.config import load_config
+from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
+from tests.processes import post, run_cli
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, keyed by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+async def test_metrics_count_a_known_sequence_exactly(tmp_path, start_relay, receiver):
+    receiver.statuses = [400] * 10  # the app refuses everything: three dead letters
+    config = relay_config(
+        tmp_path,
+        sinks={
+            "archive": {"kind": "file", "path": "out/events.jsonl"},
+            "app": {"kind": "http", "url": receiver.url},
+        },
+    )
+    client = await start_relay(config)
+    assert (await client.post(HOOK, json=sample())).status == 200  # 1 new
+    assert (await client.post(HOOK, json=sample())).status == 200  # 1 duplicate
+    assert (await client.post(HOOK, json=notifier_body("a", "b"))).status == 200  # 2 new
+    assert (await client.post("/hooks/qingstor?token=no", json=sample())).status == 401
+    assert (await client.post("/hooks/ghost", json=sample())).status == 404
+    store = client.app[STORE]
+
+    async def settled():
+        counts = await store.counts()
+        return counts.get("done") == 3 and counts.get("dead") == 3
+
+    await eventually(settled)
+    found = samples(await (await client.get("/metrics")).text())
+
+    def value(name: str, **labels: str) -> float:
+        return found[(name, tuple(sorted(labels.items())))]
+
+    assert value("relay_requests_total", source="qingstor", status="200") == 3
+    assert value("relay_requests_total", source="qingstor", status="401") == 1
+    assert value("relay_requests_total", source="-", status="404") == 1
+    assert value("relay_events_received_total", source="qingstor") == 4
+    assert value("relay_events_duplicate_total", source="qingstor") == 1
+    assert value("relay_deliveries_total", sink="archive", outcome="done") == 3
+    assert value("relay_deliveries_total", sink="app", outcome="dead") == 3
+    assert ("relay_deliveries_total", (("outcome", "retry"), ("sink", "app"))) not in found
+    assert value("relay_queue_depth", sink="archive") == 0
+    assert value("relay_queue_depth", sink="app") == 0
+    assert value("relay_dead_letters", sink="app") == 3
+    assert value("relay_dead_letters", sink="archive") == 0
+    assert value("relay_circuit_open", sink="app") == 0
+    assert value("relay_ingest_seconds_count") == 3
+    assert value("relay_delivery_seconds_count", sink="app") == 3
+
+
+async def test_gauges_come_from_the_store_so_a_restart_keeps_them(tmp_path, aiohttp_client):
+    # The sink's endpoint is down; retries are far apart so the queue just sits.
+    sinks = {
+        "app": {
+            "kind": "http",
+            "url": "http://127.0.0.1:9/events",
+            "retry": {"initial": "1h", "max": "1h"},
+        }
+    }
+    config = relay_config(tmp_path, sinks=sinks)
+    first = await aiohttp_client(create_app(config))
+    await first.post(HOOK, json=notifier_body("a", "b"))
+    await eventually(lambda: _attempted(first.app[STORE], 2))
+    await first.close()
+
+    second = await aiohttp_client(create_app(config))
+    found = samples(await (await second.get("/metrics")).text())
+    assert found[("relay_queue_depth", (("sink", "app"),))] == 2
+    assert found[("relay_oldest_pending_seconds", (("sink", "app"),))] > 0
+    # Counters, by contrast, are this process's own: none yet.
+    assert ("relay_events_received_total", (("source", "qingstor"),)) not in found
+
+
+async def _attempted(store, n):
+    rows = await store._run(
+        lambda: store.db.execute("SELECT COUNT(*) FROM deliveries WHERE attempts > 0").fetchone()
+    )
+    return rows[0] == n
+
+
+def write(path: Path, config: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(config))
+
+
+def base(tmp_path: Path, **sinks: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "store": {"path": str(tmp_path / "relay.db")},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": sinks,
+    }
+
+
+async def test_a_sink_removed_by_reload_has_its_queue_dead_lettered(tmp_path, aiohttp_client):
+    path = tmp_path / "relay.yaml"
+    slow = {"kind": "http", "url": "http://127.0.0.1:9/x", "retry": {"initial": "1h", "max": "1h"}}
+    write(
+        path, base(tmp_path, archive={"kind": "file", "path": str(tmp_path / "a.jsonl")}, app=slow)
+    )
+    app = create_app(load_config(path), path)
+    client = await aiohttp_client(app)
+    await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    store = app[STORE]
+    await eventually(lambda: _attempted(store, 6))  # the file's 3, and the app's 3 failed
+
+    write(path, base(tmp_path, archive={"kind": "file", "path": str(tmp_path / "a.jsonl")}))
+    assert await app[RUNTIME].reload("test") is True
+    rows = await store._run(
+        lambda: store.db.execute(
+            "SELECT sink, state, last_error FROM deliveries WHERE sink = 'app'"
+        ).fetchall()
+    )
+    assert rows == [("app", "dead", "sink removed")] * 3
+    assert list(app[RUNTIME].sinks) == ["archive"]
+    # The remaining sink carries on untouched.
+    await client.post(HOOK, json=notifier_body("d"))
+    await eventually(lambda: len(read_lines(tmp_path / "a.jsonl")) == 4)
+
+
+async def test_reload_keeps_unchanged_sinks_running_and_restarts_changed_ones(
+    tmp_path, aiohttp_client
+):
+    path = tmp_path / "relay.yaml"
+    archive = {"kind": "file", "path": str(tmp_path / "a.jsonl")}
+    other = {"kind": "file", "path": str(tmp_path / "b.jsonl")}
+    write(path, base(tmp_path, archive=archive, other=other))
+    app = create_app(load_config(path), path)
+    await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    before = dict(runtime.sinks)
+    write(path, base(tmp_path, archive=archive, other={**other, "path": str(tmp_path / "c")}))
+    assert await runtime.reload("test")
+    assert runtime.sinks["archive"] is before["archive"]
+    assert runtime.sinks["other"] is not before["other"]
+
+
+async def test_port_changes_are_logged_as_needing_a_restart(tmp_path, aiohttp_client):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "relay.yaml"
+    write(path, base(tmp_path))
+    app = create_app(load_config(path), path)
+    await aiohttp_client(app)
+    write(path, {**base(tmp_path), "server": {"port": 9999}})
+    with capture_logs() as logs:
+        assert await app[RUNTIME].reload("test")
+    [warning] = [e for e in logs if e["event"] == "config.restart_required"]
+    assert (warning["key"], warning["configured"]) == ("server.port", "9999")
+
+
+async def test_sighup_applies_a_good_config_and_refuses_a_broken_one(tmp_path, processes):
+    path = tmp_path / "relay.yaml"
+    first = {"kind": "file", "path": str(tmp_path / "first.jsonl")}
+    second = {"kind": "file", "path": str(tmp_path / "second.jsonl")}
+    write(path, base(tmp_path, first=first))
+    relay = processes(tmp_path, None)
+    relay.args += ["--config", str(path)]
+    await relay.start()
+    hook = relay.url(HOOK)
+    await post(hook, notifier_body("one"))
+    await eventually(lambda: read_lines(tmp_path / "first.jsonl"))
+
+    write(path, base(tmp_path, first=first, second=second))
+    relay.kill(signal.SIGHUP)
+    await eventually(lambda: _logged(relay, "config.reloaded"))
+    await post(hook, notifier_body("two"))
+    await eventually(lambda: [e["key"] for e in read_lines(tmp_path / "second.jsonl")] == ["two"])
+
+    path.write_text("sinks:\n  third: {kind: nosuchsink}\n")
+    relay.kill(signal.SIGHUP)
+    failed = await eventually(lambda: _logged(relay, "config.reload_failed"))
+    assert "sinks.third.kind: unknown kind 'nosuchsink'" in " ".join(failed["problems"])
+    # The old config keeps serving: both sinks still get events.
+    assert await post(hook, notifier_body("three")) == (200, {"accepted": 1, "duplicates": 0})
+    await eventually(lambda: len(read_lines(tmp_path / "second.jsonl")) == 2)
+    await eventually(lambda: len(read_lines(tmp_path / "first.jsonl")) == 3)
+    assert relay.proc is not None and relay.proc.poll() is None
+
+
+def _logged(relay, event: str) -> dict[str, Any] | None:
+    return next((e for e in relay.logs() if e.get("event") == event), None)
+
+
+async def test_watch_picks_up_a_configmap_style_symlink_swap(tmp_path, processes):
+    # Kubernetes mounts a ConfigMap as relay.yaml -> ..data/relay.yaml, ..data -> ..<ts>;
+    # an update writes a new ..<ts> folder and renames a new ..data link over the old.
+    folder = tmp_path / "config"
+    (folder / "..v1").mkdir(parents=True)
+    first = {"kind": "file", "path": str(tmp_path / "first.jsonl")}
+    config = {**base(tmp_path, first=first), "server": {"watch_interval": "200ms"}}
+    write(folder / "..v1" / "relay.yaml", config)
+    os.symlink("..v1", folder / "..data")
+    os.symlink("..data/relay.yaml", folder / "relay.yaml")
+
+    relay = processes(tmp_path, None)
+    relay.args += ["--config", str(folder / "relay.yaml"), "--watch"]
+    await relay.start()
+
+    (folder / "..v2").mkdir()
+    second = {"kind": "file", "path": str(tmp_path / "second.jsonl")}
+    write(folder / "..v2" / "relay.yaml", {**config, "sinks": {"first": first, "second": second}})
+    os.symlink("..v2", folder / "..data_tmp")
+    os.replace(folder / "..data_tmp", folder / "..data")  # atomic, as kubelet does
+
+    reloaded = await eventually(lambda: _logged(relay, "config.reloaded"))
+    assert reloaded["trigger"] == "watch"
+    await post(relay.url(HOOK), notifier_body("after"))
+    await eventually(lambda: read_lines(tmp_path / "second.jsonl"))
+
+
+async def test_status_reports_queues_dead_letters_circuits_and_traffic(tmp_path, processes):
+    path = tmp_path / "relay.yaml"
+    refusing = {
+        "kind": "http",
+        "url": "http://127.0.0.1:9/x",
+        "retry": {"max_attempts": 1},
+        "circuit": {"failures": 1, "cooldown": "1h"},
+        "concurrency": 1,
+    }
+    write(
+        path,
+        base(tmp_path, archive={"kind": "file", "path": str(tmp_path / "a.jsonl")}, app=refusing),
+    )
+    relay = processes(tmp_path, None)
+    relay.args += ["--config", str(path)]
+    await relay.start()
+    await post(relay.url(HOOK), notifier_body("a", "b"))
+    await post(relay.url(HOOK), notifier_body("a", "b"))  # two duplicates
+
+    async def report():
+        result = await asyncio.to_thread(run_cli, "status", "--json", "--config", str(path))
+        data = json.loads(result.stdout)
+        settled = data["sinks"]["archive"]["pending"] == 0
+        return data if settled and data["sinks"]["app"]["circuit"] == "open" else None
+
+    data = await eventually(report)
+    assert data["sources"]["qingstor"] == {"received_1h": 4, "duplicates_1h": 2}
+    assert data["sinks"]["archive"]["pending"] == 0
+    app = data["sinks"]["app"]
+    # One delivery failed (dead at once: max_attempts 1) and opened the circuit; the
+    # other waits behind it, unattempted.
+    assert (app["dead"], app["pending"], app["circuit"]) == (1, 1, "open")
+    assert app["oldest_pending_s"] > 0
+
+    table = await asyncio.to_thread(run_cli, "status", "--config", str(path))
+    assert table.returncode == 0
+    assert "SINK" in table.stdout and "open" in table.stdout and "qingstor" in table.stdout
+
+
+async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
+    tmp_path, processes, aiohttp_server
+):
+    got: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(0.5)  # in flight when SIGTERM lands
+        got.append(body["id"])
+        return web.Response(text="ok")
+
+    downstream = web.Application()
+    downstream.router.add_post("/events", slow)
+    server = await aiohttp_server(downstream)
+    path = tmp_path / "relay.yaml"
+    config = base(
+        tmp_path, app={"kind": "http", "url": str(server.make_url("/events")), "concurrency": 4}
+    )
+    config["server"] = {"drain_timeout": "3s"}
+    write(path, config)
+    relay = processes(tmp_path, None)
+    relay.args += ["--config", str(path)]
+    await relay.start()
+    await post(relay.url(HOOK), notifier_body("a", "b", "c", "d"))
+    await asyncio.sleep(0.2)  # the four sends are under way
+    started = time.monotonic()
+    relay.kill(signal.SIGTERM)
+    assert await asyncio.to_thread(relay.wait, 10) == 0
+    assert time.monotonic() - started < 3 + 2  # the drain bound, plus process slack
+    assert len(got) == 4  # the drain let every send in flight finish
+
+    again = processes(tmp_path, None)
+    again.args += ["--config", str(path)]
+    await again.start()
+    await asyncio.sleep(1.5)
+    assert sorted(got) == sorted(set(got)) and len(got) == 4  # none sent twice
