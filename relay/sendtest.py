@@ -35,6 +35,7 @@ from yarl import URL
 
 from relay import __version__
 from relay.logs import redact_text
+from relay.samples import NOTIFIER_SAMPLE, TUPU_PORN_SAMPLE
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -51,48 +52,6 @@ TUPU_PORN_RETRIES = 3  # retries after the first attempt, on any non-200
 BODY_PREVIEW = 200  # characters of each answer's body printed
 USER_AGENT = f"relay-send-test/{__version__}"
 
-# The documented samples (tests/fixtures/ and ../shared/fixtures/qingstor/), embedded so
-# that an installed relay needs no data files.
-NOTIFIER_SAMPLE: dict[str, Any] = {
-    "events": [
-        {
-            "event_source": "qingstor",
-            "event_version": "1.0",
-            "event_type": "create_object",
-            "event_time": "2021-08-31T06:25:46.000Z",
-            "zone_id": "gamma",
-            "user_identify": {"principal_id": "usr-iks7Beds"},
-            "response_elements": {"request_id": "45b47b6a30678cb2"},
-            "qingstor": {
-                "schema_version": "1.0",
-                "notification_id": "mp4-notify",
-                "bucket": {"name": "max-test2"},
-                "object": {
-                    "name": "abc/5.mp4",
-                    "etag": "10c918b1d01aea85864ee65d9e0c2305",
-                    "size": 9840497,
-                },
-            },
-        }
-    ]
-}
-TUPU_PORN_SAMPLE: dict[str, Any] = {
-    "bucket": "fakebucket",
-    "object": "porn.jpeg",
-    "result": {
-        "code": 0,
-        "message": "success",
-        "54bcfc6c329af61034f7c2fc": {
-            "fileList": [
-                {"label": 2, "name": "porn.jpeg", "rate": 0.9836746454238892, "review": False}
-            ]
-        },
-        "nonce": "0.2297668219538047",
-        "reviewCount": 0,
-        "statistic": [0, 0, 1],
-        "timestamp": 1498647797834.0,
-    },
-}
 SAMPLES: dict[Kind, dict[str, Any]] = {"notifier": NOTIFIER_SAMPLE, "tupu-porn": TUPU_PORN_SAMPLE}
 
 

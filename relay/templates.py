@@ -6,10 +6,14 @@ so that a typo is a config error at start-up rather than a failed send at 3 a.m.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
+
+from relay.models import NotifierBatch, TupuPornResult, notifier_envelopes, tupu_porn_envelope
+from relay.samples import NOTIFIER_SAMPLE, TUPU_PORN_SAMPLE
 
 _ENV = SandboxedEnvironment(
     undefined=StrictUndefined,
@@ -20,68 +24,17 @@ _ENV = SandboxedEnvironment(
 )
 
 # Envelopes of each QingStor shape, as relay builds them: what a template must handle.
+_AT = datetime(2021, 8, 31, 6, 25, 46, 120000, tzinfo=UTC)
 SAMPLE_ENVELOPES: list[dict[str, Any]] = [
-    {
-        "id": "evt_00000000000000000000000000000000",
-        "source": "qingstor",
-        "type": "create_object",
-        "time": "2021-08-31T06:25:46.000Z",
-        "subject": "max-test2/abc/5.mp4",
-        "bucket": "max-test2",
-        "key": "abc/5.mp4",
-        "received_at": "2021-08-31T06:25:46.120Z",
-        "data": {
-            "event_source": "qingstor",
-            "event_version": "1.0",
-            "event_type": "create_object",
-            "event_time": "2021-08-31T06:25:46.000Z",
-            "zone_id": "gamma",
-            "user_identify": {"principal_id": "usr-iks7Beds"},
-            "response_elements": {"request_id": "45b47b6a30678cb2"},
-            "qingstor": {
-                "schema_version": "1.0",
-                "notification_id": "mp4-notify",
-                "bucket": {"name": "max-test2"},
-                "object": {
-                    "name": "abc/5.mp4",
-                    "etag": "10c918b1d01aea85864ee65d9e0c2305",
-                    "size": 9840497,
-                },
-            },
-        },
-    },
-    {
-        "id": "evt_ff68592c72d7d4d0a8af2fd2c128b7be",
-        "source": "qingstor",
-        "type": "tupu-porn",
-        "time": "2017-06-28T11:03:17.834Z",
-        "subject": "fakebucket/porn.jpeg",
-        "bucket": "fakebucket",
-        "key": "porn.jpeg",
-        "received_at": "2017-06-28T11:03:18.000Z",
-        "data": {
-            "bucket": "fakebucket",
-            "object": "porn.jpeg",
-            "result": {
-                "code": 0,
-                "message": "success",
-                "54bcfc6c329af61034f7c2fc": {
-                    "fileList": [
-                        {
-                            "label": 2,
-                            "name": "porn.jpeg",
-                            "rate": 0.9836746454238892,
-                            "review": False,
-                        }
-                    ]
-                },
-                "nonce": "0.2297668219538047",
-                "reviewCount": 0,
-                "statistic": [0, 0, 1],
-                "timestamp": 1498647797834.0,
-            },
-        },
-    },
+    *(
+        e.to_dict()
+        for e in notifier_envelopes(
+            NOTIFIER_SAMPLE, NotifierBatch.model_validate(NOTIFIER_SAMPLE), "qingstor", _AT
+        )
+    ),
+    tupu_porn_envelope(
+        TUPU_PORN_SAMPLE, TupuPornResult.model_validate(TUPU_PORN_SAMPLE), "qingstor", _AT
+    ).to_dict(),
 ]
 
 # The Slack message text when a sink sets no `template`. It must read well for every

@@ -48,6 +48,33 @@ def scrub_url(text: str, url: str) -> str:
     return text
 
 
+class PostingSink:
+    """For sinks that POST: one aiohttp session, opened by start() and closed by close(),
+    with `connections` sockets at most and `timeout` seconds per request."""
+
+    timeout: float
+    connections: int = 1
+    _session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connections),
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers={"User-Agent": "relay"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"{type(self).__name__} used before start()")
+        return self._session
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int

@@ -14,13 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from relay.config import HttpSinkConfig
 from relay.models import Delivery
 from relay.ratelimit import Pacer
 from relay.signatures import standard_webhooks_header, whsec_key
-from relay.sinks.base import DONE, Answer, Outcome, parse_retry_after, post
+from relay.sinks.base import DONE, Answer, Outcome, PostingSink, parse_retry_after, post
 
 _THROTTLED = frozenset({429, 502, 503, 504})
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -81,7 +79,7 @@ def encode(format_: str, envelope_json: str) -> tuple[bytes, dict[str, str]]:
     return body.encode("utf-8"), headers
 
 
-class HttpSink:
+class HttpSink(PostingSink):
     def __init__(self, name: str, config: HttpSinkConfig) -> None:
         self.name = name
         self.config = config
@@ -90,19 +88,8 @@ class HttpSink:
         self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
         # Spaces sends per rate_limit, and holds them all back after a Retry-After.
         self._pacer = Pacer(config.rate_limit)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.concurrency),
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            headers={"User-Agent": "relay"},
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.timeout = config.timeout
+        self.connections = config.concurrency
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         return list(await asyncio.gather(*(self._post(d) for d in batch)))
@@ -123,12 +110,10 @@ class HttpSink:
         return body, headers
 
     async def _post(self, delivery: Delivery) -> Outcome:
-        if self._session is None:
-            raise RuntimeError("HttpSink.send before start")
         await self._pacer.wait()
         # Signed when sent, not when queued: the timestamp must be fresh on every retry.
         body, headers = self.request_for(delivery, time.time())
-        answer = await post(self._session, self.config.url, body, headers)
+        answer = await post(self.session, self.config.url, body, headers)
         if not isinstance(answer, Answer):
             return answer
         outcome = judge_response(answer.status, answer.retry_after, answer.body, time.time())

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 import structlog
 
 from relay.config import SlackSinkConfig
@@ -26,6 +25,7 @@ from relay.models import Delivery
 from relay.sinks.base import (
     Answer,
     Outcome,
+    PostingSink,
     backoff_ceiling,
     parse_retry_after,
     post,
@@ -356,7 +356,7 @@ def classify(status: int, body: str, retry_after: str | None = None) -> Outcome:
 # --- the sink ---------------------------------------------------------------------------
 
 
-class SlackSink:
+class SlackSink(PostingSink):
     # A burst of a few hundred events is taken as one batch and becomes one digest.
     batch_size = 500
     # One webhook, one message at a time: pacing is per webhook.
@@ -367,7 +367,7 @@ class SlackSink:
         self.config = config
         self._url = config.url.get_secret_value()
         self._template = compile_template(config.template) if config.template else None
-        self._session: aiohttp.ClientSession | None = None
+        self.timeout = config.timeout
         self._lock = asyncio.Lock()
         # Monotonic times: when the last answer came back (the pace counts from there,
         # so messages arrive at least `pace` apart however long each took), and no send
@@ -375,17 +375,6 @@ class SlackSink:
         self._last_answer: float | None = None
         self._not_before = 0.0
         self._last_was_digest = False
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            headers={"User-Agent": "relay"},
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         async with self._lock:
@@ -485,12 +474,10 @@ class SlackSink:
             await asyncio.sleep(delay)
 
     async def _post(self, message: dict[str, Any]) -> Outcome:
-        if self._session is None:
-            raise RuntimeError("SlackSink.send before start")
         body = json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
         headers = {"Content-Type": "application/json; charset=utf-8"}
         try:
-            answer = await post(self._session, self._url, body, headers)
+            answer = await post(self.session, self._url, body, headers)
         finally:
             self._last_answer = time.monotonic()
         outcome = (
