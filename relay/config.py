@@ -192,7 +192,10 @@ class QingStorSourceConfig(_SourceBase):
     @classmethod
     def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
-            raise ValueError("token is empty; omit the key to accept requests without a token")
+            raise ValueError(
+                "token is empty (is its environment variable set?); an open source is"
+                " written by leaving the key out"
+            )
         return value
 
 

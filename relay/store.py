@@ -286,6 +286,8 @@ class SqliteStore:
         """Pending deliveries for `sink` due by now, oldest first, skipping `exclude`
         (those already in flight)."""
         at = time.time() if now is None else now
+        # A snapshot: the caller's set changes while the query waits for the thread.
+        exclude = tuple(exclude)
         skip = _not_in(exclude)
 
         def query() -> list[Delivery]:
@@ -301,6 +303,7 @@ class SqliteStore:
         return await self._run(query)
 
     async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None:
+        exclude = tuple(exclude)  # a snapshot, as in due()
         skip = _not_in(exclude)
 
         def query() -> float | None:
