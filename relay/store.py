@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar
 
@@ -152,6 +154,11 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
+        self._waiting: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._commits = 0
+        # RELAY_FAULT_CRASH_AT_COMMIT=N: exit at the Nth ingest commit (tests only).
+        self._crash_at_commit = int(os.environ.get("RELAY_FAULT_CRASH_AT_COMMIT", "0") or 0)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -191,6 +198,9 @@ class SqliteStore:
         self._db = db
 
     async def close(self) -> None:
+        if self._committer is not None:
+            # Whoever is waiting for a commit gets its answer before the store goes.
+            await asyncio.gather(self._committer, return_exceptions=True)
         try:
             await self._run(self._close)
         finally:
@@ -214,13 +224,19 @@ class SqliteStore:
         return self._db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, fault_point: bool = False) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
         # for want of it.
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            if fault_point:
+                self._commits += 1
+                if self._crash_at_commit == self._commits:
+                    # Fault injection for the tests: die as a power cut would, after
+                    # the group's writes and before their commit reaches the disk.
+                    os._exit(86)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -230,52 +246,85 @@ class SqliteStore:
     # --- ingest ------------------------------------------------------------------------
 
     async def accept(self, events: Sequence[NewEvent], now: float | None = None) -> AcceptResult:
-        """Claim each id for the dedupe window and enqueue its deliveries, in ONE commit.
+        """Claim each id for the dedupe window and enqueue its deliveries, durably.
 
-        Raises StoreUnavailable when nothing could be persisted; then nothing was.
+        Group commit: requests that arrive while a commit is on disk wait for the next
+        one, which takes them all in ONE transaction and ONE fsync. Each caller's events
+        are claimed in that transaction and the answer comes only after it committed.
+        Raises StoreUnavailable when the commit failed; then nothing of it was stored.
         """
         at = time.time() if now is None else now
-        try:
-            return await self._run(lambda: self._accept(events, at))
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[AcceptResult] = loop.create_future()
+        self._waiting.append((events, at, waiter))
+        if self._committer is None or self._committer.done():
+            self._committer = loop.create_task(self._commit_waiting(), name="relay-commit")
+        return await waiter
 
-    def _accept(self, events: Sequence[NewEvent], now: float) -> AcceptResult:
+    async def _commit_waiting(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                results = await self._run(partial(self._accept_group, group))
+            except BaseException as exc:
+                failure = (
+                    StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
+                    if isinstance(exc, sqlite3.Error | StoreUnavailable)
+                    else exc
+                )
+                for _, _, waiter in group:
+                    if not waiter.done():
+                        waiter.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, _, waiter), result in zip(group, results, strict=True):
+                if not waiter.done():
+                    waiter.set_result(result)
+
+    def _accept_group(
+        self, group: Sequence[tuple[Sequence[NewEvent], float, object]]
+    ) -> list[AcceptResult]:
+        with self._transaction(fault_point=True) as db:
+            return [self._accept(db, events, now) for events, now, _ in group]
+
+    def _accept(
+        self, db: sqlite3.Connection, events: Sequence[NewEvent], now: float
+    ) -> AcceptResult:
         accepted: list[str] = []
         duplicates: list[str] = []
-        with self._transaction() as db:
-            for event in events:
-                # A claim that has outlived its window may be taken again: after the
-                # window a repeat is, by definition, a new event.
-                cursor = db.execute(
-                    "INSERT INTO events (id, source, envelope, received_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET source = excluded.source,"
-                    "  envelope = excluded.envelope, received_at = excluded.received_at,"
-                    "  expires_at = excluded.expires_at"
-                    " WHERE events.expires_at <= excluded.received_at",
-                    (event.id, event.source, event.envelope, now, now + self.dedupe_window),
-                )
-                if cursor.rowcount == 0:
-                    duplicates.append(event.id)
-                    continue
-                accepted.append(event.id)
-                # A re-claimed event may still have a delivery pending from its first
-                # claim: one pending delivery per event and sink is enough.
-                db.executemany(
-                    "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
-                    " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
-                    "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
-                    [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
-                )
-            if events:
-                db.execute(
-                    "INSERT INTO receipts (source, minute, received, duplicates)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (source, minute) DO UPDATE SET"
-                    " received = received + excluded.received,"
-                    " duplicates = duplicates + excluded.duplicates",
-                    (events[0].source, int(now // 60), len(events), len(duplicates)),
-                )
+        for event in events:
+            # A claim that has outlived its window may be taken again: after the
+            # window a repeat is, by definition, a new event.
+            cursor = db.execute(
+                "INSERT INTO events (id, source, envelope, received_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET source = excluded.source,"
+                "  envelope = excluded.envelope, received_at = excluded.received_at,"
+                "  expires_at = excluded.expires_at"
+                " WHERE events.expires_at <= excluded.received_at",
+                (event.id, event.source, event.envelope, now, now + self.dedupe_window),
+            )
+            if cursor.rowcount == 0:
+                duplicates.append(event.id)
+                continue
+            accepted.append(event.id)
+            # A re-claimed event may still have a delivery pending from its first
+            # claim: one pending delivery per event and sink is enough.
+            db.executemany(
+                "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
+                " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+                "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
+                [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
+            )
+        if events:
+            db.execute(
+                "INSERT INTO receipts (source, minute, received, duplicates)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (source, minute) DO UPDATE SET"
+                " received = received + excluded.received,"
+                " duplicates = duplicates + excluded.duplicates",
+                (events[0].source, int(now // 60), len(events), len(duplicates)),
+            )
         return AcceptResult(accepted, duplicates)
 
     # --- dispatch ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ class RelayProcess:
             path.write_text(yaml.safe_dump(config))
             self.args += ["--config", str(path)]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # extra environment for the process
         self.port = 0
 
     async def start(self) -> RelayProcess:
@@ -46,7 +47,7 @@ class RelayProcess:
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"} | self.env
         with self.log_path.open("wb") as log:
             return subprocess.Popen(
                 self.args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env
