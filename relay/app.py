@@ -150,7 +150,7 @@ async def metrics(request: web.Request) -> web.Response:
         # Counters still tell a story when the store does not answer; the gauges go.
         log.exception("metrics.store_failed")
         stats = {}
-    text = runtime.metrics.render(stats, runtime.config.sinks)
+    text = runtime.metrics.render(stats, runtime.config.sinks, time.time())
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -253,7 +253,6 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, app[RUNTIME].request_reload, "SIGHUP")
     runner = web.AppRunner(
         app,
         shutdown_timeout=config.server.drain_timeout,
@@ -265,6 +264,8 @@ async def serve(
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
         await site.start()
         host, port = runner.addresses[0][:2]
+        # Only now: a reload before the sinks have started would race their start.
+        loop.add_signal_handler(signal.SIGHUP, app[RUNTIME].request_reload, "SIGHUP")
         log.info("relay.listening", host=host, port=port, config=config.summary())
         await stop.wait()
         log.info("relay.stopping", signal=received[0] if received else None)

@@ -500,7 +500,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{file}: invalid YAML: {exc}"]) from None
+        # Never str(exc): it quotes the offending line, which may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise ConfigError([f"{file}: invalid YAML{where}: {problem}"]) from None
     return build_config(data, base_dir=file.resolve().parent, env=env)
 
 

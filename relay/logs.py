@@ -43,9 +43,21 @@ def scrub_secrets(
     for key, value in event_dict.items():
         if _SECRET_KEYS.search(key):
             event_dict[key] = "[redacted]"
-        elif isinstance(value, str):
-            event_dict[key] = redact_text(value)
+        else:
+            event_dict[key] = _scrub(value)
     return event_dict
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {
+            k: "[redacted]" if _SECRET_KEYS.search(str(k)) else _scrub(v) for k, v in value.items()
+        }
+    return value
 
 
 class _QuietParserErrors(logging.Filter):

@@ -90,7 +90,7 @@ class Metrics:
             registry=r,
         )
 
-    def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str]) -> bytes:
+    def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> bytes:
         """The exposition, with the store's gauges for every configured sink and every
         sink the store still holds work for."""
         gauges = (
@@ -107,6 +107,8 @@ class Metrics:
             self.queue_depth.labels(sink).set(current.pending)
             self.oldest_pending.labels(sink).set(round(current.oldest_pending_s, 3))
             self.dead_letters.labels(sink).set(current.dead)
-            self.circuit_open.labels(sink).set(1 if current.circuit == "open" else 0)
+            # Past its cool-down an open circuit lets the next send probe: not open.
+            is_open = current.circuit == "open" and current.open_until > now
+            self.circuit_open.labels(sink).set(1 if is_open else 0)
             self.sink_gone.labels(sink).set(1 if current.gone else 0)
         return generate_latest(self.registry)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,15 @@ from relay.store import SqliteStore
 log = structlog.get_logger("relay.runtime")
 
 # Settings a running process cannot change: it would have to rebind or reopen.
-_RESTART_ONLY: dict[str, Callable[[RelayConfig], object]] = {
-    "server.host": lambda c: c.server.host,
-    "server.port": lambda c: c.server.port,
-    "server.watch_config": lambda c: c.server.watch_config,
-    "store.backend": lambda c: c.store.backend,
-    "store.path": lambda c: c.store.path,
-}
+_RESTART_ONLY = (
+    "server.host",
+    "server.port",
+    "server.watch_config",
+    "server.watch_interval",
+    "server.drain_timeout",  # aiohttp's own shutdown bound is fixed at start
+    "store.backend",
+    "store.path",
+)
 
 
 @dataclass(frozen=True)
@@ -90,45 +92,61 @@ class Runtime:
         self._apply_ingest(config)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[bool]] = set()
+        self._closing = False
+        # Taken now, with the config just loaded: an edit before the watcher's first
+        # look is still a change.
+        self.fingerprint = None if config_path is None else Fingerprint.of(config_path)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start_sinks(self) -> None:
         """Start every configured sink and its lane; dead-letter work for sinks gone
         from the config since the last run."""
-        retired = await self.store.retire_sinks(self.config.sinks)
-        if retired:
-            log.warning("sink.removed", deliveries_dead_lettered=retired)
-        await self._start(self.config, list(self.config.sinks))
+        async with self._lock:
+            retired = await self.store.retire_sinks(self.config.sinks)
+            if retired:
+                log.warning("sink.removed", deliveries_dead_lettered=retired)
+            started = await self._build(self.config, list(self.config.sinks))
+            await self._run_lanes(self.config, started)
 
     async def stop_sinks(self) -> None:
-        # Reloads first, so none starts a sink behind the dispatcher's back.
-        for task in list(self._tasks):
-            task.cancel()
+        self._closing = True
+        # A reload under way finishes first (it is bounded by the drain timeout), so no
+        # lane is half retired and none is started behind the dispatcher's back.
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.dispatcher.stop(self.config.server.drain_timeout)
-        await self._close(list(self.sinks.values()))
-        self.sinks.clear()
+        async with self._lock:
+            await self.dispatcher.stop(self.config.server.drain_timeout)
+            await self._close(list(self.sinks.values()))
+            self.sinks.clear()
 
     def begin_drain(self) -> None:
+        self._closing = True
         self.dispatcher.begin_stop(self.config.server.drain_timeout)
 
     # --- reloading ---------------------------------------------------------------------
 
-    def request_reload(self, why: str) -> None:
-        """Reload in the background (from a signal handler or the watcher)."""
+    def request_reload(self, why: str) -> asyncio.Task[bool]:
+        """Reload in a task of the runtime's own (from a signal handler or the watcher);
+        shutdown waits for it rather than cutting it off half-way."""
         task = asyncio.create_task(self.reload(why), name="relay-reload")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def reload(self, why: str = "request") -> bool:
-        """Re-read the config file; returns whether a new config was applied."""
+        """Re-read the config file; returns whether a new config was applied. Never
+        raises: a failure is logged and the running config stays."""
         if self.config_path is None:
             log.warning("config.reload_skipped", reason="running the embedded default")
             return False
         async with self._lock:
+            if self._closing:
+                return False
             try:
+                self.fingerprint = await asyncio.to_thread(Fingerprint.of, self.config_path)
                 loaded = await asyncio.to_thread(load_config, self.config_path)
+                config = self._keep_restart_only(with_server(loaded, self.server_overrides))
+                await self.apply(config)
             except ConfigError as exc:
                 # The old config keeps serving; every problem names its path.
                 log.error(
@@ -138,31 +156,55 @@ class Runtime:
                     problems=exc.problems,
                 )
                 return False
-            config = with_server(loaded, self.server_overrides)
-            await self.apply(config)
+            except Exception:
+                log.exception("config.reload_failed", trigger=why, path=str(self.config_path))
+                return False
             log.info("config.reloaded", trigger=why, config=config.summary())
             return True
 
-    async def apply(self, config: RelayConfig) -> None:
+    def _keep_restart_only(self, config: RelayConfig) -> RelayConfig:
+        """The new config, but with the running value of every setting that needs a
+        restart, each difference logged: the config always says what is in force."""
         old = self.config
-        for key, read in _RESTART_ONLY.items():
-            if read(config) != read(old):
+        server: dict[str, Any] = {}
+        store: dict[str, Any] = {}
+        for key in _RESTART_ONLY:
+            section, name = key.split(".")
+            running = getattr(getattr(old, section), name)
+            configured = getattr(getattr(config, section), name)
+            if running != configured:
                 log.warning(
                     "config.restart_required",
                     key=key,
-                    running=str(read(old)),
-                    configured=str(read(config)),
+                    running=str(running),
+                    configured=str(configured),
                 )
-        if config.log != old.log:
-            configure_logs(config.log.level, config.log.format)
-        self.store.dedupe_window = config.dedupe.window
+                (server if section == "server" else store)[name] = running
+        if not (server or store):
+            return config
+        return config.model_copy(
+            update={
+                "server": config.server.model_copy(update=server),
+                "store": config.store.model_copy(update=store),
+            }
+        )
 
+    async def apply(self, config: RelayConfig) -> None:
+        """Swap `config` in. The new sinks are built and started first: if one fails,
+        they are closed again and nothing of the new config is in force (ConfigError)."""
+        old = self.config
         removed = [n for n in old.sinks if n not in config.sinks]
         changed = [n for n in old.sinks if n in config.sinks and config.sinks[n] != old.sinks[n]]
         added = [n for n in config.sinks if n not in old.sinks]
-        # New sources and routes first: from here on events go to the new sinks, whose
-        # lanes start below and find their work in the store.
-        self._apply_ingest(config)
+        sources = {name: build_source(name, src) for name, src in config.sources.items()}
+        fresh = await self._build(config, [*changed, *added])
+
+        # Nothing can fail from here on: swap.
+        if config.log != old.log:
+            configure_logs(config.log.level, config.log.format)
+        self.store.dedupe_window = config.dedupe.window
+        self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
+        self.ingest.max_body_bytes = config.server.max_body_bytes
         self.config = config
         stale = await self.dispatcher.retire([*removed, *changed], config.server.drain_timeout)
         await self._close(stale)
@@ -171,25 +213,36 @@ class Runtime:
         if removed:
             count = await self.store.retire_sinks(config.sinks)
             log.warning("sink.removed", sinks=removed, deliveries_dead_lettered=count)
-        await self._start(config, [*changed, *added])
-        if changed or added:
-            log.info("sink.started", sinks=[*changed, *added])
+        await self._run_lanes(config, fresh)
+        if fresh:
+            log.info("sink.started", sinks=list(fresh))
 
     def _apply_ingest(self, config: RelayConfig) -> None:
-        # Built completely before being swapped in, so a request sees the old set or
-        # the new one, never half of each.
         sources = {name: build_source(name, src) for name, src in config.sources.items()}
-        router = Router(config.effective_routes)
-        self.ingest.sources, self.ingest.router = sources, router
+        self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
         self.ingest.max_body_bytes = config.server.max_body_bytes
 
-    async def _start(self, config: RelayConfig, names: list[str]) -> None:
+    async def _build(self, config: RelayConfig, names: list[str]) -> dict[str, Sink]:
+        """Build and start the sinks `names`; all of them, or (ConfigError) none."""
         started: dict[str, Sink] = {}
         for name in names:
-            sink = build_sink(name, config.sinks[name])
-            await sink.start()
+            try:
+                sink = build_sink(name, config.sinks[name])
+                await sink.start()
+            except Exception as exc:
+                await self._close(list(started.values()))
+                raise ConfigError(
+                    [f"sinks.{name}: cannot start: {exc.__class__.__name__}: {exc}"]
+                ) from exc
             started[name] = sink
+        return started
+
+    async def _run_lanes(self, config: RelayConfig, started: dict[str, Sink]) -> None:
         self.sinks.update(started)
+        for name in started:
+            # A new lane starts closed and not gone: say so, or the store keeps what an
+            # earlier lane of that name last wrote (an open circuit, a 410).
+            await self.store.save_sink_state(name, "closed", 0.0, False)
         self.dispatcher.start(started, config.sinks)
 
     async def _close(self, sinks: list[Sink]) -> None:
@@ -207,15 +260,20 @@ class Runtime:
         if self.config_path is None:
             return
         path = self.config_path
-        seen = await asyncio.to_thread(Fingerprint.of, path)
         while True:
             await asyncio.sleep(interval)
-            current = await asyncio.to_thread(Fingerprint.of, path)
+            try:
+                current = await asyncio.to_thread(Fingerprint.of, path)
+            except Exception:
+                log.exception("config.watch_failed", path=str(path))
+                continue
+            seen = self.fingerprint
             if current is None or current == seen:
                 continue
             if seen is None or current.digest != seen.digest:
-                await self.reload("watch")
-            seen = current
+                # Shielded: shutdown cancels the watcher, never a reload half-way.
+                await asyncio.shield(self.request_reload("watch"))
+            self.fingerprint = current
 
 
 def with_server(config: RelayConfig, overrides: Mapping[str, Any]) -> RelayConfig:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -276,10 +277,12 @@ async def test_status_reports_queues_dead_letters_circuits_and_traffic(tmp_path,
 async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
     tmp_path, processes, aiohttp_server
 ):
+    arrived: list[str] = []
     got: list[str] = []
 
     async def slow(request: web.Request) -> web.Response:
         body = await request.json()
+        arrived.append(body["id"])
         await asyncio.sleep(0.5)  # in flight when SIGTERM lands
         got.append(body["id"])
         return web.Response(text="ok")
@@ -297,7 +300,7 @@ async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
     relay.args += ["--config", str(path)]
     await relay.start()
     await post(relay.url(HOOK), notifier_body("a", "b", "c", "d"))
-    await asyncio.sleep(0.2)  # the four sends are under way
+    await eventually(lambda: len(arrived) == 4)  # all four sends are under way
     started = time.monotonic()
     relay.kill(signal.SIGTERM)
     assert await asyncio.to_thread(relay.wait, 10) == 0
@@ -307,5 +310,65 @@ async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
     again = processes(tmp_path, None)
     again.args += ["--config", str(path)]
     await again.start()
-    await asyncio.sleep(1.5)
-    assert sorted(got) == sorted(set(got)) and len(got) == 4  # none sent twice
+    db = sqlite3.connect(tmp_path / "relay.db")
+    try:
+        states = dict(db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
+    finally:
+        db.close()
+    assert states == {"done": 4}  # all settled before the exit: nothing left to resend
+    await asyncio.sleep(1.0)
+    assert len(arrived) == 4 and sorted(got) == sorted(set(got))  # none sent twice
+
+
+async def test_a_reload_whose_new_sink_cannot_start_changes_nothing(tmp_path, aiohttp_client):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "relay.yaml"
+    archive = {"kind": "file", "path": str(tmp_path / "a.jsonl")}
+    write(path, base(tmp_path, archive=archive))
+    app = create_app(load_config(path), path)
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    broken = {"kind": "file", "path": str(tmp_path / "blocker" / "sub" / "b.jsonl")}
+    write(path, {**base(tmp_path, archive=archive, broken=broken), "routes": [{"to": ["broken"]}]})
+    with capture_logs() as logs:
+        assert await runtime.reload("test") is False
+    [failed] = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert failed["problems"][0].startswith("sinks.broken: cannot start")
+    assert list(runtime.sinks) == ["archive"] and list(runtime.config.sinks) == ["archive"]
+    # Still routed by the old config: every event to the archive.
+    await client.post(HOOK, json=notifier_body("still"))
+    await eventually(lambda: read_lines(tmp_path / "a.jsonl"))
+
+
+async def test_a_new_lane_clears_the_circuit_and_gone_state_a_previous_run_left(
+    tmp_path, aiohttp_client, receiver
+):
+    config = relay_config(tmp_path, sinks={"app": {"kind": "http", "url": receiver.url}})
+    store_app = create_app(config)
+    client = await aiohttp_client(store_app)
+    await store_app[STORE].save_sink_state("app", "open", time.time() + 3600, True)
+    await client.close()
+    again = await aiohttp_client(create_app(config))
+    found = samples(await (await again.get("/metrics")).text())
+    assert found[("relay_circuit_open", (("sink", "app"),))] == 0
+    assert found[("relay_sink_gone", (("sink", "app"),))] == 0
+
+
+async def test_readyz_fails_when_the_store_disk_is_nearly_full(tmp_path, start_relay):
+    config = relay_config(tmp_path, store={"path": "relay.db", "min_free_bytes": 2**62})
+    client = await start_relay(config)
+    response = await client.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert body["error"] == "not_ready" and "nearly full" in body["message"]
+
+
+def test_a_yaml_error_never_quotes_the_offending_line(tmp_path):
+    path = tmp_path / "relay.yaml"
+    path.write_text("sources:\n  q: {kind: qingstor, token: hunter2-literal-secret: x}\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "invalid YAML at line 2" in result.stderr
+    assert "hunter2" not in result.stderr
