@@ -313,7 +313,10 @@ class SqliteStore:
             # claim: one pending delivery per event and sink is enough.
             db.executemany(
                 "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
+                # INDEXED BY: the planner otherwise picks (sink, state) and walks the
+                # sink's whole backlog, making every ingest slower as a queue grows.
                 " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+                "  INDEXED BY deliveries_event"
                 "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
                 [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
             )

@@ -1,0 +1,219 @@
+"""Ingest benchmark: relay against adnanh/webhook and a bare aiohttp handler, side by side.
+
+Starts each server on loopback, drives it with the same `wrk -t1 -c32` load of unique
+QingStor notifications (bench/notifier.lua), and prints one table: req/s, p50/p99
+latency, ratios to webhook and to bare aiohttp, delivered events (relay), RSS.
+
+    apt-get install wrk webhook      # Debian packages
+    python bench/run.py [--duration 10] [--connections 32]
+
+Figures are for comparing within one run on one machine; no test asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOKEN = "benchtoken"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(HERE / "notifier.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    return {"rps": rps, "p50": latency("50"), "p99": latency("99"), "ok": total - errors}
+
+
+def bench_bare(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "bare_aiohttp.py"), str(port)])
+    try:
+        wait_listening(port)
+        result = run_wrk(f"http://127.0.0.1:{port}/hooks/qingstor", args.duration, args.connections)
+        result["rss"] = rss_mib(proc.pid)
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def bench_webhook(workdir: Path, args: argparse.Namespace) -> dict[str, float] | None:
+    if shutil.which("webhook") is None:
+        return None
+    hooks = workdir / "hooks.json"
+    hooks.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "qingstor",
+                    "execute-command": "/bin/true",
+                    "response-message": "ok",
+                }
+            ]
+        )
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        ["webhook", "-hooks", str(hooks), "-ip", "127.0.0.1", "-port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port)
+        result = run_wrk(f"http://127.0.0.1:{port}/hooks/qingstor", args.duration, args.connections)
+        result["rss"] = rss_mib(proc.pid)
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def bench_relay(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    data = workdir / "relay"
+    data.mkdir()
+    config = data / "relay.yaml"
+    config.write_text(
+        "log: {level: warning}\n"
+        f"sources: {{qingstor: {{kind: qingstor, token: {TOKEN}}}}}\n"
+        "sinks: {archive: {kind: file, path: events.jsonl}}\n"
+        "store: {path: relay.db}\n"
+    )
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=data,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port)
+        url = f"http://127.0.0.1:{port}/hooks/qingstor?token={TOKEN}"
+        result = run_wrk(url, args.duration, args.connections)
+        result["rss"] = rss_mib(proc.pid)
+        # Every acknowledged event must reach the file sink within 30 s of the load.
+        deadline, lines = time.monotonic() + 30, 0
+        while time.monotonic() < deadline:
+            events = data / "events.jsonl"
+            lines = sum(1 for _ in events.open()) if events.exists() else 0
+            if lines >= result["ok"]:
+                break
+            time.sleep(0.2)
+        result["delivered"] = lines
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per server")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install wrk", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        rows = {
+            "bare aiohttp (parse JSON)": bench_bare(workdir, args),
+            "adnanh/webhook": bench_webhook(workdir, args),
+            "relay (SQLite, group commit, file sink)": bench_relay(workdir, args),
+        }
+    bare = rows["bare aiohttp (parse JSON)"]
+    hook = rows["adnanh/webhook"]
+    print(
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, unique notifier per request;"
+        f" {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'server':42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs webhook':>10}"
+        f" {'vs bare':>8} {'delivered':>10} {'RSS MiB':>8}"
+    )
+    for name, r in rows.items():
+        if r is None:
+            print(f"{name:42} {'(not installed: apt-get install webhook)':>40}")
+            continue
+        vs_hook = f"{r['rps'] / hook['rps']:.2f}x" if hook else "-"
+        delivered = f"{int(r['delivered'])}/{int(r['ok'])}" if "delivered" in r else "-"
+        print(
+            f"{name:42} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {vs_hook:>10}"
+            f" {r['rps'] / bare['rps']:7.2f}x {delivered:>10} {r['rss']:8.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
