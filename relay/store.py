@@ -152,6 +152,10 @@ class SqliteStore:
         self.path = path
         self.dedupe_window = dedupe_window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
+        # The dispatcher's reads get their own connection and thread: WAL lets them run
+        # beside the writer, so looking for due work never delays an ingest commit.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
+        self._rdb: sqlite3.Connection | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
         self._waiting: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
@@ -197,13 +201,39 @@ class SqliteStore:
             raise
         self._db = db
 
+    def _open_reader(self) -> None:
+        rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        rdb.execute("PRAGMA busy_timeout=5000")
+        rdb.execute("PRAGMA query_only=ON")
+        self._rdb = rdb
+
+    def _close_reader(self) -> None:
+        if self._rdb is not None:
+            self._rdb.close()
+            self._rdb = None
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            if self._rdb is None:
+                if self._db is None:
+                    raise StoreUnavailable("store is not open")
+                self._open_reader()
+            assert self._rdb is not None
+            return fn(self._rdb)
+
+        return await loop.run_in_executor(self._reader, run)
+
     async def close(self) -> None:
         if self._committer is not None:
             # Whoever is waiting for a commit gets its answer before the store goes.
             await asyncio.gather(self._committer, return_exceptions=True)
         try:
+            await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
             await self._run(self._close)
         finally:
+            self._reader.shutdown(wait=True)
             self._executor.shutdown(wait=True)
 
     def _close(self) -> None:
@@ -342,8 +372,8 @@ class SqliteStore:
         exclude = tuple(exclude)
         skip = _not_in(exclude)
 
-        def query() -> list[Delivery]:
-            rows = self.db.execute(
+        def query(db: sqlite3.Connection) -> list[Delivery]:
+            rows = db.execute(
                 "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
                 " FROM deliveries d JOIN events e ON e.id = d.event_id"
                 f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
@@ -352,21 +382,21 @@ class SqliteStore:
             ).fetchall()
             return [Delivery(*row) for row in rows]
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None:
         exclude = tuple(exclude)  # a snapshot, as in due()
         skip = _not_in(exclude)
 
-        def query() -> float | None:
-            row = self.db.execute(
+        def query(db: sqlite3.Connection) -> float | None:
+            row = db.execute(
                 "SELECT MIN(d.next_at) FROM deliveries d"
                 f" WHERE d.sink = ? AND d.state = 'pending'{skip}",
                 (sink, *exclude),
             ).fetchone()
             return None if row is None else row[0]
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None:
         at = time.time() if now is None else now
