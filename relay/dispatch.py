@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from functools import partial
+from typing import Literal
 
 import structlog
 
@@ -245,12 +246,16 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.delivery_seconds.labels(name).observe(elapsed)
         elapsed_ms = round(elapsed * 1000, 1)
+        counted: dict[Literal["retry", "done", "dead"], int] = {}
         for delivery, settled in zip(batch, settlements, strict=True):
             if not settled.attempted:
                 continue  # held back by the sink: not an attempt, nothing to count or log
-            outcome = "retry" if settled.state == "pending" else settled.state
-            if self.metrics is not None:
-                self.metrics.deliveries.labels(name, outcome).inc()
+            kind: Literal["retry", "done", "dead"] = (
+                "retry" if settled.state == "pending" else settled.state
+            )
+            counted[kind] = counted.get(kind, 0) + 1
+            if settled.state == "done":
+                continue  # counted, and logged below as one line for the whole batch
             fields = {
                 "sink": name,
                 "event_id": delivery.event_id,
@@ -258,9 +263,7 @@ class Dispatcher:
                 "batch": len(batch),
                 "elapsed_ms": elapsed_ms,
             }
-            if settled.state == "done":
-                log.debug("delivery.done", **fields)
-            elif settled.state == "dead":
+            if settled.state == "dead":
                 log.warning("delivery.dead", status=settled.status, error=settled.error, **fields)
             else:
                 log.info(
@@ -270,6 +273,11 @@ class Dispatcher:
                     retry_in_s=round(settled.next_at - now, 3),
                     **fields,
                 )
+        if counted.get("done"):
+            log.debug("delivery.done", sink=name, count=counted["done"], elapsed_ms=elapsed_ms)
+        if self.metrics is not None:
+            for outcome_kind, count in counted.items():
+                self.metrics.deliveries.labels(name, outcome_kind).inc(count)
 
 
 async def _drain(lanes: Sequence[Lane], grace: float) -> None:

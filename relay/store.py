@@ -315,50 +315,90 @@ class SqliteStore:
     def _accept_group(
         self, group: Sequence[tuple[Sequence[NewEvent], float, object]]
     ) -> list[AcceptResult]:
+        """Claim and enqueue for a whole group in one transaction, with a handful of
+        bulk statements rather than several per event."""
         with self._transaction(fault_point=True) as db:
-            return [self._accept(db, events, now) for events, now, _ in group]
-
-    def _accept(
-        self, db: sqlite3.Connection, events: Sequence[NewEvent], now: float
-    ) -> AcceptResult:
-        accepted: list[str] = []
-        duplicates: list[str] = []
-        for event in events:
-            # A claim that has outlived its window may be taken again: after the
-            # window a repeat is, by definition, a new event.
-            cursor = db.execute(
+            ids = list({event.id for events, _, _ in group for event in events})
+            claimed: dict[str, float] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                claimed.update(
+                    db.execute(
+                        "SELECT id, expires_at FROM events"
+                        f" WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                )
+            fresh: list[tuple[str, str, str, float, float]] = []
+            reclaimed: list[tuple[str, str, float, float, str]] = []
+            new_deliveries: list[tuple[str, str, float, float, float]] = []
+            old_deliveries: list[tuple[str, str, float, float, float, str, str]] = []
+            receipts: list[tuple[str, int, int, int]] = []
+            results = []
+            for events, now, _ in group:
+                accepted: list[str] = []
+                duplicates: list[str] = []
+                for event in events:
+                    expires = claimed.get(event.id)
+                    if expires is not None and expires > now:
+                        duplicates.append(event.id)
+                        continue
+                    accepted.append(event.id)
+                    claimed[event.id] = now + self.dedupe_window  # a repeat in the group
+                    if expires is None:
+                        fresh.append(
+                            (event.id, event.source, event.envelope, now, now + self.dedupe_window)
+                        )
+                        # A new id has no deliveries: events are pruned only once none
+                        # references them.
+                        new_deliveries.extend((event.id, s, now, now, now) for s in event.sinks)
+                    else:
+                        # A claim that has outlived its window is taken again: after the
+                        # window a repeat is, by definition, a new event.
+                        reclaimed.append(
+                            (event.source, event.envelope, now, now + self.dedupe_window, event.id)
+                        )
+                        old_deliveries.extend(
+                            (event.id, s, now, now, now, event.id, s) for s in event.sinks
+                        )
+                if events:
+                    receipts.append(
+                        (events[0].source, int(now // 60), len(events), len(duplicates))
+                    )
+                results.append(AcceptResult(accepted, duplicates))
+            db.executemany(
                 "INSERT INTO events (id, source, envelope, received_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET source = excluded.source,"
-                "  envelope = excluded.envelope, received_at = excluded.received_at,"
-                "  expires_at = excluded.expires_at"
-                " WHERE events.expires_at <= excluded.received_at",
-                (event.id, event.source, event.envelope, now, now + self.dedupe_window),
+                " VALUES (?, ?, ?, ?, ?)",
+                fresh,
             )
-            if cursor.rowcount == 0:
-                duplicates.append(event.id)
-                continue
-            accepted.append(event.id)
-            # A re-claimed event may still have a delivery pending from its first
-            # claim: one pending delivery per event and sink is enough.
+            db.executemany(
+                "UPDATE events SET source = ?, envelope = ?, received_at = ?, expires_at = ?"
+                " WHERE id = ?",
+                reclaimed,
+            )
             db.executemany(
                 "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
-                # INDEXED BY: the planner otherwise picks (sink, state) and walks the
-                # sink's whole backlog, making every ingest slower as a queue grows.
+                " VALUES (?, ?, ?, ?, ?)",
+                new_deliveries,
+            )
+            # A re-claimed event may still have a delivery pending from its first claim:
+            # one pending delivery per event and sink is enough. INDEXED BY: the planner
+            # otherwise picks (sink, state) and walks the sink's whole backlog.
+            db.executemany(
+                "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
                 " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
                 "  INDEXED BY deliveries_event"
                 "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
-                [(event.id, sink, now, now, now, event.id, sink) for sink in event.sinks],
+                old_deliveries,
             )
-        if events:
-            db.execute(
+            db.executemany(
                 "INSERT INTO receipts (source, minute, received, duplicates)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (source, minute) DO UPDATE SET"
                 " received = received + excluded.received,"
                 " duplicates = duplicates + excluded.duplicates",
-                (events[0].source, int(now // 60), len(events), len(duplicates)),
+                receipts,
             )
-        return AcceptResult(accepted, duplicates)
+            return results
 
     # --- dispatch ----------------------------------------------------------------------
 
@@ -403,27 +443,33 @@ class SqliteStore:
         await self._run(lambda: self._settle(settlements, at))
 
     def _settle(self, settlements: Sequence[Settlement], now: float) -> None:
+        # Settlements alike but for their id (a delivered batch, typically) become one
+        # UPDATE over an id list instead of one statement each.
+        alike: dict[tuple[str, float, bool, int | None, str | None], list[int]] = {}
+        for s in settlements:
+            key = (s.state, s.next_at, s.attempted, s.status, s.error)
+            alike.setdefault(key, []).append(s.delivery_id)
         with self._transaction() as db:
-            db.executemany(
-                "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
-                " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
-                " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
-                " updated_at = ? WHERE id = ?",
-                [
-                    (
-                        s.state,
-                        s.next_at,
-                        int(s.attempted),
-                        s.attempted,
-                        s.status,
-                        s.attempted,
-                        s.error,
-                        now,
-                        s.delivery_id,
+            for (state, next_at, attempted, status, error), ids in alike.items():
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    db.execute(
+                        "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
+                        " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
+                        " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
+                        f" updated_at = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                        (
+                            state,
+                            next_at,
+                            int(attempted),
+                            attempted,
+                            status,
+                            attempted,
+                            error,
+                            now,
+                            *chunk,
+                        ),
                     )
-                    for s in settlements
-                ],
-            )
 
     # --- dead letters ------------------------------------------------------------------
 
