@@ -84,9 +84,8 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     return {"rps": rps, "p50": latency("50"), "p99": latency("99"), "ok": total - errors}
 
 
-def bench_bare(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "bare_aiohttp.py"), str(port)])
+def measure(proc: subprocess.Popen[bytes], port: int, args: argparse.Namespace) -> dict[str, float]:
+    """Load a started server, take its RSS, stop it."""
     try:
         wait_listening(port)
         result = run_wrk(f"http://127.0.0.1:{port}/hooks/qingstor", args.duration, args.connections)
@@ -95,6 +94,12 @@ def bench_bare(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def bench_bare(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "bare_aiohttp.py"), str(port)])
+    return measure(proc, port, args)
 
 
 def bench_webhook(workdir: Path, args: argparse.Namespace) -> dict[str, float] | None:
@@ -118,14 +123,7 @@ def bench_webhook(workdir: Path, args: argparse.Namespace) -> dict[str, float] |
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_listening(port)
-        result = run_wrk(f"http://127.0.0.1:{port}/hooks/qingstor", args.duration, args.connections)
-        result["rss"] = rss_mib(proc.pid)
-        return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+    return measure(proc, port, args)
 
 
 def bench_relay(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
