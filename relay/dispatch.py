@@ -234,8 +234,15 @@ class Dispatcher:
         elapsed = time.monotonic() - started
         now = time.time()
         settlements = [judge(d, o, lane.retry, now) for d, o in zip(batch, outcomes, strict=True)]
+        settling = asyncio.ensure_future(self.store.settle(settlements, now))
         try:
-            await self.store.settle(settlements, now)
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                # A drain cancelled us mid-settle: the write goes on in the store's
+                # thread; these ids may leave in_flight only once it is done.
+                await asyncio.wait({settling})
+                raise
         except Exception:
             # Unsettled deliveries stay pending and are sent again: at least once, never
             # lost. The pause keeps a failing store from turning that into a tight loop.
@@ -274,7 +281,10 @@ class Dispatcher:
                     **fields,
                 )
         if counted.get("done"):
-            log.debug("delivery.done", sink=name, count=counted["done"], elapsed_ms=elapsed_ms)
+            done = [
+                d.event_id for d, s in zip(batch, settlements, strict=True) if s.state == "done"
+            ]
+            log.debug("delivery.done", sink=name, event_ids=done, elapsed_ms=elapsed_ms)
         if self.metrics is not None:
             for outcome_kind, count in counted.items():
                 self.metrics.deliveries.labels(name, outcome_kind).inc(count)

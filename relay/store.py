@@ -143,6 +143,19 @@ class SinkStats:
     gone: bool = False
 
 
+# Callers taken into one group commit at most.
+_GROUP_MAX = 256
+
+
+def _fail(
+    group: Sequence[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]],
+    error: StoreUnavailable,
+) -> None:
+    for _, _, waiter in group:
+        if not waiter.done():
+            waiter.set_exception(error)
+
+
 def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
@@ -160,6 +173,7 @@ class SqliteStore:
         self._lock: BinaryIO | None = None
         self._waiting: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._closed = False
         self._commits = 0
         # RELAY_FAULT_CRASH_AT_COMMIT=N: exit at the Nth ingest commit (tests only).
         self._crash_at_commit = int(os.environ.get("RELAY_FAULT_CRASH_AT_COMMIT", "0") or 0)
@@ -215,9 +229,12 @@ class SqliteStore:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
 
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+
         def run() -> T:
             if self._rdb is None:
-                if self._db is None:
+                if self._db is None or self._closed:
                     raise StoreUnavailable("store is not open")
                 self._open_reader()
             assert self._rdb is not None
@@ -226,9 +243,11 @@ class SqliteStore:
         return await loop.run_in_executor(self._reader, run)
 
     async def close(self) -> None:
+        self._closed = True
         if self._committer is not None:
-            # Whoever is waiting for a commit gets its answer before the store goes.
-            await asyncio.gather(self._committer, return_exceptions=True)
+            # Whoever is waiting for a commit gets its answer before the store goes;
+            # shielded, so a cancelled close() does not cut a commit off half-way.
+            await asyncio.wait({asyncio.shield(self._committer)})
         try:
             await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
             await self._run(self._close)
@@ -284,33 +303,47 @@ class SqliteStore:
         Raises StoreUnavailable when the commit failed; then nothing of it was stored.
         """
         at = time.time() if now is None else now
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[AcceptResult] = loop.create_future()
         self._waiting.append((events, at, waiter))
         if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_waiting(), name="relay-commit")
+            self._committer.add_done_callback(self._committer_ended)
         return await waiter
 
+    def _committer_ended(self, task: asyncio.Task[None]) -> None:
+        # A committer cancelled before it ever ran never reached its own `finally`.
+        if task.cancelled() or task.exception() is not None:
+            leftover, self._waiting = self._waiting, []
+            _fail(leftover, StoreUnavailable("the store is closing"))
+
     async def _commit_waiting(self) -> None:
-        while self._waiting:
-            group, self._waiting = self._waiting, []
-            try:
-                results = await self._run(partial(self._accept_group, group))
-            except BaseException as exc:
-                failure = (
-                    StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
-                    if isinstance(exc, sqlite3.Error | StoreUnavailable)
-                    else exc
-                )
-                for _, _, waiter in group:
+        group: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
+        try:
+            while self._waiting:
+                # Bounded, so one group's latency stays bounded however deep the queue.
+                group, self._waiting = self._waiting[:_GROUP_MAX], self._waiting[_GROUP_MAX:]
+                try:
+                    results = await self._run(partial(self._accept_group, group))
+                except Exception as exc:
+                    failure = (
+                        exc
+                        if isinstance(exc, StoreUnavailable)
+                        else StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
+                    )
+                    _fail(group, failure)
+                    continue
+                for (_, _, waiter), result in zip(group, results, strict=True):
                     if not waiter.done():
-                        waiter.set_exception(failure)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, _, waiter), result in zip(group, results, strict=True):
-                if not waiter.done():
-                    waiter.set_result(result)
+                        waiter.set_result(result)
+                group = []
+        finally:
+            # Cancelled or broken off: nobody may wait for an answer that will not come.
+            # Not acknowledged is the safe answer: the sender retries, a duplicate at worst.
+            leftover, self._waiting = [*group, *self._waiting], []
+            _fail(leftover, StoreUnavailable("the store is closing"))
 
     def _accept_group(
         self, group: Sequence[tuple[Sequence[NewEvent], float, object]]
@@ -351,7 +384,9 @@ class SqliteStore:
                         )
                         # A new id has no deliveries: events are pruned only once none
                         # references them.
-                        new_deliveries.extend((event.id, s, now, now, now) for s in event.sinks)
+                        new_deliveries.extend(
+                            (event.id, s, now, now, now) for s in dict.fromkeys(event.sinks)
+                        )
                     else:
                         # A claim that has outlived its window is taken again: after the
                         # window a repeat is, by definition, a new event.

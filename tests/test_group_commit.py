@@ -89,3 +89,28 @@ async def test_a_crash_before_the_commit_acknowledges_nothing_it_held(tmp_path, 
     # Every acknowledged event is on disk; what was not committed was not acknowledged.
     assert set(acked) <= stored
     assert len(stored) < 150
+
+
+async def test_every_waiter_is_answered_when_the_committer_is_cut_off(tmp_path: Path):
+    from relay.errors import StoreUnavailable
+    from relay.store import AcceptResult
+
+    store = SqliteStore(tmp_path / "r.db", dedupe_window=60)
+    await store.open()
+    callers = [
+        asyncio.create_task(store.accept([NewEvent(f"e{i}", "q", "{}", ())])) for i in range(600)
+    ]
+    await asyncio.sleep(0)  # all queued; the first group is on its way to the thread
+    assert store._committer is not None
+    store._committer.cancel()
+    answers = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+    # Nobody hangs: each caller has a result (committed) or StoreUnavailable (not acked).
+    assert all(isinstance(a, AcceptResult | StoreUnavailable) for a in answers)
+    assert any(isinstance(a, StoreUnavailable) for a in answers)
+    await store.close()
+    try:
+        await store.accept([NewEvent("late", "q", "{}", ())])
+    except StoreUnavailable:
+        pass
+    else:
+        raise AssertionError("a closed store must refuse with StoreUnavailable")
