@@ -57,6 +57,8 @@ async def test_attempts_run_out_into_a_dead_letter_with_the_last_error(
     with capture_logs() as logs:
         await client.post(HOOK, json=sample())
         await eventually(lambda: _when(client.app[STORE].counts(), lambda c: c.get("dead") == 1))
+        # The log line follows the commit: wait for it, not just for the row.
+        await eventually(lambda: [e for e in logs if e["event"] == "delivery.dead"])
     assert len(receiver.requests) == 5
     store = client.app[STORE]
     row = await store._run(

@@ -112,6 +112,7 @@ async def test_410_dead_letters_at_once_and_reports_the_sink_gone(tmp_path, star
     with capture_logs() as logs:
         await client.post(HOOK, json=sample())
         await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("dead") == 1))
+        await eventually(lambda: [e for e in logs if e["event"] == "sink.gone"])
     assert len(receiver.requests) == 1
     assert [e["sink"] for e in logs if e["event"] == "sink.gone"] == ["app"]
 
