@@ -108,6 +108,16 @@ class TupuPornResult(_Lenient):
     result: TupuResult
 
 
+def qingstor_object_size(data: Any) -> int | None:
+    """The object size a notifier record carries, if it carries one."""
+    detail = data.get("qingstor") if isinstance(data, dict) else None
+    obj = detail.get("object") if isinstance(detail, dict) else None
+    size = obj.get("size") if isinstance(obj, dict) else None
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        return size
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One event due at one sink, as the store hands it to the dispatcher."""

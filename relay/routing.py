@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from relay.config import Conditions, Route, When
-from relay.models import Envelope
+from relay.models import Envelope, qingstor_object_size
 
 
 def _qingstor_detail(event: Envelope) -> dict[str, Any]:
@@ -16,9 +16,7 @@ def _qingstor_detail(event: Envelope) -> dict[str, Any]:
 
 
 def object_size(event: Envelope) -> int | None:
-    obj = _qingstor_detail(event).get("object")
-    size = obj.get("size") if isinstance(obj, dict) else None
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
+    return qingstor_object_size(event.data)
 
 
 def notification_id(event: Envelope) -> str | None:

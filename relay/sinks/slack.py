@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from relay.config import SlackSinkConfig
-from relay.models import Delivery
+from relay.models import Delivery, qingstor_object_size
 from relay.sinks.base import (
     Answer,
     Outcome,
@@ -180,16 +180,6 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _object_size(envelope: Mapping[str, Any]) -> int | None:
-    data = envelope.get("data")
-    detail = data.get("qingstor") if isinstance(data, Mapping) else None
-    obj = detail.get("object") if isinstance(detail, Mapping) else None
-    size = obj.get("size") if isinstance(obj, Mapping) else None
-    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
-        return size
-    return None
-
-
 def _where(envelope: Mapping[str, Any]) -> str:
     bucket, key = _text(envelope.get("bucket")), _text(envelope.get("key"))
     if bucket and key:
@@ -239,7 +229,7 @@ def event_message(envelope: Mapping[str, Any], text: str) -> dict[str, Any]:
     for label, value in (("Bucket", envelope.get("bucket")), ("Key", envelope.get("key"))):
         if isinstance(value, str) and value:
             fields.append((label, value))
-    size = _object_size(envelope)
+    size = qingstor_object_size(envelope.get("data"))
     if size is not None:
         fields.append(("Size", human_size(size)))
     fields.append(("Type", kind))
