@@ -8,11 +8,11 @@ and drains first, then the sinks close, then the store.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ async def request_context(
     """One log line per request, a request id on it, and every error as JSON."""
     structlog.contextvars.clear_contextvars()
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if _REQUEST_ID.match(given) else os.urandom(16).hex()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     response: web.StreamResponse
@@ -97,7 +97,7 @@ def _count(request: web.Request, status: int, started: float) -> None:
     # Only configured names become labels: a scanner must not mint a time series per
     # path it tries.
     source = name if name in runtime.ingest.sources else "-"
-    runtime.metrics.requests.labels(source, str(status)).inc()
+    runtime.metrics.request_counter(source, status).inc()
     if status == 200 and source != "-":
         runtime.metrics.ingest_seconds.observe(time.perf_counter() - started)
 

@@ -85,9 +85,9 @@ class Ingest:
             # Not an error: stored and deduplicated, just wanted by no sink.
             self.metrics.unrouted.labels(name).inc(unrouted)
             log.info("ingest.unrouted", count=unrouted)
-        return web.json_response(
-            {"accepted": len(result.accepted), "duplicates": len(result.duplicates)}
-        )
+        # Formatted by hand: the hot path's answer has one shape and two integers.
+        answer = f'{{"accepted": {len(result.accepted)}, "duplicates": {len(result.duplicates)}}}'
+        return web.Response(body=answer.encode(), content_type="application/json")
 
 
 def _peer(request: web.Request) -> IPv4Address | IPv6Address | None:

@@ -6,6 +6,7 @@ process owns the work.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +32,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._request_children: dict[tuple[str, int], Any] = {}
         self.requests = Counter(
             "relay_requests", "HTTP requests answered.", ["source", "status"], registry=r
         )
@@ -89,6 +91,15 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+
+    def request_counter(self, source: str, status: int) -> Any:
+        """The requests counter's child for (source, status), looked up once: labels()
+        takes a lock and builds a key on every call, on the hot path."""
+        child = self._request_children.get((source, status))
+        if child is None:
+            child = self.requests.labels(source, str(status))
+            self._request_children[(source, status)] = child
+        return child
 
     def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> bytes:
         """The exposition, with the store's gauges for every configured sink and every
