@@ -163,17 +163,22 @@ class Dispatcher:
             next_at: float | None = None
             if allowance == 0:
                 next_at = time.time() + self.idle_poll if lane.gone else circuit.open_until
-            if allowance != 0 and len(lane.sending) < slots:
+            free = slots - len(lane.sending)
+            if allowance != 0 and free > 0:
                 try:
-                    batch = await self.store.due(name, limit, exclude=lane.in_flight)
+                    # Enough for every free slot in one look: a sink of single sends
+                    # (HTTP) fills its connections without a query per delivery.
+                    due = await self.store.due(name, limit * free, exclude=lane.in_flight)
                     if lane.stop.is_set():
                         break  # taken while stopping: left pending for the next start
-                    if batch:
-                        ids = [d.id for d in batch]
-                        lane.in_flight.update(ids)
-                        task = asyncio.create_task(self._deliver(lane, batch))
-                        lane.sending.add(task)
-                        task.add_done_callback(partial(finished, ids))
+                    if due:
+                        for start in range(0, len(due), limit):
+                            batch = due[start : start + limit]
+                            ids = [d.id for d in batch]
+                            lane.in_flight.update(ids)
+                            task = asyncio.create_task(self._deliver(lane, batch))
+                            lane.sending.add(task)
+                            task.add_done_callback(partial(finished, ids))
                         continue
                     next_at = await self.store.next_due_at(name, exclude=lane.in_flight)
                 except Exception:

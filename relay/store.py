@@ -13,13 +13,13 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar
+from typing import Any, BinaryIO, Generic, Literal, TypeVar
 
 from relay.errors import StoreUnavailable
 from relay.models import Delivery
@@ -143,15 +143,78 @@ class SinkStats:
     gone: bool = False
 
 
-# Callers taken into one group commit at most.
-_GROUP_MAX = 256
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 
-def _fail(
-    group: Sequence[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]],
-    error: StoreUnavailable,
-) -> None:
-    for _, _, waiter in group:
+class GroupCommit(Generic[ItemT, ResultT]):
+    """Callers submit items; whoever arrives while a commit is on disk waits for the
+    next one, which takes them all (up to `limit`) in ONE transaction and ONE fsync.
+    Each caller is answered only after that commit returned, or gets StoreUnavailable.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Callable[[], list[ResultT]]], Awaitable[list[ResultT]]],
+        commit: Callable[[list[ItemT]], list[ResultT]],
+        name: str,
+        limit: int = 256,
+    ) -> None:
+        self._run, self._commit, self._name, self._limit = run, commit, name, limit
+        self._waiting: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        self.committer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: ItemT) -> ResultT:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[ResultT] = loop.create_future()
+        self._waiting.append((item, waiter))
+        if self.committer is None or self.committer.done():
+            self.committer = loop.create_task(self._commit_waiting(), name=self._name)
+            self.committer.add_done_callback(self._ended)
+        return await waiter
+
+    async def finish(self) -> None:
+        """Wait until everything submitted is answered; shielded, so a cancelled caller
+        does not cut a commit off half-way."""
+        if self.committer is not None:
+            await asyncio.wait({asyncio.shield(self.committer)})
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        # A committer cancelled before it ever ran never reached its own `finally`.
+        if task.cancelled() or task.exception() is not None:
+            leftover, self._waiting = self._waiting, []
+            _fail(leftover, StoreUnavailable("the store is closing"))
+
+    async def _commit_waiting(self) -> None:
+        group: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        try:
+            while self._waiting:
+                # Bounded, so one group's latency stays bounded however deep the queue.
+                group, self._waiting = self._waiting[: self._limit], self._waiting[self._limit :]
+                items = [item for item, _ in group]
+                try:
+                    results = await self._run(partial(self._commit, items))
+                except Exception as exc:
+                    failure = (
+                        exc
+                        if isinstance(exc, StoreUnavailable)
+                        else StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
+                    )
+                    _fail(group, failure)
+                    continue
+                for (_, waiter), result in zip(group, results, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(result)
+                group = []
+        finally:
+            # Cancelled or broken off: nobody may wait for an answer that will not come.
+            # Not acknowledged is the safe answer: the sender retries, a duplicate at worst.
+            leftover, self._waiting = [*group, *self._waiting], []
+            _fail(leftover, StoreUnavailable("the store is closing"))
+
+
+def _fail(group: Sequence[tuple[Any, asyncio.Future[Any]]], error: StoreUnavailable) -> None:
+    for _, waiter in group:
         if not waiter.done():
             waiter.set_exception(error)
 
@@ -171,8 +234,12 @@ class SqliteStore:
         self._rdb: sqlite3.Connection | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
-        self._waiting: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
+            self._run, self._accept_group, "relay-commit"
+        )
+        self._settles: GroupCommit[tuple[Sequence[Settlement], float], None] = GroupCommit(
+            self._run, self._settle_group, "relay-settle"
+        )
         self._closed = False
         self._commits = 0
         # RELAY_FAULT_CRASH_AT_COMMIT=N: exit at the Nth ingest commit (tests only).
@@ -244,10 +311,9 @@ class SqliteStore:
 
     async def close(self) -> None:
         self._closed = True
-        if self._committer is not None:
-            # Whoever is waiting for a commit gets its answer before the store goes;
-            # shielded, so a cancelled close() does not cut a commit off half-way.
-            await asyncio.wait({asyncio.shield(self._committer)})
+        # Whoever is waiting for a commit gets its answer before the store goes.
+        await self._accepts.finish()
+        await self._settles.finish()
         try:
             await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
             await self._run(self._close)
@@ -305,53 +371,15 @@ class SqliteStore:
         at = time.time() if now is None else now
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[AcceptResult] = loop.create_future()
-        self._waiting.append((events, at, waiter))
-        if self._committer is None or self._committer.done():
-            self._committer = loop.create_task(self._commit_waiting(), name="relay-commit")
-            self._committer.add_done_callback(self._committer_ended)
-        return await waiter
-
-    def _committer_ended(self, task: asyncio.Task[None]) -> None:
-        # A committer cancelled before it ever ran never reached its own `finally`.
-        if task.cancelled() or task.exception() is not None:
-            leftover, self._waiting = self._waiting, []
-            _fail(leftover, StoreUnavailable("the store is closing"))
-
-    async def _commit_waiting(self) -> None:
-        group: list[tuple[Sequence[NewEvent], float, asyncio.Future[AcceptResult]]] = []
-        try:
-            while self._waiting:
-                # Bounded, so one group's latency stays bounded however deep the queue.
-                group, self._waiting = self._waiting[:_GROUP_MAX], self._waiting[_GROUP_MAX:]
-                try:
-                    results = await self._run(partial(self._accept_group, group))
-                except Exception as exc:
-                    failure = (
-                        exc
-                        if isinstance(exc, StoreUnavailable)
-                        else StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
-                    )
-                    _fail(group, failure)
-                    continue
-                for (_, _, waiter), result in zip(group, results, strict=True):
-                    if not waiter.done():
-                        waiter.set_result(result)
-                group = []
-        finally:
-            # Cancelled or broken off: nobody may wait for an answer that will not come.
-            # Not acknowledged is the safe answer: the sender retries, a duplicate at worst.
-            leftover, self._waiting = [*group, *self._waiting], []
-            _fail(leftover, StoreUnavailable("the store is closing"))
+        return await self._accepts.submit((events, at))
 
     def _accept_group(
-        self, group: Sequence[tuple[Sequence[NewEvent], float, object]]
+        self, group: Sequence[tuple[Sequence[NewEvent], float]]
     ) -> list[AcceptResult]:
         """Claim and enqueue for a whole group in one transaction, with a handful of
         bulk statements rather than several per event."""
         with self._transaction(fault_point=True) as db:
-            ids = list({event.id for events, _, _ in group for event in events})
+            ids = list({event.id for events, _ in group for event in events})
             claimed: dict[str, float] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
@@ -368,7 +396,7 @@ class SqliteStore:
             old_deliveries: list[tuple[str, str, float, float, float, str, str]] = []
             receipts: list[tuple[str, int, int, int]] = []
             results = []
-            for events, now, _ in group:
+            for events, now in group:
                 accepted: list[str] = []
                 duplicates: list[str] = []
                 for event in events:
@@ -464,18 +492,27 @@ class SqliteStore:
         skip = _not_in(exclude)
 
         def query(db: sqlite3.Connection) -> float | None:
-            row = db.execute(
+            # fetchall, not fetchone: a statement left un-stepped keeps its read
+            # snapshot open, and later reads on this connection would see the past.
+            [(earliest,)] = db.execute(
                 "SELECT MIN(d.next_at) FROM deliveries d"
                 f" WHERE d.sink = ? AND d.state = 'pending'{skip}",
                 (sink, *exclude),
-            ).fetchone()
-            return None if row is None else row[0]
+            ).fetchall()
+            return float(earliest) if earliest is not None else None
 
         return await self._read(query)
 
     async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None:
-        at = time.time() if now is None else now
-        await self._run(lambda: self._settle(settlements, at))
+        """Record what became of deliveries. Grouped like accept(): the sends that finish
+        while a commit is on disk share the next one."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        await self._settles.submit((settlements, time.time() if now is None else now))
+
+    def _settle_group(self, group: Sequence[tuple[Sequence[Settlement], float]]) -> list[None]:
+        self._settle([s for settlements, _ in group for s in settlements], max(n for _, n in group))
+        return [None] * len(group)
 
     def _settle(self, settlements: Sequence[Settlement], now: float) -> None:
         # Settlements alike but for their id (a delivered batch, typically) become one

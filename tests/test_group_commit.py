@@ -101,8 +101,9 @@ async def test_every_waiter_is_answered_when_the_committer_is_cut_off(tmp_path: 
         asyncio.create_task(store.accept([NewEvent(f"e{i}", "q", "{}", ())])) for i in range(600)
     ]
     await asyncio.sleep(0)  # all queued; the first group is on its way to the thread
-    assert store._committer is not None
-    store._committer.cancel()
+    committer = store._accepts.committer
+    assert committer is not None
+    committer.cancel()
     answers = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
     # Nobody hangs: each caller has a result (committed) or StoreUnavailable (not acked).
     assert all(isinstance(a, AcceptResult | StoreUnavailable) for a in answers)

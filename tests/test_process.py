@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ async def test_kill_9_keeps_dedupe_and_delivers_what_was_acked_after_restart(
     relay = await processes(tmp_path, config).start()
     assert await post(relay.url(hook), sample()) == (200, {"accepted": 1, "duplicates": 0})
     await eventually(lambda: read_lines(tmp_path / "data/events.jsonl"))
+    # Written AND recorded as done: killed between the two, the line would be written
+    # again after restart (at least once), which is not what this test is about.
+    await eventually(lambda: _archive_done(tmp_path / "data/relay.db"))
     relay.kill(signal.SIGKILL)
     assert relay.wait() == -signal.SIGKILL
 
@@ -65,6 +69,15 @@ async def test_kill_9_keeps_dedupe_and_delivers_what_was_acked_after_restart(
     await asyncio.sleep(0.3)
     assert len(got) == 1
     assert len(read_lines(tmp_path / "data/events.jsonl")) == 1
+
+
+def _archive_done(db_path: Path) -> bool:
+    db = sqlite3.connect(db_path)
+    try:
+        rows = db.execute("SELECT state FROM deliveries WHERE sink = 'archive'").fetchall()
+    finally:
+        db.close()
+    return rows == [("done",)]
 
 
 async def test_sigterm_drains_and_exits_0(tmp_path, processes, receiver):

@@ -1,0 +1,126 @@
+"""Sink throughput: how fast a running relay drains a queue to a file and to an HTTP app.
+
+Fills a store with N acknowledged events (directly, through the store's own group
+commit), starts `relay serve` on it, and times until every event has reached the sink.
+
+    python bench/sinks.py [--events 20000]
+
+The HTTP receiver is a local aiohttp app in this process (keep-alive, answers 204).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.store import NewEvent, SqliteStore  # noqa: E402
+
+ENVELOPE = (
+    '{{"id":"{id}","source":"qingstor","type":"create_object","time":"2021-08-31T06:25:46Z",'
+    '"subject":"b/k{n}","bucket":"b","key":"k{n}","received_at":"2021-08-31T06:25:46Z",'
+    '"data":{{"qingstor":{{"object":{{"name":"k{n}","size":1}}}}}}}}'
+)
+
+
+async def fill(db: Path, events: int, sink: str) -> None:
+    store = SqliteStore(db, dedupe_window=86400)
+    await store.open()
+    for start in range(0, events, 500):
+        batch = [
+            NewEvent(f"evt_{n}", "qingstor", ENVELOPE.format(id=f"evt_{n}", n=n), (sink,))
+            for n in range(start, min(start + 500, events))
+        ]
+        await store.accept(batch)
+    await store.close()
+
+
+def serve(workdir: Path, sink_yaml: str) -> subprocess.Popen[bytes]:
+    config = workdir / "relay.yaml"
+    config.write_text(
+        "log: {level: warning}\nstore: {path: relay.db}\n"
+        f"sources: {{qingstor: {{kind: qingstor}}}}\nsinks: {{{sink_yaml}}}\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--port", "0"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+async def file_sink(events: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        await fill(workdir / "relay.db", events, "archive")
+        out = workdir / "events.jsonl"
+        proc = serve(workdir, "archive: {kind: file, path: events.jsonl}")
+        started = time.monotonic()
+        try:
+            while not out.exists() or sum(1 for _ in out.open()) < events:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling a file another process writes
+            return events / (time.monotonic() - started)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+async def http_sink(events: int, concurrency: int) -> float:
+    received = 0
+    done = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        nonlocal received
+        await request.read()
+        received += 1
+        if received >= events:
+            done.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/events", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        await fill(workdir / "relay.db", events, "app")
+        url = f"http://127.0.0.1:{port}/events"
+        sink = f"app: {{kind: http, url: '{url}', concurrency: {concurrency}}}"
+        proc = serve(workdir, sink)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(done.wait(), timeout=600)
+            return events / (time.monotonic() - started)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            await runner.cleanup()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=32, help="HTTP sink concurrency")
+    args = parser.parse_args()
+    print(f"{args.events} queued events; the time includes relay's start-up")
+    print(f"file sink: {await file_sink(args.events):9.0f} events/s")
+    rate = await http_sink(args.events, args.concurrency)
+    print(f"http sink: {rate:9.0f} events/s (concurrency {args.concurrency})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
