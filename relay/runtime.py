@@ -196,15 +196,13 @@ class Runtime:
         removed = [n for n in old.sinks if n not in config.sinks]
         changed = [n for n in old.sinks if n in config.sinks and config.sinks[n] != old.sinks[n]]
         added = [n for n in config.sinks if n not in old.sinks]
-        sources = {name: build_source(name, src) for name, src in config.sources.items()}
         fresh = await self._build(config, [*changed, *added])
 
         # Nothing can fail from here on: swap.
         if config.log != old.log:
             configure_logs(config.log.level, config.log.format)
         self.store.dedupe_window = config.dedupe.window
-        self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
-        self.ingest.max_body_bytes = config.server.max_body_bytes
+        self._apply_ingest(config)
         self.config = config
         stale = await self.dispatcher.retire([*removed, *changed], config.server.drain_timeout)
         await self._close(stale)
@@ -218,6 +216,8 @@ class Runtime:
             log.info("sink.started", sinks=list(fresh))
 
     def _apply_ingest(self, config: RelayConfig) -> None:
+        # Sources and router built whole, then swapped in together between two
+        # requests: a request sees the old pair or the new one.
         sources = {name: build_source(name, src) for name, src in config.sources.items()}
         self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
         self.ingest.max_body_bytes = config.server.max_body_bytes

@@ -160,3 +160,12 @@ def test_a_top_level_that_is_not_a_mapping_is_refused(tmp_path):
 
 def test_default_applies_to_an_empty_variable_as_in_the_shell():
     assert interpolate({"x": "${E:-d}", "y": "${E}"}, {"E": ""}) == {"x": "d", "y": ""}
+
+
+def test_every_configurable_kind_has_an_implementation_and_back():
+    from relay.config import SINK_KINDS, SOURCE_KINDS
+    from relay.sinks import SINKS
+    from relay.sources import SOURCES
+
+    assert set(SINKS) == set(SINK_KINDS)
+    assert set(SOURCES) == set(SOURCE_KINDS)
