@@ -18,7 +18,6 @@ from aiohttp import web
 from relay.errors import (
     BodyTooLarge,
     InvalidBody,
-    StoreUnavailable,
     UnknownSource,
     UnsupportedMediaType,
 )
@@ -147,6 +146,3 @@ def decode_json(body: bytes, content_type: str) -> Any:
             else ""
         )
         raise InvalidBody(f"the body is not valid JSON{where}", code="invalid_json") from None
-
-
-__all__ = ["Ingest", "StoreUnavailable", "decode_json", "read_limited"]
