@@ -8,6 +8,7 @@ and drains first, then the sinks close, then the store.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, StoreUnavailable
@@ -85,8 +87,11 @@ async def request_context(
         response = error_response(500, "internal_error", "relay failed; see its log")
     response.headers["X-Request-Id"] = request_id
     _count(request, response.status, started)
-    level = "debug" if request.path in _QUIET_PATHS and response.status < 400 else "info"
-    _log_request(level, request, response.status, started)
+    level = (
+        logging.DEBUG if request.path in _QUIET_PATHS and response.status < 400 else logging.INFO
+    )
+    if logs.enabled(level):
+        _log_request(level, request, response.status, started)
     structlog.contextvars.clear_contextvars()
     return response
 
@@ -102,8 +107,9 @@ def _count(request: web.Request, status: int, started: float) -> None:
         runtime.metrics.ingest_seconds.observe(time.perf_counter() - started)
 
 
-def _log_request(level: str, request: web.Request, status: int, started: float) -> None:
-    getattr(log, level)(
+def _log_request(level: int, request: web.Request, status: int, started: float) -> None:
+    log.log(
+        level,
         "request",
         method=request.method,
         path=request.path,  # never the query string: tokens travel there

@@ -75,8 +75,19 @@ class _QuietParserErrors(logging.Filter):
         return True
 
 
+# The configured level, so the hot path can skip building a line nobody will see.
+# Until configure() runs (tests that build an app in-process), everything is logged.
+_threshold = logging.NOTSET
+
+
+def enabled(level: int) -> bool:
+    return level >= _threshold
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    global _threshold
     out = stream or sys.stdout
+    _threshold = logging.getLevelNamesMapping()[level.upper()]
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -105,9 +116,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.setLevel(level.upper())
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_threshold),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )

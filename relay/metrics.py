@@ -33,6 +33,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._request_children: dict[tuple[str, int], Any] = {}
+        self._source_children: dict[str, tuple[Any, Any]] = {}
         self.requests = Counter(
             "relay_requests", "HTTP requests answered.", ["source", "status"], registry=r
         )
@@ -100,6 +101,14 @@ class Metrics:
             child = self.requests.labels(source, str(status))
             self._request_children[(source, status)] = child
         return child
+
+    def source_counters(self, source: str) -> tuple[Any, Any]:
+        """The (received, duplicates) children for a configured source, looked up once."""
+        children = self._source_children.get(source)
+        if children is None:
+            children = (self.received.labels(source), self.duplicates.labels(source))
+            self._source_children[source] = children
+        return children
 
     def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> bytes:
         """The exposition, with the store's gauges for every configured sink and every

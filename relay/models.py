@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from relay import jsoncodec
+
 # QingStor rules say complete_multipart/abort_multipart, its records complete_upload/
 # abort_upload. relay speaks the rule spelling everywhere and maps the other onto it.
 EVENT_TYPE_ALIASES = {"complete_upload": "complete_multipart", "abort_upload": "abort_multipart"}
@@ -161,7 +163,8 @@ class Envelope:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        """Compact JSON; raises UnicodeEncodeError when `data` holds a lone surrogate."""
+        return jsoncodec.dumps(self.to_dict())
 
 
 def notifier_envelopes(

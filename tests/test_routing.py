@@ -12,7 +12,7 @@ from relay.sources import RequestMeta
 from relay.sources.qingstor import QingStorSource
 from tests.conftest import notifier_body, sample
 
-META = RequestMeta(headers={}, query={}, peer=None)
+META = RequestMeta(headers={}, query={})
 
 
 def event(key="photos/cat.jpg", kind="create_object", size=2048, notification="mp4-notify"):

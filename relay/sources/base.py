@@ -6,7 +6,8 @@ import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from functools import cached_property
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Protocol
 
 from pydantic import SecretStr
@@ -15,13 +16,21 @@ from relay.errors import Forbidden, Unauthorized
 from relay.models import Envelope
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RequestMeta:
     """The parts of a request a source may judge before its body is read."""
 
     headers: Mapping[str, str]
     query: Mapping[str, str]
-    peer: IPv4Address | IPv6Address | None
+    remote: str | None = None  # the socket peer's address, as aiohttp reports it
+
+    @cached_property
+    def peer(self) -> IPv4Address | IPv6Address | None:
+        # Parsed only for a source with allow_ips: most never look.
+        try:
+            return ip_address(self.remote or "")
+        except ValueError:
+            return None
 
 
 class Source(Protocol):
