@@ -1,21 +1,27 @@
-"""Prometheus metrics. Counters and histograms count what this process did; the gauges
-are read from the store at scrape time, so they are right after a restart and whichever
-process owns the work.
+"""Prometheus metrics. Counters and histograms count what relay did (with
+`server.workers`, summed over its processes through prometheus_client's multiprocess
+files); the gauges are read from the store at scrape time, so they are right after a
+restart and whichever process answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     exposition,
     generate_latest,
+    values,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from relay.store import SinkStats
 
@@ -29,7 +35,8 @@ _DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 class Metrics:
     """One registry per app, so that several apps (tests) never share counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -71,27 +78,6 @@ class Metrics:
             buckets=_DELIVERY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "relay_queue_depth", "Pending deliveries in the store.", ["sink"], registry=r
-        )
-        self.oldest_pending = Gauge(
-            "relay_oldest_pending_seconds",
-            "Age of the oldest pending delivery.",
-            ["sink"],
-            registry=r,
-        )
-        self.dead_letters = Gauge(
-            "relay_dead_letters", "Dead letters in the store.", ["sink"], registry=r
-        )
-        self.circuit_open = Gauge(
-            "relay_circuit_open", "1 while the sink's circuit is open.", ["sink"], registry=r
-        )
-        self.sink_gone = Gauge(
-            "relay_sink_gone",
-            "1 after the sink's receiver answered 410 Gone (the sink is paused).",
-            ["sink"],
-            registry=r,
-        )
 
     def request_counter(self, source: str, status: int) -> Any:
         """The requests counter's child for (source, status), looked up once: labels()
@@ -111,24 +97,68 @@ class Metrics:
         return children
 
     def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> bytes:
-        """The exposition, with the store's gauges for every configured sink and every
+        """The exposition: this process's counters (with `server.workers`, every
+        process's, summed), and the store's gauges for every configured sink and every
         sink the store still holds work for."""
-        gauges = (
-            self.queue_depth,
-            self.oldest_pending,
-            self.dead_letters,
-            self.circuit_open,
-            self.sink_gone,
-        )
-        for gauge in gauges:
-            gauge.clear()  # a sink gone from both config and store drops out
-        for sink in {*sinks, *stats}:
-            current = stats.get(sink, SinkStats())
-            self.queue_depth.labels(sink).set(current.pending)
-            self.oldest_pending.labels(sink).set(round(current.oldest_pending_s, 3))
-            self.dead_letters.labels(sink).set(current.dead)
+        if self.multiprocess_dir is None:
+            counters = self.registry
+        else:
+            counters = CollectorRegistry()
+            MultiProcessCollector(counters, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        gauges = CollectorRegistry(auto_describe=True)
+        gauges.register(_StoreGauges(stats, sinks, now))
+        return generate_latest(counters) + generate_latest(gauges)
+
+
+def use_multiprocess(directory: Path) -> None:
+    """Count in files under `directory` that every process of one relay shares, so any
+    process answering /metrics reports them all. Call before any Metrics is built.
+
+    prometheus_client picks its value class once, at import, from PROMETHEUS_MULTIPROC_DIR;
+    relay only knows at run time (server.workers), so it sets both. Worker processes
+    inherit the variable and pick the same class on import.
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+class _StoreGauges(Collector):
+    """The gauges, read from the store at scrape time: right after a restart, and the
+    same whichever process answers."""
+
+    def __init__(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> None:
+        self.stats, self.sinks, self.now = stats, sinks, now
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "queue_depth": GaugeMetricFamily(
+                "relay_queue_depth", "Pending deliveries in the store.", labels=["sink"]
+            ),
+            "oldest_pending": GaugeMetricFamily(
+                "relay_oldest_pending_seconds",
+                "Age of the oldest pending delivery.",
+                labels=["sink"],
+            ),
+            "dead_letters": GaugeMetricFamily(
+                "relay_dead_letters", "Dead letters in the store.", labels=["sink"]
+            ),
+            "circuit_open": GaugeMetricFamily(
+                "relay_circuit_open", "1 while the sink's circuit is open.", labels=["sink"]
+            ),
+            "sink_gone": GaugeMetricFamily(
+                "relay_sink_gone",
+                "1 after the sink's receiver answered 410 Gone (the sink is paused).",
+                labels=["sink"],
+            ),
+        }
+        # A sink gone from both config and store drops out.
+        for sink in sorted({*self.sinks, *self.stats}):
+            current = self.stats.get(sink, SinkStats())
             # Past its cool-down an open circuit lets the next send probe: not open.
-            is_open = current.circuit == "open" and current.open_until > now
-            self.circuit_open.labels(sink).set(1 if is_open else 0)
-            self.sink_gone.labels(sink).set(1 if current.gone else 0)
-        return generate_latest(self.registry)
+            is_open = current.circuit == "open" and current.open_until > self.now
+            families["queue_depth"].add_metric([sink], current.pending)
+            families["oldest_pending"].add_metric([sink], round(current.oldest_pending_s, 3))
+            families["dead_letters"].add_metric([sink], current.dead)
+            families["circuit_open"].add_metric([sink], 1 if is_open else 0)
+            families["sink_gone"].add_metric([sink], 1 if current.gone else 0)
+        yield from families.values()
