@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, StoreUnavailable
-from relay.metrics import CONTENT_TYPE
-from relay.runtime import Runtime
+from relay.metrics import CONTENT_TYPE, use_multiprocess
+from relay.runtime import Runtime, with_server
 from relay.store import SqliteStore
+from relay.workers import LeaderLink, Supervisor, WorkerRole, reserve_port, worker_argv
 
 log = structlog.get_logger("relay.app")
 
@@ -36,6 +39,7 @@ STORE = web.AppKey("store", SqliteStore)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 HOUSEKEEPER = web.AppKey("housekeeper", asyncio.Task[None])
 WATCHER = web.AppKey("watcher", asyncio.Task[None])
+LINK = web.AppKey("link", LeaderLink)  # a worker's, to its leader
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -129,6 +133,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    link = request.app.get(LINK)
+    if link is not None and not link.up:
+        return error_response(503, "not_ready", "this worker has lost its leader")
     try:
         await asyncio.wait_for(runtime.store.ping(), timeout=2.0)
     except Exception as exc:
@@ -164,7 +171,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[STORE].open(exclusive=True)
+    # The leader's lock keeps a second relay off the store; its workers share it.
+    await app[STORE].open(exclusive=app[RUNTIME].leader)
     yield
     await app[STORE].close()
 
@@ -187,6 +195,9 @@ async def _begin_drain(app: web.Application) -> None:
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
+    if not runtime.leader:
+        yield  # pruning and watching are the leader's
+        return
     tasks = [asyncio.create_task(_housekeep(runtime), name="relay-housekeeping")]
     app[HOUSEKEEPER] = tasks[0]
     if runtime.config.server.watch_config and runtime.config_path is not None:
@@ -215,8 +226,13 @@ def create_app(
     config: RelayConfig,
     config_path: Path | None = None,
     server_overrides: Mapping[str, Any] | None = None,
+    *,
+    worker: WorkerRole | None = None,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
-    runtime = Runtime(config, config_path, server_overrides)
+    runtime = Runtime(
+        config, config_path, server_overrides, leader=worker is None, metrics_dir=metrics_dir
+    )
     config = runtime.config
     app = web.Application(
         middlewares=[request_context], client_max_size=config.server.max_body_bytes
@@ -244,14 +260,28 @@ async def serve(
     config_path: Path | None = None,
     server_overrides: Mapping[str, Any] | None = None,
     stop: asyncio.Event | None = None,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain within the bound.
-    SIGHUP re-reads `config_path`."""
+    SIGHUP re-reads `config_path`. With `server.workers` above 1 this process leads
+    workers that answer HTTP (relay.workers); `worker` makes it one of them."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
-    app = create_app(config, config_path, server_overrides)
-    config = app[RUNTIME].config
+    workers = with_server(config, server_overrides or {}).server.workers
+    leads = worker is None and workers > 1
+    metrics_dir = _metrics_dir(config, leads, worker)
+    if metrics_dir is not None:
+        use_multiprocess(metrics_dir)
+    app = create_app(config, config_path, server_overrides, worker=worker, metrics_dir=metrics_dir)
+    runtime = app[RUNTIME]
+    config = runtime.config
+    link: LeaderLink | None = None
+    if worker is not None:
+        link = LeaderLink(worker.link_fd, on_lost=stop.set)
+        await link.open()
+        runtime.ingest.accept = link.accept
+        app[LINK] = link
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
@@ -265,27 +295,90 @@ async def serve(
         access_log=None,
         handle_signals=False,
     )
+    supervisor: Supervisor | None = None
+    reserved: socket.socket | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        if leads:
+            assert metrics_dir is not None
+            reserved = reserve_port(config.server.host, config.server.port)
+            host, port = reserved.getsockname()[:2]
+            supervisor = Supervisor(
+                workers,
+                worker_argv(config_path, config.server.host, port, metrics_dir),
+                runtime.commit,
+            )
+            supervisor.start()
+            # Workers re-read the file themselves, once the leader has found it good.
+            runtime.on_reloaded.append(partial(supervisor.signal, signal.SIGHUP))
+            _remove_stale_metrics(config.store.path, keep=metrics_dir)
+            if not await supervisor.wait_listening(within=30.0):
+                log.warning("worker.slow_start", expected=workers)
+        else:
+            site = web.TCPSite(
+                runner,
+                config.server.host,
+                config.server.port,
+                reuse_address=True,
+                # A worker shares the port with its siblings; the kernel spreads
+                # connections across them.
+                reuse_port=worker is not None,
+            )
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            if link is not None:
+                await link.listening()
         # Only now: a reload before the sinks have started would race their start.
-        loop.add_signal_handler(signal.SIGHUP, app[RUNTIME].request_reload, "SIGHUP")
-        log.info("relay.listening", host=host, port=port, config=config.summary())
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload, "SIGHUP")
+        event = "relay.listening" if worker is None else "worker.listening"
+        log.info(event, host=host, port=port, workers=workers, config=config.summary())
         await stop.wait()
         log.info("relay.stopping", signal=received[0] if received else None)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if supervisor is not None:
+            # The workers drain first: what they still hold needs this store. The sinks
+            # start draining meanwhile.
+            runtime.begin_drain()
+            await supervisor.stop(config.server.drain_timeout + 5.0)
         await runner.cleanup()
+        if link is not None:
+            await link.close()
+        if reserved is not None:
+            reserved.close()
+        if leads and metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("relay.stopped")
+
+
+def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) -> Path | None:
+    """Where this relay's processes keep their counters, or None for a single process.
+    Beside the store: a read-only root filesystem still has its data volume."""
+    if worker is not None:
+        return worker.metrics_dir
+    if not leads:
+        return None
+    path = config.store.path.parent / f".relay-metrics-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_stale_metrics(store_path: Path, keep: Path | None) -> None:
+    # Left by a leader killed with -9. Safe to remove now: this process holds the store's
+    # lock, so no other relay on this store is running.
+    for stale in store_path.parent.glob(".relay-metrics-*"):
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def run(
     config: RelayConfig,
     config_path: Path | None = None,
     server_overrides: Mapping[str, Any] | None = None,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Synchronous entry point over `serve`, for the command line."""
-    asyncio.run(serve(config, config_path=config_path, server_overrides=server_overrides))
+    asyncio.run(
+        serve(config, config_path=config_path, server_overrides=server_overrides, worker=worker)
+    )

@@ -11,14 +11,22 @@ from pathlib import Path
 
 import structlog
 
-from relay import __version__, dlq, qingstor_admin, sendtest, status
+from relay import __version__, dlq, logs, qingstor_admin, sendtest, status
 from relay.app import run
 from relay.config import RelayConfig, default_config, load_config
 from relay.errors import ConfigError
 from relay.logs import configure
 from relay.store import Selection
+from relay.workers import WorkerRole
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _worker_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
     serve.add_argument("--watch", action="store_true", help="reload when the config file changes")
+    serve.add_argument(
+        "--workers", type=_worker_count, help="override server.workers (processes, 1-64)"
+    )
+    # Set by a leader on the workers it starts; not for people.
+    serve.add_argument("--worker-number", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-link-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-metrics-dir", type=Path, help=argparse.SUPPRESS)
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
@@ -135,11 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # the store is missing, locked, unreadable...
             print(f"relay {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    flags = (("host", args.host), ("port", args.port), ("watch_config", args.watch or None))
+    flags = (
+        ("host", args.host),
+        ("port", args.port),
+        ("watch_config", args.watch or None),
+        ("workers", args.workers),
+    )
     overrides = {key: value for key, value in flags if value is not None}
+    worker = None
+    if args.worker_number is not None:
+        worker = WorkerRole(args.worker_number, args.worker_link_fd, args.worker_metrics_dir)
+        logs.tag(worker=worker.number)
     configure(config.log.level, config.log.format)
     try:
-        run(config, _config_path(args.config), overrides)
+        run(config, _config_path(args.config), overrides, worker)
     except Exception:
         structlog.get_logger("relay").exception("relay.failed")
         return EXIT_FAILURE

@@ -6,7 +6,7 @@ Nothing here waits for a sink. The answer is 200 only once the store has committ
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from relay.errors import (
 from relay.metrics import Metrics
 from relay.routing import Router
 from relay.sources import RequestMeta, Source
-from relay.store import NewEvent, SqliteStore
+from relay.store import AcceptResult, NewEvent
 
 log = structlog.get_logger("relay.ingest")
 
@@ -39,9 +39,10 @@ class Ingest:
     sources: dict[str, Source]
     router: Router
     max_body_bytes: int
-    store: SqliteStore
+    # Stores the events durably and wakes the sinks that got work: the store's group
+    # commit in this process, or the leader's when this is a worker (server.workers).
+    accept: Callable[[Sequence[NewEvent]], Awaitable[AcceptResult]]
     metrics: Metrics
-    on_enqueued: Callable[[Iterable[str]], None]  # wakes the sinks that got new work
 
     async def handle(self, request: web.Request) -> web.Response:
         name = request.match_info["source"]
@@ -70,10 +71,9 @@ class Ingest:
                 ) from None
             events.append(NewEvent(envelope.id, name, text, sinks))
 
-        result = await self.store.accept(events)
+        result = await self.accept(events)
         accepted = set(result.accepted)
         fresh = [e for e in events if e.id in accepted]
-        self.on_enqueued({sink for e in fresh for sink in e.sinks})
         structlog.contextvars.bind_contextvars(
             accepted=len(result.accepted), duplicates=len(result.duplicates)
         )

@@ -84,6 +84,22 @@ def enabled(level: int) -> bool:
     return level >= _threshold
 
 
+# Fields on every line this process logs (a worker's number), kept across reconfigures.
+_tags: dict[str, Any] = {}
+
+
+def tag(**fields: Any) -> None:
+    _tags.update(fields)
+
+
+def _add_tags(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in _tags.items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     global _threshold
     out = stream or sys.stdout
@@ -96,6 +112,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_tags,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

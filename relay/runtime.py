@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from relay.metrics import Metrics
 from relay.routing import Router
 from relay.sinks import Sink, build_sink
 from relay.sources import build_source
-from relay.store import SqliteStore
+from relay.store import AcceptResult, NewEvent, SqliteStore
 
 log = structlog.get_logger("relay.runtime")
 
@@ -38,6 +38,7 @@ _RESTART_ONLY = (
     "server.watch_config",
     "server.watch_interval",
     "server.drain_timeout",  # aiohttp's own shutdown bound is fixed at start
+    "server.workers",
     "store.backend",
     "store.path",
 )
@@ -71,13 +72,20 @@ class Runtime:
         config: RelayConfig,
         config_path: Path | None = None,
         server_overrides: Mapping[str, Any] | None = None,
+        *,
+        leader: bool = True,
+        metrics_dir: Path | None = None,
     ) -> None:
         # Command-line flags (--host, --port, --watch) outrank the file, on every reload.
         self.server_overrides = dict(server_overrides or {})
         self.config = with_server(config, self.server_overrides)
         self.config_path = config_path
+        # The leader holds the store's lock and runs the sinks and background work; a
+        # worker (server.workers) only ingests, and wakes the leader's lanes.
+        self.leader = leader
+        self.on_reloaded: list[Callable[[], None]] = []
         config = self.config
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
         self.dispatcher = Dispatcher(self.store, self.metrics)
         self.sinks: dict[str, Sink] = {}
@@ -85,9 +93,8 @@ class Runtime:
             sources={},
             router=Router([]),
             max_body_bytes=config.server.max_body_bytes,
-            store=self.store,
+            accept=self.commit,
             metrics=self.metrics,
-            on_enqueued=self.dispatcher.wake,
         )
         self._apply_ingest(config)
         self._lock = asyncio.Lock()
@@ -97,11 +104,20 @@ class Runtime:
         # look is still a change.
         self.fingerprint = None if config_path is None else Fingerprint.of(config_path)
 
+    async def commit(self, events: Sequence[NewEvent]) -> AcceptResult:
+        """Store events durably (group commit), then wake the sinks that got work."""
+        result = await self.store.accept(events)
+        accepted = set(result.accepted)
+        self.dispatcher.wake({sink for e in events if e.id in accepted for sink in e.sinks})
+        return result
+
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start_sinks(self) -> None:
         """Start every configured sink and its lane; dead-letter work for sinks gone
         from the config since the last run."""
+        if not self.leader:
+            return
         async with self._lock:
             retired = await self.store.retire_sinks(self.config.sinks)
             if retired:
@@ -160,6 +176,8 @@ class Runtime:
                 log.exception("config.reload_failed", trigger=why, path=str(self.config_path))
                 return False
             log.info("config.reloaded", trigger=why, config=config.summary())
+            for hook in self.on_reloaded:
+                hook()
             return True
 
     def _keep_restart_only(self, config: RelayConfig) -> RelayConfig:
@@ -193,9 +211,11 @@ class Runtime:
         """Swap `config` in. The new sinks are built and started first: if one fails,
         they are closed again and nothing of the new config is in force (ConfigError)."""
         old = self.config
-        removed = [n for n in old.sinks if n not in config.sinks]
-        changed = [n for n in old.sinks if n in config.sinks and config.sinks[n] != old.sinks[n]]
-        added = [n for n in config.sinks if n not in old.sinks]
+        # A worker runs no sinks: for it only the ingest side changes.
+        sinks = (old.sinks, config.sinks) if self.leader else ({}, {})
+        removed = [n for n in sinks[0] if n not in sinks[1]]
+        changed = [n for n in sinks[0] if n in sinks[1] and sinks[1][n] != sinks[0][n]]
+        added = [n for n in sinks[1] if n not in sinks[0]]
         fresh = await self._build(config, [*changed, *added])
 
         # Nothing can fail from here on: swap.

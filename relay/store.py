@@ -223,6 +223,25 @@ def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
 
+# Rows per multi-row INSERT: far below SQLite's 32,766 bound variables.
+_ROWS_PER_INSERT = 256
+
+
+def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """INSERT many rows in a few statements of many VALUES each, not one per row as
+    executemany does. Each statement is one trip into SQLite, and the store thread must
+    win the GIL back from the event loop after every trip: per row, that wait made a
+    group's transaction (and the write lock it holds) last several times longer."""
+    if not rows:
+        return
+    width = len(rows[0])
+    one = f"({','.join('?' * width)})"
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        values = ",".join([one] * len(chunk))
+        db.execute(f"INSERT INTO {into} VALUES {values}", [v for row in chunk for v in row])
+
+
 class SqliteStore:
     def __init__(self, path: Path, *, dedupe_window: float) -> None:
         self.path = path
@@ -234,6 +253,7 @@ class SqliteStore:
         self._rdb: sqlite3.Connection | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
+        self._write_lock: BinaryIO | None = None
         self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
             self._run, self._accept_group, "relay-commit"
         )
@@ -272,6 +292,7 @@ class SqliteStore:
                 ) from None
             self._lock = lock
         try:
+            self._write_lock = open(f"{self.path}.writer", "a+b")  # noqa: SIM115
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -328,6 +349,9 @@ class SqliteStore:
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
+        if self._write_lock is not None:
+            self._write_lock.close()
+            self._write_lock = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -340,23 +364,41 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, fault_point: bool = False) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
-        # for want of it.
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        with self._writing():
+            # IMMEDIATE takes SQLite's write lock up front, so a transaction never fails
+            # half-way for want of it.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                if fault_point:
+                    self._commits += 1
+                    if self._crash_at_commit == self._commits:
+                        # Fault injection for the tests: die as a power cut would, after
+                        # the group's writes and before their commit reaches the disk.
+                        os._exit(86)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Queue for the store's writer lock file across processes (a leader and its
+        workers, a `relay dlq` command). SQLite's own busy handler polls with sleeps of
+        up to 100 ms: two processes committing steadily spent most of their time asleep.
+        flock wakes the next writer the moment the lock is free; a process that dies
+        holding it releases it."""
+        lock = self._write_lock
+        if lock is None:
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield db
-            if fault_point:
-                self._commits += 1
-                if self._crash_at_commit == self._commits:
-                    # Fault injection for the tests: die as a power cut would, after
-                    # the group's writes and before their commit reaches the disk.
-                    os._exit(86)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
     # --- ingest ------------------------------------------------------------------------
 
@@ -394,7 +436,7 @@ class SqliteStore:
             reclaimed: list[tuple[str, str, float, float, str]] = []
             new_deliveries: list[tuple[str, str, float, float, float]] = []
             old_deliveries: list[tuple[str, str, float, float, float, str, str]] = []
-            receipts: list[tuple[str, int, int, int]] = []
+            receipts: dict[tuple[str, int], list[int]] = {}
             results = []
             for events, now in group:
                 accepted: list[str] = []
@@ -425,24 +467,18 @@ class SqliteStore:
                             (event.id, s, now, now, now, event.id, s) for s in event.sinks
                         )
                 if events:
-                    receipts.append(
-                        (events[0].source, int(now // 60), len(events), len(duplicates))
-                    )
+                    counts = receipts.setdefault((events[0].source, int(now // 60)), [0, 0])
+                    counts[0] += len(events)
+                    counts[1] += len(duplicates)
                 results.append(AcceptResult(accepted, duplicates))
-            db.executemany(
-                "INSERT INTO events (id, source, envelope, received_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                fresh,
-            )
+            _insert_rows(db, "events (id, source, envelope, received_at, expires_at)", fresh)
             db.executemany(
                 "UPDATE events SET source = ?, envelope = ?, received_at = ?, expires_at = ?"
                 " WHERE id = ?",
                 reclaimed,
             )
-            db.executemany(
-                "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                new_deliveries,
+            _insert_rows(
+                db, "deliveries (event_id, sink, next_at, created_at, updated_at)", new_deliveries
             )
             # A re-claimed event may still have a delivery pending from its first claim:
             # one pending delivery per event and sink is enough. INDEXED BY: the planner
@@ -459,7 +495,7 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?) ON CONFLICT (source, minute) DO UPDATE SET"
                 " received = received + excluded.received,"
                 " duplicates = duplicates + excluded.duplicates",
-                receipts,
+                [(source, minute, *counts) for (source, minute), counts in receipts.items()],
             )
             return results
 

@@ -133,8 +133,6 @@ def test_authentication_order_and_sources_of_the_token():
         source.authenticate(RequestMeta(headers={}, query={"token": "nope"}, remote="192.0.2.7"))
     assert wrong.value.code == "invalid_token" and "t0k" not in wrong.value.message
     with pytest.raises(Forbidden):
-        source.authenticate(
-            RequestMeta(headers={}, query={"token": "t0k"}, remote="198.51.100.1")
-        )
+        source.authenticate(RequestMeta(headers={}, query={"token": "t0k"}, remote="198.51.100.1"))
     with pytest.raises(Forbidden):
         source.authenticate(RequestMeta(headers={}, query={"token": "t0k"}))

@@ -1,0 +1,208 @@
+"""`server.workers`: a leader and its worker processes, really started, on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import ClientSession
+
+from relay.errors import StoreUnavailable
+from relay.store import AcceptResult, NewEvent
+from relay.workers import LeaderLink, serve_worker
+from tests.conftest import TOKEN, eventually, notifier_body, read_lines
+from tests.processes import RelayProcess, post
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+
+
+def config(**server: Any) -> dict[str, Any]:
+    return {
+        "server": {"workers": 2, "drain_timeout": "5s", **server},
+        "log": {"level": "info"},
+        "store": {"path": "data/relay.db"},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {"archive": {"kind": "file", "path": "data/events.jsonl"}},
+    }
+
+
+async def start(processes, tmp_path: Path, **server: Any) -> RelayProcess:
+    relay: RelayProcess = await processes(tmp_path, config(**server)).start()
+    # The leader says it listens only once every worker does.
+    assert len(_workers(relay)) == 2
+    return relay
+
+
+def _workers(relay: RelayProcess) -> dict[int, int]:
+    """Worker number -> pid, as last started."""
+    return {e["worker"]: e["pid"] for e in relay.logs() if e.get("event") == "worker.started"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by a dead leader's init) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _post_each(relay: RelayProcess, bodies: list[dict[str, Any]]) -> list[tuple[int, Any]]:
+    # One connection per request: the kernel spreads connections, not requests.
+    return list(await asyncio.gather(*(post(relay.url(HOOK), body) for body in bodies)))
+
+
+async def test_workers_share_one_port_and_each_event_is_stored_and_delivered_once(
+    tmp_path: Path, processes
+):
+    relay = await start(processes, tmp_path)
+    bodies = [notifier_body(f"w/{n}.txt", request_id=f"req-{n}") for n in range(60)]
+    answers = await _post_each(relay, bodies)
+    assert answers == [(200, {"accepted": 1, "duplicates": 0})] * 60
+
+    # QingStor's retries, to whichever worker they land on, are duplicates.
+    again = await _post_each(relay, bodies[:20])
+    assert again == [(200, {"accepted": 0, "duplicates": 1})] * 20
+
+    lines = await eventually(
+        lambda: (found := read_lines(tmp_path / "data/events.jsonl")) and len(found) >= 60 and found
+    )
+    await asyncio.sleep(0.3)
+    lines = read_lines(tmp_path / "data/events.jsonl")
+    assert sorted(line["key"] for line in lines) == sorted(f"w/{n}.txt" for n in range(60))
+
+    # Both workers answered hooks; the leader answered none (it has no HTTP site).
+    served = {e.get("worker") for e in relay.logs() if e.get("event") == "request"}
+    assert served == {1, 2}
+
+    # Whichever process answers /metrics reports every process's counters.
+    async with ClientSession() as session:
+        for _ in range(4):
+            async with session.get(relay.url("/metrics"), headers={"Connection": "close"}) as r:
+                text = await r.text()
+            assert 'relay_events_received_total{source="qingstor"} 80.0' in text
+            assert 'relay_events_duplicate_total{source="qingstor"} 20.0' in text
+            assert 'relay_deliveries_total{outcome="done",sink="archive"} 60.0' in text
+            assert 'relay_queue_depth{sink="archive"} 0.0' in text
+
+
+async def test_sigterm_drains_the_workers_then_the_leader_and_exits_0(tmp_path: Path, processes):
+    relay = await start(processes, tmp_path)
+    pids = list(_workers(relay).values())
+    assert await post(relay.url(HOOK), notifier_body("a.txt")) == (
+        200,
+        {"accepted": 1, "duplicates": 0},
+    )
+    relay.kill(signal.SIGTERM)
+    assert relay.wait(within=20) == 0
+    assert not any(_alive(pid) for pid in pids)
+    # The leader's shared metrics folder goes with it.
+    assert not list((tmp_path / "data").glob(".relay-metrics-*"))
+    assert [e["key"] for e in read_lines(tmp_path / "data/events.jsonl")] == ["a.txt"]
+
+
+async def test_a_worker_that_dies_is_replaced(tmp_path: Path, processes):
+    relay = await start(processes, tmp_path)
+    first = _workers(relay)[1]
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: any(e.get("event") == "worker.exited" for e in relay.logs()))
+    replaced = await eventually(lambda: (pid := _workers(relay)[1]) != first and pid, within=15)
+    await eventually(
+        lambda: sum(e.get("event") == "worker.listening" for e in relay.logs()) >= 3, within=15
+    )
+    assert _alive(replaced)
+    answers = await _post_each(relay, [notifier_body(f"r/{n}") for n in range(10)])
+    assert {status for status, _ in answers} == {200}
+
+
+async def test_workers_do_not_outlive_a_killed_leader(tmp_path: Path, processes):
+    relay = await start(processes, tmp_path)
+    pids = list(_workers(relay).values())
+    relay.kill(signal.SIGKILL)
+    relay.wait()
+    await eventually(lambda: not any(_alive(pid) for pid in pids), within=15)
+
+
+async def test_sighup_reloads_the_leader_and_then_every_worker(tmp_path: Path, processes):
+    relay = await start(processes, tmp_path)
+    changed = config()
+    changed["sources"]["qingstor"]["token"] = "a-new-token"
+    (tmp_path / "relay.yaml").write_text(yaml.safe_dump(changed))
+    relay.kill(signal.SIGHUP)
+
+    def reloaded() -> set[Any]:
+        return {e.get("worker") for e in relay.logs() if e.get("event") == "config.reloaded"}
+
+    await eventually(lambda: reloaded() == {None, 1, 2}, within=15)
+    new_hook = "/hooks/qingstor?token=a-new-token"
+    bodies = [notifier_body(f"h/{n}") for n in range(20)]
+    answers = await asyncio.gather(*(post(relay.url(new_hook), b) for b in bodies))
+    assert {status for status, _ in answers} == {200}
+    old = await asyncio.gather(*(post(relay.url(HOOK), b) for b in bodies[:10]))
+    assert {status for status, _ in old} == {401}
+
+
+# --- the link between a worker and its leader, over a real socket pair --------------------
+
+
+async def _linked(accept) -> tuple[LeaderLink, asyncio.Task[None], asyncio.Event]:
+    ours, theirs = socket.socketpair()
+    lost = asyncio.Event()
+    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
+    theirs.close()
+    await link.open()
+    served = asyncio.create_task(serve_worker(ours, accept, 1, lambda: None))
+    return link, served, lost
+
+
+async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_error():
+    seen: list[list[NewEvent]] = []
+
+    async def accept(events):
+        seen.append(list(events))
+        if events[0].id == "evt_broken":
+            raise StoreUnavailable("disk I/O error")
+        return AcceptResult([e.id for e in events], [])
+
+    link, served, _ = await _linked(accept)
+    event = NewEvent("evt_1", "qingstor", '{"id":"evt_1"}', ("archive", "app"))
+    assert await link.accept([event]) == AcceptResult(["evt_1"], [])
+    assert seen == [[event]]
+    with pytest.raises(StoreUnavailable, match="disk I/O error"):
+        await link.accept([NewEvent("evt_broken", "qingstor", "{}", ())])
+    await link.close()
+    await asyncio.wait_for(served, 5)
+
+
+async def test_a_lost_leader_fails_what_the_worker_waits_for_and_stops_it():
+    release = asyncio.Event()
+
+    async def accept(events):
+        await release.wait()
+        return AcceptResult([], [])
+
+    ours, theirs = socket.socketpair()
+    lost = asyncio.Event()
+    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
+    theirs.close()
+    await link.open()
+    waiting = asyncio.create_task(link.accept([NewEvent("evt_1", "q", "{}", ())]))
+    await asyncio.sleep(0.1)
+    ours.close()  # the leader is gone before answering
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(lost.wait(), 5)
+    assert not link.up
+    with pytest.raises(StoreUnavailable):
+        await link.accept([NewEvent("evt_2", "q", "{}", ())])
+    await link.close()
