@@ -47,10 +47,28 @@ def wait_listening(port: int, within: float = 20.0) -> None:
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """RSS of the process and its children (relay's workers), in MiB."""
+    total = 0.0
+    for proc in [pid, *children(pid)]:
+        try:
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
@@ -126,8 +144,8 @@ def bench_webhook(workdir: Path, args: argparse.Namespace) -> dict[str, float] |
     return measure(proc, port, args)
 
 
-def bench_relay(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
-    data = workdir / "relay"
+def bench_relay(workdir: Path, args: argparse.Namespace, workers: int) -> dict[str, float]:
+    data = workdir / f"relay-{workers}"
     data.mkdir()
     config = data / "relay.yaml"
     config.write_text(
@@ -135,6 +153,7 @@ def bench_relay(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
         f"sources: {{qingstor: {{kind: qingstor, token: {TOKEN}}}}}\n"
         "sinks: {archive: {kind: file, path: events.jsonl}}\n"
         "store: {path: relay.db}\n"
+        f"server: {{workers: {workers}}}\n"
     )
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -157,6 +176,8 @@ def bench_relay(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     )
     try:
         wait_listening(port)
+        if workers > 1:
+            time.sleep(2.0)  # the port answers once the first worker listens: wait for all
         url = f"http://127.0.0.1:{port}/hooks/qingstor?token={TOKEN}"
         result = run_wrk(url, args.duration, args.connections)
         result["rss"] = rss_mib(proc.pid)
@@ -179,17 +200,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per server")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server.workers for the second relay row (default: one per core)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        rows = {
+        rows: dict[str, dict[str, float] | None] = {
             "bare aiohttp (parse JSON)": bench_bare(workdir, args),
             "adnanh/webhook": bench_webhook(workdir, args),
-            "relay (SQLite, group commit, file sink)": bench_relay(workdir, args),
+            "relay, 1 process": bench_relay(workdir, args, 1),
         }
+        if args.workers > 1:
+            rows[f"relay, workers: {args.workers}"] = bench_relay(workdir, args, args.workers)
     bare = rows["bare aiohttp (parse JSON)"]
     hook = rows["adnanh/webhook"]
     print(

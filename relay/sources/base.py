@@ -48,13 +48,13 @@ class Source(Protocol):
 
 
 def check_peer(
-    source: str,
-    networks: Sequence[IPv4Network | IPv6Network] | None,
-    peer: IPv4Address | IPv6Address | None,
+    source: str, networks: Sequence[IPv4Network | IPv6Network] | None, meta: RequestMeta
 ) -> None:
-    """Raise Forbidden unless `peer` is in one of `networks` (None: every address may post)."""
+    """Raise Forbidden unless the peer is in one of `networks` (None: every address may
+    post, and the peer's address is never parsed)."""
     if networks is None:
         return
+    peer = meta.peer
     candidates: list[IPv4Address | IPv6Address] = [] if peer is None else [peer]
     # A dual-stack listener reports IPv4 senders as ::ffff:a.b.c.d; operators write a.b.c.d.
     if isinstance(peer, IPv6Address) and peer.ipv4_mapped is not None:

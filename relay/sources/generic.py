@@ -78,7 +78,7 @@ class GenericSource(BodySource):
         self.config = config
 
     def authenticate(self, meta: RequestMeta) -> None:
-        check_peer(self.name, self.config.allow_ips, meta.peer)
+        check_peer(self.name, self.config.allow_ips, meta)
         check_token(self.config.token, meta)
         if self.config.basic_auth is not None:
             check_basic(self.config.basic_auth, meta.headers)

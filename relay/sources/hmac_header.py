@@ -42,7 +42,7 @@ class HmacSource(BodySource):
         )
 
     def authenticate(self, meta: RequestMeta) -> None:
-        check_peer(self.name, self.config.allow_ips, meta.peer)
+        check_peer(self.name, self.config.allow_ips, meta)
         # Refused before the body is read: an unsigned request costs relay nothing.
         if not header_value(meta.headers, self.config.header):
             raise self._missing()

@@ -38,7 +38,7 @@ class QingStorSource:
         self.config = config
 
     def authenticate(self, meta: RequestMeta) -> None:
-        check_peer(self.name, self.config.allow_ips, meta.peer)
+        check_peer(self.name, self.config.allow_ips, meta)
         check_token(self.config.token, meta)
 
     def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:

@@ -38,7 +38,7 @@ class StandardWebhooksSource(BodySource):
         self._keys = [whsec_key(secret.get_secret_value()) for secret in config.secrets]
 
     def authenticate(self, meta: RequestMeta) -> None:
-        check_peer(self.name, self.config.allow_ips, meta.peer)
+        check_peer(self.name, self.config.allow_ips, meta)
         # Refused before the body is read: an unsigned request costs relay nothing.
         self._require_headers(meta)
 
