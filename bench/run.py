@@ -71,7 +71,8 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
+def run_wrk(url: str, duration: int, connections: int, pause_ms: float = 0.0) -> dict[str, float]:
+    env = {**os.environ, "WRK_DELAY_MS": str(pause_ms)}
     out = subprocess.run(
         [
             "wrk",
@@ -86,6 +87,7 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout
 
     def latency(label: str) -> float:
@@ -190,6 +192,9 @@ def bench_relay(workdir: Path, args: argparse.Namespace, workers: int) -> dict[s
                 break
             time.sleep(0.2)
         result["delivered"] = lines
+        # Then a steady load: 32 connections pausing 30 ms on average, about 1,000 req/s.
+        steady = run_wrk(url, args.duration, 32, pause_ms=args.steady_pause_ms)
+        result["steady_rps"], result["steady_p99"] = steady["rps"], steady["p99"]
         return result
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -200,6 +205,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per server")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--steady-pause-ms",
+        type=float,
+        default=30.0,
+        help="mean pause per connection for the steady-load p99 (30 ms: ~1,000 req/s)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -227,7 +238,8 @@ def main() -> int:
     )
     print(
         f"{'server':42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs webhook':>10}"
-        f" {'vs bare':>8} {'delivered':>10} {'RSS MiB':>8}"
+        f" {'vs bare':>8} {'delivered':>12} {'RSS MiB':>8} {'steady req/s':>12}"
+        f" {'steady p99':>10}"
     )
     for name, r in rows.items():
         if r is None:
@@ -235,9 +247,10 @@ def main() -> int:
             continue
         vs_hook = f"{r['rps'] / hook['rps']:.2f}x" if hook else "-"
         delivered = f"{int(r['delivered'])}/{int(r['ok'])}" if "delivered" in r else "-"
+        steady = f"{r['steady_rps']:12.0f} {r['steady_p99']:10.2f}" if "steady_rps" in r else ""
         print(
             f"{name:42} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {vs_hook:>10}"
-            f" {r['rps'] / bare['rps']:7.2f}x {delivered:>10} {r['rss']:8.1f}"
+            f" {r['rps'] / bare['rps']:7.2f}x {delivered:>12} {r['rss']:8.1f} {steady}"
         )
     return 0
 

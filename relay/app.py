@@ -8,6 +8,7 @@ and drains first, then the sinks close, then the store.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -330,6 +331,7 @@ async def serve(
                 await link.listening()
         # Only now: a reload before the sinks have started would race their start.
         loop.add_signal_handler(signal.SIGHUP, runtime.request_reload, "SIGHUP")
+        _tune_gc()
         event = "relay.listening" if worker is None else "worker.listening"
         log.info(event, host=host, port=port, workers=workers, config=config.summary())
         await stop.wait()
@@ -350,6 +352,17 @@ async def serve(
         if leads and metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("relay.stopped")
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the ack path. Everything built at startup
+    (modules, config, app) is frozen out of its scans, and young collections run every
+    20,000 allocations rather than every 700: at a thousand requests a second, its
+    full scans were the tail of the ack latency (p99 about 8 ms with this, 10-15
+    without, bench/run.py --steady)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) -> Path | None:

@@ -67,6 +67,7 @@ class Lane:
         self.worker: asyncio.Task[None] | None = None
         self.sending: set[asyncio.Task[None]] = set()
         self.in_flight: set[int] = set()
+        self.caught_up = True  # the last look found less than it could take
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -171,6 +172,7 @@ class Dispatcher:
                     due = await self.store.due(name, limit * free, exclude=lane.in_flight)
                     if lane.stop.is_set():
                         break  # taken while stopping: left pending for the next start
+                    lane.caught_up = len(due) < limit * free
                     if due:
                         for start in range(0, len(due), limit):
                             batch = due[start : start + limit]
@@ -190,6 +192,8 @@ class Dispatcher:
                 await asyncio.wait_for(
                     lane.wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll)
                 )
+            if sink.linger and lane.caught_up and not lane.stop.is_set():
+                await asyncio.sleep(sink.linger)
 
     async def _observe(self, lane: Lane, outcomes: Sequence[Outcome], now: float) -> None:
         """Feed one send's result to the sink's circuit and gone flag; log changes."""

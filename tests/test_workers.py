@@ -103,6 +103,7 @@ async def test_sigterm_drains_the_workers_then_the_leader_and_exits_0(tmp_path: 
         200,
         {"accepted": 1, "duplicates": 0},
     )
+    await eventually(lambda: read_lines(tmp_path / "data/events.jsonl"))
     relay.kill(signal.SIGTERM)
     assert relay.wait(within=20) == 0
     assert not any(_alive(pid) for pid in pids)

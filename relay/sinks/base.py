@@ -54,6 +54,7 @@ class PostingSink:
 
     timeout: float
     connections: int = 1
+    linger: float = 0.0
     _session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -140,6 +141,9 @@ class Sink(Protocol):
     # and how many send() calls may be in flight at once (an HTTP sink's connections).
     batch_size: int
     concurrency: int
+    # Seconds to wait, once caught up, before taking the next batch: a few more events
+    # arrive meanwhile and share its one write and one settlement (0: send at once).
+    linger: float
 
     async def start(self) -> None: ...
 

@@ -14,6 +14,8 @@ from relay.sinks.base import DONE, Outcome
 class FileSink:
     batch_size = 512
     concurrency = 1  # one writer keeps lines whole and in order
+    # Under a steady stream, one fsync per 10 ms rather than one per ingest commit.
+    linger = 0.01
 
     def __init__(self, name: str, config: FileSinkConfig) -> None:
         self.name = name
