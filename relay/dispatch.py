@@ -7,6 +7,7 @@ never waits for any of them: it only wakes the workers of the sinks it enqueued 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Literal
 
 import structlog
 
+from relay import logs
 from relay.circuit import CircuitBreaker
 from relay.config import RetryConfig, SinkConfig
 from relay.metrics import Metrics
@@ -260,7 +262,7 @@ class Dispatcher:
             return
         await self._observe(lane, outcomes, now)
         if self.metrics is not None:
-            self.metrics.delivery_seconds.labels(name).observe(elapsed)
+            self.metrics.delivery_timer(name).observe(elapsed)
         elapsed_ms = round(elapsed * 1000, 1)
         counted: dict[Literal["retry", "done", "dead"], int] = {}
         for delivery, settled in zip(batch, settlements, strict=True):
@@ -289,14 +291,14 @@ class Dispatcher:
                     retry_in_s=round(settled.next_at - now, 3),
                     **fields,
                 )
-        if counted.get("done"):
+        if counted.get("done") and logs.enabled(logging.DEBUG):
             done = [
                 d.event_id for d, s in zip(batch, settlements, strict=True) if s.state == "done"
             ]
             log.debug("delivery.done", sink=name, event_ids=done, elapsed_ms=elapsed_ms)
         if self.metrics is not None:
             for outcome_kind, count in counted.items():
-                self.metrics.deliveries.labels(name, outcome_kind).inc(count)
+                self.metrics.delivery_counter(name, outcome_kind).inc(count)
 
 
 async def _drain(lanes: Sequence[Lane], grace: float) -> None:

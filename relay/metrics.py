@@ -41,6 +41,7 @@ class Metrics:
         r = self.registry
         self._request_children: dict[tuple[str, int], Any] = {}
         self._source_children: dict[str, tuple[Any, Any]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "relay_requests", "HTTP requests answered.", ["source", "status"], registry=r
         )
@@ -86,6 +87,20 @@ class Metrics:
         if child is None:
             child = self.requests.labels(source, str(status))
             self._request_children[(source, status)] = child
+        return child
+
+    def delivery_counter(self, sink: str, outcome: str) -> Any:
+        """The deliveries counter's child for (sink, outcome), looked up once."""
+        return self._child(self.deliveries, sink, outcome)
+
+    def delivery_timer(self, sink: str) -> Any:
+        return self._child(self.delivery_seconds, sink)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
         return child
 
     def source_counters(self, source: str) -> tuple[Any, Any]:

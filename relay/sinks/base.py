@@ -95,7 +95,9 @@ async def post(
             text = (await response.content.read(1024)).decode("utf-8", "replace")
             # Scrubbed before anyone shortens it: a cut could leave part of the URL.
             return Answer(
-                response.status, response.headers.get("Retry-After"), scrub_url(text, url)
+                response.status,
+                response.headers.get("Retry-After"),
+                scrub_url(text, url) if text else "",
             )
     except aiohttp.InvalidURL:
         # Its message would echo the URL.

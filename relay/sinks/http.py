@@ -92,6 +92,8 @@ class HttpSink(PostingSink):
         self.connections = config.concurrency
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        if len(batch) == 1:  # the dispatcher's usual call (batch_size 1): no extra task
+            return [await self._post(batch[0])]
         return list(await asyncio.gather(*(self._post(d) for d in batch)))
 
     def request_for(self, delivery: Delivery, now: float) -> tuple[bytes, dict[str, str]]:
