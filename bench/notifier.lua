@@ -1,7 +1,10 @@
 -- wrk script: every request is a distinct QingStor notifier record (unique request_id),
 -- so relay stores each one instead of answering a duplicate.
 local counter = 0
-local prefix = string.format("%x", math.random(0, 0xffffff))
+-- Seeded from the clock: Lua's generator starts the same in every run, and a repeated
+-- prefix would make a second run's requests duplicates of the first's.
+math.randomseed(os.time())
+local prefix = string.format("%x-%x", os.time(), math.random(0, 0xffffff))
 
 request = function()
   counter = counter + 1

@@ -112,3 +112,20 @@ async def test_a_reclaimed_event_does_not_queue_a_second_pending_delivery(tmp_pa
         assert await store.counts() == {"events": 1, "pending": 1}
     finally:
         await store.close()
+
+
+async def test_a_big_group_is_stored_whole_across_several_multi_row_inserts(tmp_path):
+    # 700 events with two sinks each: 700 event rows and 1,400 delivery rows, more
+    # than one INSERT statement holds; all of them land, in order, in one commit.
+    store = await open_store(tmp_path / "r.db")
+    try:
+        batch = [event(i) for i in range(700)]
+        result = await store.accept([*batch, event(3)], now=1000.0)
+        assert result.accepted == [e.id for e in batch]
+        assert result.duplicates == ["evt_3"]
+        assert await store.counts() == {"events": 700, "pending": 1400}
+        due = await store.due("b", limit=1000, now=1000.0)
+        assert [d.event_id for d in due] == [e.id for e in batch]
+        assert [d.envelope for d in due[:2]] == ['{"id": "evt_0"}', '{"id": "evt_1"}']
+    finally:
+        await store.close()
