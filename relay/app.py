@@ -17,7 +17,6 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -311,10 +310,16 @@ async def serve(
             )
             supervisor.start()
             # Workers re-read the file themselves, once the leader has found it good.
-            runtime.on_reloaded.append(partial(supervisor.signal, signal.SIGHUP))
+            runtime.on_reloaded.append(supervisor.reload)
             _remove_stale_metrics(config.store.path, keep=metrics_dir)
-            if not await supervisor.wait_listening(within=30.0):
-                log.warning("worker.slow_start", expected=workers)
+            stopped = asyncio.ensure_future(stop.wait())
+            listening = asyncio.ensure_future(supervisor.wait_listening(within=30.0))
+            await asyncio.wait({stopped, listening}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not (listening.done() and listening.result()):
+                listening.cancel()
+                if not stop.is_set():
+                    log.warning("worker.slow_start", expected=workers)
         else:
             site = web.TCPSite(
                 runner,
@@ -372,15 +377,21 @@ def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) ->
         return worker.metrics_dir
     if not leads:
         return None
-    path = config.store.path.parent / f".relay-metrics-{os.getpid()}"
+    path = Path(f"{_metrics_prefix(config.store.path)}{os.getpid()}")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _metrics_prefix(store_path: Path) -> Path:
+    # Named after the store: another relay's store may share the folder.
+    return store_path.with_name(f".{store_path.name}.metrics-")
 
 
 def _remove_stale_metrics(store_path: Path, keep: Path | None) -> None:
     # Left by a leader killed with -9. Safe to remove now: this process holds the store's
     # lock, so no other relay on this store is running.
-    for stale in store_path.parent.glob(".relay-metrics-*"):
+    prefix = _metrics_prefix(store_path)
+    for stale in prefix.parent.glob(f"{prefix.name}*"):
         if stale != keep:
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("workers", args.workers),
     )
     overrides = {key: value for key, value in flags if value is not None}
+    # Until the server installs its own handler, a SIGHUP (a reload sent early, by an
+    # operator or a leader) must not kill the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = None
     if args.worker_number is not None:
         worker = WorkerRole(args.worker_number, args.worker_link_fd, args.worker_metrics_dir)

@@ -22,6 +22,7 @@ from relay.errors import (
     UnsupportedMediaType,
 )
 from relay.metrics import Metrics
+from relay.models import Envelope
 from relay.routing import Router
 from relay.sources import RequestMeta, Source
 from relay.store import AcceptResult, NewEvent
@@ -58,18 +59,12 @@ class Ingest:
         received_at = datetime.now(UTC)
         source.verify(meta, body, received_at.timestamp())
         document = decode_json(body, request.content_type)
-        envelopes = source.parse(meta, document, received_at)
-
-        events = []
-        for envelope in envelopes:
-            sinks = self.router.sinks_for(envelope)
-            try:
-                text = envelope.to_json()
-            except UnicodeEncodeError:
-                raise InvalidBody(
-                    "body contains an unpaired UTF-16 surrogate escape", code="invalid_json"
-                ) from None
-            events.append(NewEvent(envelope.id, name, text, sinks))
+        try:
+            events = self._events(name, source.parse(meta, document, received_at))
+        except RecursionError:
+            # orjson reads nesting the standard library cannot write back (ids and
+            # envelopes are written by it): the sender's mistake, not ours.
+            raise InvalidBody("the body nests too deeply", code="invalid_json") from None
 
         result = await self.accept(events)
         accepted = set(result.accepted)
@@ -89,6 +84,19 @@ class Ingest:
         # Formatted by hand: the hot path's answer has one shape and two integers.
         answer = f'{{"accepted": {len(result.accepted)}, "duplicates": {len(result.duplicates)}}}'
         return web.Response(body=answer.encode(), content_type="application/json")
+
+    def _events(self, name: str, envelopes: Sequence[Envelope]) -> list[NewEvent]:
+        events = []
+        for envelope in envelopes:
+            sinks = self.router.sinks_for(envelope)
+            try:
+                text = envelope.to_json()
+            except UnicodeEncodeError:
+                raise InvalidBody(
+                    "body contains an unpaired UTF-16 surrogate escape", code="invalid_json"
+                ) from None
+            events.append(NewEvent(envelope.id, name, text, sinks))
+        return events
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:

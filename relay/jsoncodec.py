@@ -44,8 +44,10 @@ def loads(body: bytes) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON, non-ASCII kept as UTF-8 text (as `separators=(",", ":")`,
-    `ensure_ascii=False`). Raises UnicodeEncodeError for a lone surrogate."""
+    """Compact JSON with non-ASCII kept as UTF-8 text, the same value as
+    `json.dumps(separators=(",", ":"), ensure_ascii=False)` (a float may be spelled
+    differently: `1e16` for `1e+16`). Raises UnicodeEncodeError for a lone surrogate,
+    RecursionError for nesting too deep to write."""
     try:
         return orjson.dumps(value).decode("utf-8")
     except orjson.JSONEncodeError:

@@ -122,15 +122,21 @@ class LeaderLink:
             self._waiting.pop(key, None)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        while (message := await _receive(reader)) is not None:
-            key, accepted, duplicates, error = message
-            answer = self._waiting.get(key)
-            if answer is None or answer.done():
-                continue
-            if error is not None:
-                answer.set_exception(StoreUnavailable(error))
-            else:
-                answer.set_result(AcceptResult(accepted, duplicates))
+        try:
+            while (message := await _receive(reader)) is not None:
+                key, accepted, duplicates, error = message
+                answer = self._waiting.get(key)
+                if answer is None or answer.done():
+                    continue
+                if error is not None:
+                    answer.set_exception(StoreUnavailable(error))
+                else:
+                    answer.set_result(AcceptResult(accepted, duplicates))
+        except asyncio.CancelledError:
+            raise  # close(): the worker is stopping
+        except Exception:
+            log.exception("worker.link_broken")
+        # Gone or garbled, the link is over: nobody may wait for an answer on it.
         self._lost = True
         log.warning("worker.leader_gone")
         self._fail(StoreUnavailable("this worker has lost its leader"))
@@ -249,6 +255,9 @@ class Supervisor:
                 link.add_done_callback(self._links.discard)
                 self.processes[slot] = process
                 log.info("worker.started", worker=slot, pid=process.pid)
+                if self._stopping.is_set():
+                    # Spawned while stop() was signalling the others: it missed that.
+                    process.terminate()
                 code = await process.wait()
                 if self._stopping.is_set():
                     return
@@ -268,6 +277,14 @@ class Supervisor:
                 with suppress(ProcessLookupError):
                     process.send_signal(sig)
 
+    def reload(self) -> None:
+        """SIGHUP to the workers that listen: one still starting reads the file anyway,
+        and could die of a SIGHUP that comes before its handler."""
+        for slot, process in self.processes.items():
+            if slot in self._listening and process.returncode is None:
+                with suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+
     async def stop(self, grace: float) -> None:
         """Ask every worker to drain (SIGTERM), wait `grace` seconds for them to exit,
         kill the rest; then finish committing what they handed over."""
@@ -286,15 +303,26 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*self._links, return_exceptions=True)
+        for process in self.processes.values():
+            if process.returncode is None:  # a respawn that raced the stop
+                with suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        # What the workers handed over is committed (or refused) before the store closes.
+        if self._links:
+            _, stuck = await asyncio.wait(self._links, timeout=grace)
+            for link in stuck:
+                link.cancel()
 
 
 def worker_argv(config_path: Path | None, host: str, port: int, metrics_dir: Path) -> list[str]:
     """A worker's command line; the supervisor adds its link and number."""
     argv = [sys.executable, "-m", "relay", "serve", "--host", host, "--port", str(port)]
     if config_path is not None:
-        argv += ["--config", str(config_path.resolve())]
-    return [*argv, "--worker-metrics-dir", str(metrics_dir.resolve())]
+        # absolute(), not resolve(): a Kubernetes ConfigMap's file is a symlink into a
+        # folder the next update deletes; the workers must follow the link as it moves.
+        argv += ["--config", str(config_path.absolute())]
+    return [*argv, "--worker-metrics-dir", str(metrics_dir.absolute())]
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -149,6 +149,31 @@ async def test_image_results_only_on_a_source_declared_cloudfunc_image(tmp_path,
     assert (line["type"], line["source"], line["data"]) == ("image", "thumbs", body)
 
 
+@pytest.mark.parametrize("depth", [990, 1020, 400_000])
+async def test_deeply_nested_bodies_are_a_400_never_a_5xx_or_a_crash(tmp_path, start_relay, depth):
+    # Up to 1,024 levels orjson reads what the standard library then cannot write back
+    # (the image source's id, any envelope); far deeper, old orjson crashed the process.
+    config = relay_config(
+        tmp_path,
+        sources={
+            "qingstor": {"kind": "qingstor", "token": TOKEN},
+            "thumbs": {"kind": "qingstor", "token": TOKEN, "cloudfunc": "image"},
+        },
+    )
+    client = await start_relay(config)
+    nested = "[" * depth + "]" * depth
+    record = json.dumps(sample()["events"][0])[:-1] + f', "deep": {nested}}}'
+    for path, body in (
+        (HOOK, f'{{"events": [{record}]}}'),
+        (f"/hooks/thumbs?token={TOKEN}", f'{{"bucket": "b", "object": "k", "x": {nested}}}'),
+    ):
+        response = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+        assert response.status == 400, (path, await response.text())
+        assert (await response.json())["error"] == "invalid_json"
+    assert await client.app[STORE].counts() == {"events": 0}
+    assert (await client.post(HOOK, json=sample())).status == 200
+
+
 async def test_token_in_header_works_like_the_query_parameter(tmp_path, start_relay):
     client = await start_relay(relay_config(tmp_path))
     response = await client.post("/hooks/qingstor", json=sample(), headers={"X-Relay-Token": TOKEN})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
+import pytest
+
+from relay.errors import StoreUnavailable
 from relay.store import NewEvent, Settlement, SqliteStore
 
 
@@ -127,5 +131,20 @@ async def test_a_big_group_is_stored_whole_across_several_multi_row_inserts(tmp_
         due = await store.due("b", limit=1000, now=1000.0)
         assert [d.event_id for d in due] == [e.id for e in batch]
         assert [d.envelope for d in due[:2]] == ['{"id": "evt_0"}', '{"id": "evt_1"}']
+    finally:
+        await store.close()
+
+
+async def test_a_write_lock_held_elsewhere_costs_a_bounded_wait_then_store_unavailable(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    store.write_lock_wait = 0.2
+    try:
+        with (tmp_path / "r.db.writer").open("a+b") as other:  # held as another process would
+            fcntl.flock(other, fcntl.LOCK_EX)
+            with pytest.raises(StoreUnavailable, match="write lock"):
+                await store.accept([event(1)], now=1000.0)
+            fcntl.flock(other, fcntl.LOCK_UN)
+        result = await store.accept([event(1)], now=1000.0)
+        assert result.accepted == ["evt_1"]
     finally:
         await store.close()

@@ -108,7 +108,7 @@ async def test_sigterm_drains_the_workers_then_the_leader_and_exits_0(tmp_path: 
     assert relay.wait(within=20) == 0
     assert not any(_alive(pid) for pid in pids)
     # The leader's shared metrics folder goes with it.
-    assert not list((tmp_path / "data").glob(".relay-metrics-*"))
+    assert not list((tmp_path / "data").glob(".relay.db.metrics-*"))
     assert [e["key"] for e in read_lines(tmp_path / "data/events.jsonl")] == ["a.txt"]
 
 
@@ -207,3 +207,22 @@ async def test_a_lost_leader_fails_what_the_worker_waits_for_and_stops_it():
     with pytest.raises(StoreUnavailable):
         await link.accept([NewEvent("evt_2", "q", "{}", ())])
     await link.close()
+
+
+async def test_a_garbled_answer_ends_the_link_instead_of_leaving_requests_waiting():
+    import struct
+
+    ours, theirs = socket.socketpair()
+    lost = asyncio.Event()
+    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
+    theirs.close()
+    await link.open()
+    waiting = asyncio.create_task(link.accept([NewEvent("evt_1", "q", "{}", ())]))
+    await asyncio.sleep(0.1)
+    ours.sendall(struct.pack("!I", 5) + b"nope!")  # a frame that is not JSON
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(lost.wait(), 5)
+    assert not link.up
+    await link.close()
+    ours.close()
