@@ -7,7 +7,7 @@ sink holds, and the RSS of relay's processes. Then: the RSS once 100,000 events 
 in, and how much it moved over the second half of the run (flat means no leak).
 
     apt-get install wrk
-    python bench/soak.py [--minutes 10] [--workers 1] [--pause-ms 30]
+    python bench/soak.py [--minutes 10] [--workers 0] [--pause-ms 30]
 
 Figures are for reading, not asserting: no test depends on them.
 """
@@ -37,7 +37,7 @@ RELAY = (sys.executable, "-m", "relay", "serve", "--config", "relay.yaml")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="server.workers")
     parser.add_argument("--pause-ms", type=float, default=30.0, help="mean pause per connection")
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
@@ -58,7 +58,7 @@ def main() -> int:
         )
         try:
             wait_listening(port)
-            time.sleep(2.0 if args.workers > 1 else 0.5)
+            time.sleep(2.0 if args.workers else 0.5)
             return soak(args, data, port, proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -263,13 +263,13 @@ async def serve(
     worker: WorkerRole | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain within the bound.
-    SIGHUP re-reads `config_path`. With `server.workers` above 1 this process leads
-    workers that answer HTTP (relay.workers); `worker` makes it one of them."""
+    SIGHUP re-reads `config_path`. With `server.workers` set this process leads that
+    many workers that answer HTTP (relay.workers); `worker` makes it one of them."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
     workers = with_server(config, server_overrides or {}).server.workers
-    leads = worker is None and workers > 1
+    leads = worker is None and workers > 0
     metrics_dir = _metrics_dir(config, leads, worker)
     if metrics_dir is not None:
         use_multiprocess(metrics_dir)

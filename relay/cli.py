@@ -25,8 +25,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def _worker_count(text: str) -> int:
     count = int(text)
-    if not 1 <= count <= 64:
-        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    if not 0 <= count <= 64:
+        raise argparse.ArgumentTypeError("must be between 0 and 64")
     return count
 
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
     serve.add_argument("--watch", action="store_true", help="reload when the config file changes")
     serve.add_argument(
-        "--workers", type=_worker_count, help="override server.workers (processes, 1-64)"
+        "--workers", type=_worker_count, help="override server.workers (worker processes, 0-64)"
     )
     # Set by a leader on the workers it starts; not for people.
     serve.add_argument("--worker-number", type=int, help=argparse.SUPPRESS)

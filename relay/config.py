@@ -91,9 +91,9 @@ class ServerConfig(_Model):
     # Reload when the config file changes (also `relay serve --watch`); SIGHUP always does.
     watch_config: bool = False
     watch_interval: PositiveDuration = 1.0
-    # Processes answering ingest on the port (SO_REUSEPORT). One of them, the leader,
-    # also runs the sinks. More than one pays off with more than one core.
-    workers: int = Field(1, ge=1, le=64)
+    # Worker processes answering HTTP on the port (SO_REUSEPORT), beside a leader that
+    # stores what they receive and runs the sinks. 0: one process does everything.
+    workers: int = Field(0, ge=0, le=64)
 
 
 class StoreConfig(_Model):

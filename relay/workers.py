@@ -1,6 +1,6 @@
 """`server.workers`: several processes answering ingest on one port (SO_REUSEPORT).
 
-With `workers: N` above 1, `relay serve` becomes the leader of N worker processes. The
+With `workers: N` (N > 0), `relay serve` becomes the leader of N worker processes. The
 workers answer HTTP: they authenticate, parse and validate, and hand each request's
 events to the leader over a socket pair. The leader is the store's only writer: it
 group-commits what every worker sends in one transaction and one fsync, answers each
