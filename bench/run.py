@@ -5,7 +5,7 @@ QingStor notifications (bench/notifier.lua), and prints one table: req/s, p50/p9
 latency, ratios to webhook and to bare aiohttp, delivered events (relay), RSS.
 
     apt-get install wrk webhook      # Debian packages
-    python bench/run.py [--duration 10] [--connections 32]
+    python bench/run.py [--duration 10] [--connections 32] [--rounds 3] [--workers N]
 
 Figures are for comparing within one run on one machine; no test asserts them.
 """
@@ -19,13 +19,16 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BARE, HOOK = "bare aiohttp (parse JSON)", "adnanh/webhook"
 ROOT = HERE.parent
 TOKEN = "benchtoken"
 
@@ -147,7 +150,7 @@ def bench_webhook(workdir: Path, args: argparse.Namespace) -> dict[str, float] |
 
 
 def bench_relay(workdir: Path, args: argparse.Namespace, workers: int) -> dict[str, float]:
-    data = workdir / f"relay-{workers}"
+    data = workdir / "relay"
     data.mkdir()
     config = data / "relay.yaml"
     config.write_text(
@@ -218,42 +221,75 @@ def main() -> int:
         help="server.workers for the second relay row (default: one per core but one,"
         " which the leader takes)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, in turn; print medians (the ratios are"
+        " taken within each round)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 2
+    servers: dict[str, Callable[[Path], dict[str, float] | None]] = {
+        BARE: lambda d: bench_bare(d, args),
+        HOOK: lambda d: bench_webhook(d, args),
+        "relay, 1 process": lambda d: bench_relay(d, args, 0),
+    }
+    if args.workers:
+        servers[f"relay, workers: {args.workers}"] = lambda d: bench_relay(d, args, args.workers)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        rows: dict[str, dict[str, float] | None] = {
-            "bare aiohttp (parse JSON)": bench_bare(workdir, args),
-            "adnanh/webhook": bench_webhook(workdir, args),
-            "relay, 1 process": bench_relay(workdir, args, 0),
-        }
-        if args.workers:
-            rows[f"relay, workers: {args.workers}"] = bench_relay(workdir, args, args.workers)
-    bare = rows["bare aiohttp (parse JSON)"]
-    hook = rows["adnanh/webhook"]
+        for round_ in range(args.rounds):
+            for number, (name, bench) in enumerate(servers.items()):
+                workdir = Path(tmp) / f"{round_}-{number}"
+                workdir.mkdir()
+                result = bench(workdir)
+                if result is not None:
+                    runs[name].append(result)
     print(
         f"wrk -t1 -c{args.connections} -d{args.duration}s, unique notifier per request;"
         f" {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
+        + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(
-        f"{'server':42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs webhook':>10}"
-        f" {'vs bare':>8} {'delivered':>12} {'RSS MiB':>8} {'steady req/s':>12}"
+        f"{'server':30} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'vs webhook':>10}"
+        f" {'vs bare':>8} {'delivered':>13} {'RSS MiB':>8} {'steady req/s':>12}"
         f" {'steady p99':>10}"
     )
-    for name, r in rows.items():
-        if r is None:
-            print(f"{name:42} {'(not installed: apt-get install webhook)':>40}")
+    for name, results in runs.items():
+        if not results:
+            print(f"{name:30} (not installed: apt-get install webhook)")
             continue
-        vs_hook = f"{r['rps'] / hook['rps']:.2f}x" if hook else "-"
-        delivered = f"{int(r['delivered'])}/{int(r['ok'])}" if "delivered" in r else "-"
-        steady = f"{r['steady_rps']:12.0f} {r['steady_p99']:10.2f}" if "steady_rps" in r else ""
-        print(
-            f"{name:42} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {vs_hook:>10}"
-            f" {r['rps'] / bare['rps']:7.2f}x {delivered:>12} {r['rss']:8.1f} {steady}"
-        )
+        print(f"{name:30} {_row(results, runs[HOOK], runs[BARE])}")
     return 0
+
+
+def _row(
+    results: list[dict[str, float]], hook: list[dict[str, float]], bare: list[dict[str, float]]
+) -> str:
+    def mid(key: str, of: list[dict[str, float]] = results) -> float:
+        return statistics.median(r[key] for r in of)
+
+    def ratio(base: list[dict[str, float]]) -> str:
+        if len(base) != len(results):
+            return "-"
+        pairs = zip(results, base, strict=True)
+        return f"{statistics.median(r['rps'] / b['rps'] for r, b in pairs):.2f}x"
+
+    delivered = "-"
+    if "delivered" in results[0]:
+        delivered = (
+            f"{sum(int(r['delivered']) for r in results)}/{sum(int(r['ok']) for r in results)}"
+        )
+    steady = ""
+    if "steady_rps" in results[0]:
+        steady = f"{mid('steady_rps'):12.0f} {mid('steady_p99'):10.2f}"
+    return (
+        f"{mid('rps'):7.0f} {mid('p50'):7.2f} {mid('p99'):7.2f} {ratio(hook):>10}"
+        f" {ratio(bare):>8} {delivered:>13} {max(r['rss'] for r in results):8.1f} {steady}"
+    )
 
 
 if __name__ == "__main__":
