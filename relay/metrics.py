@@ -39,8 +39,6 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._request_children: dict[tuple[str, int], Any] = {}
-        self._source_children: dict[str, tuple[Any, Any]] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "relay_requests", "HTTP requests answered.", ["source", "status"], registry=r
@@ -81,35 +79,26 @@ class Metrics:
         )
 
     def request_counter(self, source: str, status: int) -> Any:
-        """The requests counter's child for (source, status), looked up once: labels()
-        takes a lock and builds a key on every call, on the hot path."""
-        child = self._request_children.get((source, status))
-        if child is None:
-            child = self.requests.labels(source, str(status))
-            self._request_children[(source, status)] = child
-        return child
+        return self._child(self.requests, source, str(status))
+
+    def source_counters(self, source: str) -> tuple[Any, Any]:
+        """The (received, duplicates) children for a configured source."""
+        return self._child(self.received, source), self._child(self.duplicates, source)
 
     def delivery_counter(self, sink: str, outcome: str) -> Any:
-        """The deliveries counter's child for (sink, outcome), looked up once."""
         return self._child(self.deliveries, sink, outcome)
 
     def delivery_timer(self, sink: str) -> Any:
         return self._child(self.delivery_seconds, sink)
 
     def _child(self, metric: Any, *labels: str) -> Any:
+        """A metric's child for `labels`, looked up once: labels() takes a lock and
+        builds a key on every call, and these are called per request and per send."""
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
-
-    def source_counters(self, source: str) -> tuple[Any, Any]:
-        """The (received, duplicates) children for a configured source, looked up once."""
-        children = self._source_children.get(source)
-        if children is None:
-            children = (self.received.labels(source), self.duplicates.labels(source))
-            self._source_children[source] = children
-        return children
 
     def render(self, stats: Mapping[str, SinkStats], sinks: Iterable[str], now: float) -> bytes:
         """The exposition: this process's counters (with `server.workers`, every

@@ -207,10 +207,6 @@ class Supervisor:
         self._listening: set[int] = set()
         self._all_listening = asyncio.Event()
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes.values() if p.returncode is None]
-
     async def wait_listening(self, within: float) -> bool:
         """Whether every worker listens within `within` seconds of the start."""
         try:

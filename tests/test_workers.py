@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +157,13 @@ async def test_sighup_reloads_the_leader_and_then_every_worker(tmp_path: Path, p
 # --- the link between a worker and its leader, over a real socket pair --------------------
 
 
-async def _linked(accept) -> tuple[LeaderLink, asyncio.Task[None], asyncio.Event]:
+async def _worker_link() -> tuple[LeaderLink, socket.socket, asyncio.Event]:
+    """A worker's link, opened; the leader's end of the pair; the link's lost flag."""
     ours, theirs = socket.socketpair()
     lost = asyncio.Event()
-    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
-    theirs.close()
+    link = LeaderLink(theirs.detach(), on_lost=lost.set)
     await link.open()
-    served = asyncio.create_task(serve_worker(ours, accept, 1, lambda: None))
-    return link, served, lost
+    return link, ours, lost
 
 
 async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_error():
@@ -175,7 +175,8 @@ async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_
             raise StoreUnavailable("disk I/O error")
         return AcceptResult([e.id for e in events], [])
 
-    link, served, _ = await _linked(accept)
+    link, ours, _ = await _worker_link()
+    served = asyncio.create_task(serve_worker(ours, accept, 1, lambda: None))
     event = NewEvent("evt_1", "qingstor", '{"id":"evt_1"}', ("archive", "app"))
     assert await link.accept([event]) == AcceptResult(["evt_1"], [])
     assert seen == [[event]]
@@ -185,44 +186,27 @@ async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_
     await asyncio.wait_for(served, 5)
 
 
-async def test_a_lost_leader_fails_what_the_worker_waits_for_and_stops_it():
-    release = asyncio.Event()
-
-    async def accept(events):
-        await release.wait()
-        return AcceptResult([], [])
-
-    ours, theirs = socket.socketpair()
-    lost = asyncio.Event()
-    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
-    theirs.close()
-    await link.open()
+@pytest.mark.parametrize(
+    "leader_does",
+    [
+        pytest.param(socket.socket.close, id="goes away before answering"),
+        pytest.param(
+            lambda ours: ours.sendall(struct.pack("!I", 5) + b"nope!"), id="answers garbage"
+        ),
+    ],
+)
+async def test_a_lost_or_garbled_leader_fails_what_the_worker_waits_for_and_stops_it(
+    leader_does,
+):
+    link, ours, lost = await _worker_link()
     waiting = asyncio.create_task(link.accept([NewEvent("evt_1", "q", "{}", ())]))
     await asyncio.sleep(0.1)
-    ours.close()  # the leader is gone before answering
+    leader_does(ours)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(waiting, 5)
     await asyncio.wait_for(lost.wait(), 5)
     assert not link.up
     with pytest.raises(StoreUnavailable):
         await link.accept([NewEvent("evt_2", "q", "{}", ())])
-    await link.close()
-
-
-async def test_a_garbled_answer_ends_the_link_instead_of_leaving_requests_waiting():
-    import struct
-
-    ours, theirs = socket.socketpair()
-    lost = asyncio.Event()
-    link = LeaderLink(os.dup(theirs.fileno()), on_lost=lost.set)
-    theirs.close()
-    await link.open()
-    waiting = asyncio.create_task(link.accept([NewEvent("evt_1", "q", "{}", ())]))
-    await asyncio.sleep(0.1)
-    ours.sendall(struct.pack("!I", 5) + b"nope!")  # a frame that is not JSON
-    with pytest.raises(StoreUnavailable):
-        await asyncio.wait_for(waiting, 5)
-    await asyncio.wait_for(lost.wait(), 5)
-    assert not link.up
     await link.close()
     ours.close()
