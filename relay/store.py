@@ -254,9 +254,9 @@ class SqliteStore:
         self._rdb: sqlite3.Connection | None = None
         self._db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
-        self._write_lock: BinaryIO | None = None
-        # How long a write waits for another process's transaction, like busy_timeout.
-        self.write_lock_wait = 5.0
+        # How long a write waits for another process's (a `relay dlq` command's)
+        # transaction before it fails as StoreUnavailable.
+        self.busy_timeout = 5.0
         self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
             self._run, self._accept_group, "relay-commit"
         )
@@ -295,11 +295,10 @@ class SqliteStore:
                 ) from None
             self._lock = lock
         try:
-            self._write_lock = open(f"{self.path}.writer", "a+b")  # noqa: SIM115
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             db.executescript(SCHEMA)
         except BaseException:
             self._close()
@@ -352,9 +351,6 @@ class SqliteStore:
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
-        if self._write_lock is not None:
-            self._write_lock.close()
-            self._write_lock = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -368,51 +364,22 @@ class SqliteStore:
     @contextmanager
     def _transaction(self, fault_point: bool = False) -> Iterator[sqlite3.Connection]:
         db = self.db
-        with self._writing():
-            # IMMEDIATE takes SQLite's write lock up front, so a transaction never fails
-            # half-way for want of it.
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                if fault_point:
-                    self._commits += 1
-                    if self._crash_at_commit == self._commits:
-                        # Fault injection for the tests: die as a power cut would, after
-                        # the group's writes and before their commit reaches the disk.
-                        os._exit(86)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """Queue for the store's writer lock file across processes (a leader and its
-        workers, a `relay dlq` command). SQLite's own busy handler polls with sleeps of
-        up to 100 ms: two processes committing steadily spent most of their time asleep.
-        Polling flock every millisecond gets the lock soon after it is free; a process
-        that dies holding it releases it."""
-        lock = self._write_lock
-        if lock is None:
-            yield
-            return
-        deadline = time.monotonic() + self.write_lock_wait
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                # Another process writes: the server's only rival is an operator's
-                # command, so this is rare. Bounded, like SQLite's busy timeout: a
-                # stuck holder costs a 503, never a hung ingest or shutdown.
-                if time.monotonic() > deadline:
-                    raise StoreUnavailable("another process holds the store's write lock") from None
-                time.sleep(0.001)
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
+        # for want of it.
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            yield db
+            if fault_point:
+                self._commits += 1
+                if self._crash_at_commit == self._commits:
+                    # Fault injection for the tests: die as a power cut would, after
+                    # the group's writes and before their commit reaches the disk.
+                    os._exit(86)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     # --- ingest ------------------------------------------------------------------------
 

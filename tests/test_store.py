@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -136,15 +136,17 @@ async def test_a_big_group_is_stored_whole_across_several_multi_row_inserts(tmp_
 
 
 async def test_a_write_lock_held_elsewhere_costs_a_bounded_wait_then_store_unavailable(tmp_path):
-    store = await open_store(tmp_path / "r.db")
-    store.write_lock_wait = 0.2
+    store = SqliteStore(tmp_path / "r.db", dedupe_window=100.0)
+    store.busy_timeout = 0.2
+    await store.open()
+    other = sqlite3.connect(tmp_path / "r.db", isolation_level=None)  # another process's
     try:
-        with (tmp_path / "r.db.writer").open("a+b") as other:  # held as another process would
-            fcntl.flock(other, fcntl.LOCK_EX)
-            with pytest.raises(StoreUnavailable, match="write lock"):
-                await store.accept([event(1)], now=1000.0)
-            fcntl.flock(other, fcntl.LOCK_UN)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.accept([event(1)], now=1000.0)
+        other.execute("ROLLBACK")
         result = await store.accept([event(1)], now=1000.0)
         assert result.accepted == ["evt_1"]
     finally:
+        other.close()
         await store.close()
