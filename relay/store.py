@@ -13,15 +13,15 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Generic, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from relay.errors import StoreUnavailable
+from relay.groupcommit import GroupCommit
 from relay.models import Delivery
 
 T = TypeVar("T")
@@ -143,82 +143,6 @@ class SinkStats:
     gone: bool = False
 
 
-ItemT = TypeVar("ItemT")
-ResultT = TypeVar("ResultT")
-
-
-class GroupCommit(Generic[ItemT, ResultT]):
-    """Callers submit items; whoever arrives while a commit is on disk waits for the
-    next one, which takes them all (up to `limit`) in ONE transaction and ONE fsync.
-    Each caller is answered only after that commit returned, or gets StoreUnavailable.
-    """
-
-    def __init__(
-        self,
-        run: Callable[[Callable[[], list[ResultT]]], Awaitable[list[ResultT]]],
-        commit: Callable[[list[ItemT]], list[ResultT]],
-        name: str,
-        limit: int = 256,
-    ) -> None:
-        self._run, self._commit, self._name, self._limit = run, commit, name, limit
-        self._waiting: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
-        self.committer: asyncio.Task[None] | None = None
-
-    async def submit(self, item: ItemT) -> ResultT:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[ResultT] = loop.create_future()
-        self._waiting.append((item, waiter))
-        if self.committer is None or self.committer.done():
-            self.committer = loop.create_task(self._commit_waiting(), name=self._name)
-            self.committer.add_done_callback(self._ended)
-        return await waiter
-
-    async def finish(self) -> None:
-        """Wait until everything submitted is answered; shielded, so a cancelled caller
-        does not cut a commit off half-way."""
-        if self.committer is not None:
-            await asyncio.wait({asyncio.shield(self.committer)})
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        # A committer cancelled before it ever ran never reached its own `finally`.
-        if task.cancelled() or task.exception() is not None:
-            leftover, self._waiting = self._waiting, []
-            _fail(leftover, StoreUnavailable("the store is closing"))
-
-    async def _commit_waiting(self) -> None:
-        group: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
-        try:
-            while self._waiting:
-                # Bounded, so one group's latency stays bounded however deep the queue.
-                group, self._waiting = self._waiting[: self._limit], self._waiting[self._limit :]
-                items = [item for item, _ in group]
-                try:
-                    results = await self._run(partial(self._commit, items))
-                except Exception as exc:
-                    failure = (
-                        exc
-                        if isinstance(exc, StoreUnavailable)
-                        else StoreUnavailable(f"{exc.__class__.__name__}: {exc}")
-                    )
-                    _fail(group, failure)
-                    continue
-                for (_, waiter), result in zip(group, results, strict=True):
-                    if not waiter.done():
-                        waiter.set_result(result)
-                group = []
-        finally:
-            # Cancelled or broken off: nobody may wait for an answer that will not come.
-            # Not acknowledged is the safe answer: the sender retries, a duplicate at worst.
-            leftover, self._waiting = [*group, *self._waiting], []
-            _fail(leftover, StoreUnavailable("the store is closing"))
-
-
-def _fail(group: Sequence[tuple[Any, asyncio.Future[Any]]], error: StoreUnavailable) -> None:
-    for _, waiter in group:
-        if not waiter.done():
-            waiter.set_exception(error)
-
-
 def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
@@ -258,10 +182,10 @@ class SqliteStore:
         # transaction before it fails as StoreUnavailable.
         self.busy_timeout = 5.0
         self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
-            self._run, self._accept_group, "relay-commit"
+            self._executor.submit, self._accept_group
         )
         self._settles: GroupCommit[tuple[Sequence[Settlement], float], None] = GroupCommit(
-            self._run, self._settle_group, "relay-settle"
+            self._executor.submit, self._settle_group
         )
         self._closed = False
         self._commits = 0

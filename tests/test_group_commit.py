@@ -91,7 +91,7 @@ async def test_a_crash_before_the_commit_acknowledges_nothing_it_held(tmp_path, 
     assert len(stored) < 150
 
 
-async def test_every_waiter_is_answered_when_the_committer_is_cut_off(tmp_path: Path):
+async def test_callers_that_give_up_leave_the_others_answered_and_close_waits(tmp_path: Path):
     from relay.errors import StoreUnavailable
     from relay.store import AcceptResult
 
@@ -100,14 +100,13 @@ async def test_every_waiter_is_answered_when_the_committer_is_cut_off(tmp_path: 
     callers = [
         asyncio.create_task(store.accept([NewEvent(f"e{i}", "q", "{}", ())])) for i in range(600)
     ]
-    await asyncio.sleep(0)  # all queued; the first group is on its way to the thread
-    committer = store._accepts.committer
-    assert committer is not None
-    committer.cancel()
+    await asyncio.sleep(0)  # all queued; the writer thread is committing the first group
+    for gone in callers[::3]:
+        gone.cancel()  # their clients hung up
     answers = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
-    # Nobody hangs: each caller has a result (committed) or StoreUnavailable (not acked).
-    assert all(isinstance(a, AcceptResult | StoreUnavailable) for a in answers)
-    assert any(isinstance(a, StoreUnavailable) for a in answers)
+    kept = [a for i, a in enumerate(answers) if i % 3]
+    # Nobody hangs, and one caller giving up costs the others nothing.
+    assert all(isinstance(a, AcceptResult) and len(a.accepted) == 1 for a in kept)
     await store.close()
     try:
         await store.accept([NewEvent("late", "q", "{}", ())])
