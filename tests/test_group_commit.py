@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
+from relay.groupcommit import GroupCommit
 from relay.store import NewEvent, SqliteStore
 from tests.conftest import TOKEN, notifier_body
 
@@ -114,3 +119,35 @@ async def test_callers_that_give_up_leave_the_others_answered_and_close_waits(tm
         pass
     else:
         raise AssertionError("a closed store must refuse with StoreUnavailable")
+
+
+async def test_a_steady_stream_of_commits_lets_the_other_queue_take_its_turn():
+    """Ingests and settlements share the store's one writer thread: a stream of one
+    must not keep the other waiting until the stream ends."""
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def commit_as(name: str) -> Callable[[list[int]], list[int]]:
+        def commit(items: list[int]) -> list[int]:
+            time.sleep(0.002)  # an fsync, roughly
+            with lock:
+                order.append(name)
+            return items
+
+        return commit
+
+    writer = ThreadPoolExecutor(max_workers=1)
+    try:
+        # Two per group: 400 queued ingests are 200 commits in a row unless the thread
+        # lets the other queue in.
+        ingests: GroupCommit[int, int] = GroupCommit(
+            writer.submit, commit_as("ingest"), limit=2, turns=4
+        )
+        settles: GroupCommit[int, int] = GroupCommit(writer.submit, commit_as("settle"), turns=4)
+        stream = asyncio.gather(*(ingests.submit(i) for i in range(400)))
+        await asyncio.sleep(0.01)  # the stream is under way
+        assert await asyncio.wait_for(settles.submit(7), 5) == 7
+        assert await stream == list(range(400))
+    finally:
+        writer.shutdown(wait=True)
+    assert order.index("settle") < 20, "the settlement had its turn after a few groups"
