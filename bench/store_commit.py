@@ -15,8 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay.models import event_id
 from relay.store import NewEvent, SqliteStore
 
+# Ids as relay makes them (hashes): random keys cost SQLite more than sequential ones,
+# since each lands on another index page.
 ENVELOPE = '{"id":"evt","type":"create_object","data":{"qingstor":{"object":{"size":1}}}}' * 4
 
 
@@ -32,7 +35,9 @@ async def main() -> None:
             for _ in range(rounds):
                 await asyncio.gather(
                     *(
-                        store.accept([NewEvent(f"e{n + i}", "q", ENVELOPE, ("a",))])
+                        store.accept(
+                            [NewEvent(event_id("bench", str(n + i)), "q", ENVELOPE, ("a",))]
+                        )
                         for i in range(group)
                     )
                 )
