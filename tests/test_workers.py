@@ -50,8 +50,11 @@ async def _logged(relay: RelayProcess, check: Any, within: float = 30.0) -> Any:
     try:
         return await eventually(lambda: check(relay.logs()), within=within)
     except AssertionError as exc:
-        seen = [(e.get("event"), e.get("worker"), e.get("returncode")) for e in relay.logs()]
-        raise AssertionError(f"{exc}; relay logged: {seen}") from None
+        raise AssertionError(f"{exc}; relay logged: {_seen(relay)}") from None
+
+
+def _seen(relay: RelayProcess) -> list[tuple[Any, ...]]:
+    return [(e.get("event"), e.get("worker"), e.get("returncode")) for e in relay.logs()]
 
 
 def _alive(pid: int) -> bool:
@@ -126,13 +129,17 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, processes):
     relay = await start(processes, tmp_path)
     first = _workers(relay)[1]
     os.kill(first, signal.SIGKILL)
-    await eventually(lambda: any(e.get("event") == "worker.exited" for e in relay.logs()))
-    replaced = await eventually(lambda: (pid := _workers(relay)[1]) != first and pid, within=15)
+    # Every wait says what relay logged if it fails: this test failed twice in many runs
+    # on a loaded machine, and a bare timeout could not tell which step it was.
+    await _logged(relay, lambda logs: any(e.get("event") == "worker.exited" for e in logs))
+    replaced = await _logged(
+        relay, lambda _: (pid := _workers(relay)[1]) != first and pid, within=15
+    )
     # Generous: on a loaded machine a new Python process takes a while to import.
     await _logged(relay, lambda logs: sum(e.get("event") == "worker.listening" for e in logs) >= 3)
-    assert _alive(replaced)
+    assert _alive(replaced), f"the new worker is gone; relay logged: {_seen(relay)}"
     answers = await _post_each(relay, [notifier_body(f"r/{n}") for n in range(10)])
-    assert {status for status, _ in answers} == {200}
+    assert {status for status, _ in answers} == {200}, f"{answers}; relay logged: {_seen(relay)}"
 
 
 async def test_workers_do_not_outlive_a_killed_leader(tmp_path: Path, processes):
