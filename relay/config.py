@@ -495,11 +495,22 @@ def build_config(data: Any, *, base_dir: Path, env: Mapping[str, str] | None = N
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RelayConfig:
+    """Load a config file; relative paths in it follow the file."""
     file = Path(path)
+    return parse_config(read_config_text(file), str(file), file.resolve().parent, env)
+
+
+def read_config_text(file: Path) -> str:
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read ({exc.__class__.__name__}: {exc})"]) from None
+
+
+def parse_config(
+    text: str, name: str, base_dir: Path, env: Mapping[str, str] | None = None
+) -> RelayConfig:
+    """A config from its YAML text; `name` is what problems call it."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -507,8 +518,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "cannot parse"
-        raise ConfigError([f"{file}: invalid YAML{where}: {problem}"]) from None
-    return build_config(data, base_dir=file.resolve().parent, env=env)
+        raise ConfigError([f"{name}: invalid YAML{where}: {problem}"]) from None
+    return build_config(data, base_dir=base_dir, env=env)
 
 
 def default_config() -> RelayConfig:
