@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from relay.dispatch import Dispatcher
 from relay.errors import IngestError, StoreUnavailable
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
+from relay.snapshot import ConfigSnapshot
 from relay.store import SqliteStore
 from relay.workers import LeaderLink, Supervisor, WorkerRole, reserve_port, worker_argv
 
@@ -273,8 +275,21 @@ async def serve(
     metrics_dir = _metrics_dir(config, leads, worker)
     if metrics_dir is not None:
         use_multiprocess(metrics_dir)
+    snapshot: ConfigSnapshot | None = None
+    loader: Callable[[], RelayConfig] | None = None
+    if leads and config_path is not None:
+        assert metrics_dir is not None
+        # Loaded again, from the text the workers will load: the same bytes for all.
+        snapshot = ConfigSnapshot(metrics_dir / "config.yaml")
+        loader = partial(snapshot.take, config_path)
+        config = await asyncio.to_thread(loader)
+        snapshot.commit()
+    elif worker is not None and config_path is not None:
+        loader = ConfigSnapshot(config_path).load
     app = create_app(config, config_path, server_overrides, worker=worker, metrics_dir=metrics_dir)
     runtime = app[RUNTIME]
+    if loader is not None:
+        runtime.loader = loader
     config = runtime.config
     link: LeaderLink | None = None
     if worker is not None:
@@ -305,10 +320,13 @@ async def serve(
             host, port = reserved.getsockname()[:2]
             supervisor = Supervisor(
                 workers,
-                worker_argv(config_path, config.server.host, port, metrics_dir),
+                worker_argv(snapshot, config.server.host, port, metrics_dir),
                 runtime.commit,
             )
-            # Workers re-read the file themselves, once the leader has found it good.
+            # Once the leader runs a new config, its snapshot is written, and then the
+            # workers reload from it.
+            if snapshot is not None:
+                runtime.on_reloaded.append(snapshot.commit)
             runtime.on_reloaded.append(supervisor.reload)
             _remove_stale_metrics(config.store.path, keep=metrics_dir)
             await _start_workers(supervisor, stop)

@@ -17,6 +17,7 @@ from relay.app import run
 from relay.config import RelayConfig, default_config, load_config
 from relay.errors import ConfigError
 from relay.logs import configure
+from relay.snapshot import ConfigSnapshot
 from relay.store import Selection
 from relay.workers import WorkerRole
 
@@ -139,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return qingstor_admin.run(args)
 
     try:
-        config = _load(args.config)
+        if getattr(args, "worker_number", None) is not None and args.config:
+            # A worker's --config is its leader's snapshot (relay.snapshot).
+            config = ConfigSnapshot(Path(args.config)).load()
+        else:
+            config = _load(args.config)
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,11 @@ class Runtime:
         self.server_overrides = dict(server_overrides or {})
         self.config = with_server(config, self.server_overrides)
         self.config_path = config_path
+        # What a reload loads: the file, or for server.workers the leader's snapshot of
+        # it (relay.snapshot), which the leader takes and its workers read.
+        self.loader: Callable[[], RelayConfig] | None = (
+            None if config_path is None else partial(load_config, config_path)
+        )
         # The leader holds the store's lock and runs the sinks and background work; a
         # worker (server.workers) only ingests, and wakes the leader's lanes.
         self.leader = leader
@@ -152,7 +158,7 @@ class Runtime:
     async def reload(self, why: str = "request") -> bool:
         """Re-read the config file; returns whether a new config was applied. Never
         raises: a failure is logged and the running config stays."""
-        if self.config_path is None:
+        if self.config_path is None or self.loader is None:
             log.warning("config.reload_skipped", reason="running the embedded default")
             return False
         async with self._lock:
@@ -160,7 +166,7 @@ class Runtime:
                 return False
             try:
                 self.fingerprint = await asyncio.to_thread(Fingerprint.of, self.config_path)
-                loaded = await asyncio.to_thread(load_config, self.config_path)
+                loaded = await asyncio.to_thread(self.loader)
                 config = self._keep_restart_only(with_server(loaded, self.server_overrides))
                 await self.apply(config)
             except ConfigError as exc:

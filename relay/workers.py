@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from relay.errors import StoreUnavailable
+from relay.snapshot import ConfigSnapshot
 from relay.store import AcceptResult, NewEvent
 
 log = structlog.get_logger("relay.workers")
@@ -311,13 +312,14 @@ class Supervisor:
                 link.cancel()
 
 
-def worker_argv(config_path: Path | None, host: str, port: int, metrics_dir: Path) -> list[str]:
-    """A worker's command line; the supervisor adds its link and number."""
+def worker_argv(
+    snapshot: ConfigSnapshot | None, host: str, port: int, metrics_dir: Path
+) -> list[str]:
+    """A worker's command line; the supervisor adds its link and number. A worker loads
+    the leader's snapshot of the config, never the operator's file itself."""
     argv = [sys.executable, "-m", "relay", "serve", "--host", host, "--port", str(port)]
-    if config_path is not None:
-        # absolute(), not resolve(): a Kubernetes ConfigMap's file is a symlink into a
-        # folder the next update deletes; the workers must follow the link as it moves.
-        argv += ["--config", str(config_path.absolute())]
+    if snapshot is not None:
+        argv += ["--config", str(snapshot.path.absolute())]
     return [*argv, "--worker-metrics-dir", str(metrics_dir.absolute())]
 
 

@@ -142,6 +142,27 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, processes):
     assert {status for status, _ in answers} == {200}, f"{answers}; relay logged: {_seen(relay)}"
 
 
+async def test_a_replaced_worker_runs_the_leaders_config_not_an_unreloaded_edit(
+    tmp_path: Path, processes
+):
+    relay = await start(processes, tmp_path)
+    edited = config()
+    edited["sources"]["qingstor"]["token"] = "not-yet-reloaded"
+    (tmp_path / "relay.yaml").write_text(yaml.safe_dump(edited))  # no SIGHUP
+    first = _workers(relay)[1]
+    os.kill(first, signal.SIGKILL)
+    await _logged(relay, lambda _: _workers(relay)[1] != first, within=15)
+    await _logged(relay, lambda logs: sum(e.get("event") == "worker.listening" for e in logs) >= 3)
+    # Many connections, so both workers answer: all of them still run the leader's config.
+    answers = await _post_each(relay, [notifier_body(f"e/{n}") for n in range(20)])
+    assert {status for status, _ in answers} == {200}, f"{answers}; relay logged: {_seen(relay)}"
+    new_hook = "/hooks/qingstor?token=not-yet-reloaded"
+    refused = await asyncio.gather(
+        *(post(relay.url(new_hook), notifier_body(f"n/{n}")) for n in range(20))
+    )
+    assert {status for status, _ in refused} == {401}
+
+
 async def test_workers_do_not_outlive_a_killed_leader(tmp_path: Path, processes):
     relay = await start(processes, tmp_path)
     pids = list(_workers(relay).values())
