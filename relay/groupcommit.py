@@ -87,6 +87,8 @@ class GroupCommit(Generic[ItemT, ResultT]):
                     return
             try:
                 results = self._commit([item for item, _ in group])
+                if len(results) != len(group):
+                    raise RuntimeError(f"{len(results)} results for {len(group)} items")
             except Exception as exc:
                 failure = (
                     exc

@@ -151,3 +151,17 @@ async def test_a_steady_stream_of_commits_lets_the_other_queue_take_its_turn():
     finally:
         writer.shutdown(wait=True)
     assert order.index("settle") < 20, "the settlement had its turn after a few groups"
+
+
+async def test_a_commit_that_answers_for_fewer_items_fails_every_caller():
+    from relay.errors import StoreUnavailable
+
+    writer = ThreadPoolExecutor(max_workers=1)
+    try:
+        broken: GroupCommit[int, int] = GroupCommit(writer.submit, lambda items: items[:-1])
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(broken.submit(i) for i in range(5)), return_exceptions=True), 5
+        )
+    finally:
+        writer.shutdown(wait=True)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes)
