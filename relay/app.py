@@ -285,7 +285,9 @@ async def serve(
         config = await asyncio.to_thread(loader)
         snapshot.commit()
     elif worker is not None and config_path is not None:
-        loader = ConfigSnapshot(config_path).load
+        snapshot = ConfigSnapshot(config_path)
+        loader = snapshot.load
+        config = await asyncio.to_thread(loader)  # records what this worker runs
     app = create_app(config, config_path, server_overrides, worker=worker, metrics_dir=metrics_dir)
     runtime = app[RUNTIME]
     if loader is not None:
@@ -346,6 +348,10 @@ async def serve(
                 await link.listening()
         # Only now: a reload before the sinks have started would race their start.
         loop.add_signal_handler(signal.SIGHUP, runtime.request_reload, "SIGHUP")
+        if worker is not None and snapshot is not None and snapshot.changed():
+            # The leader reloaded while this worker started, and its SIGHUP came before
+            # the handler: catch up now.
+            runtime.request_reload("snapshot")
         _tune_gc()
         event = "relay.listening" if worker is None else "worker.listening"
         log.info(event, host=host, port=port, workers=workers, config=config.summary())

@@ -183,7 +183,13 @@ class Runtime:
                 return False
             log.info("config.reloaded", trigger=why, config=config.summary())
             for hook in self.on_reloaded:
-                hook()
+                try:
+                    hook()
+                except Exception:
+                    # Later hooks depend on earlier ones (the workers reload the snapshot
+                    # just written): stop here, and keep the watcher alive.
+                    log.exception("config.reload_hook_failed", trigger=why)
+                    break
             return True
 
     def _keep_restart_only(self, config: RelayConfig) -> RelayConfig:

@@ -275,8 +275,8 @@ class Supervisor:
                     process.send_signal(sig)
 
     def reload(self) -> None:
-        """SIGHUP to the workers that listen: one still starting reads the file anyway,
-        and could die of a SIGHUP that comes before its handler."""
+        """SIGHUP to the workers that listen. One still starting ignores SIGHUP until its
+        handler is in; it then compares the snapshot with what it loaded and catches up."""
         for slot, process in self.processes.items():
             if slot in self._listening and process.returncode is None:
                 with suppress(ProcessLookupError):

@@ -372,3 +372,23 @@ def test_a_yaml_error_never_quotes_the_offending_line(tmp_path):
     assert result.returncode == 2
     assert "invalid YAML at line 2" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+async def test_a_failing_reload_hook_is_logged_and_stops_the_later_ones(tmp_path, aiohttp_client):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "relay.yaml"
+    write(path, base(tmp_path, archive={"kind": "file", "path": str(tmp_path / "a.jsonl")}))
+    app = create_app(load_config(path), path)
+    await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    later: list[str] = []
+
+    def broken() -> None:  # the snapshot write of server.workers, on a full disk
+        raise OSError(28, "No space left on device")
+
+    runtime.on_reloaded.extend([broken, lambda: later.append("signalled the workers")])
+    with capture_logs() as logs:
+        assert await runtime.reload("test") is True  # the leader runs the new config
+    assert later == []  # the workers are not sent to a snapshot that was not written
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["config.reload_hook_failed"]

@@ -65,3 +65,31 @@ def snapshot_token(snapshot: ConfigSnapshot) -> str:
     token = ConfigSnapshot(snapshot.path).load().sources["q"].token
     assert token is not None
     return token.get_secret_value()
+
+
+def test_a_folder_name_with_a_newline_survives_the_first_line(tmp_path):
+    odd = tmp_path / "a\nb"
+    odd.mkdir()
+    write(odd / "relay.yaml", "first")
+    snapshot = ConfigSnapshot(tmp_path / "config.yaml")
+    snapshot.take(odd / "relay.yaml")
+    snapshot.commit()
+    config = ConfigSnapshot(snapshot.path).load()
+    assert config.sinks["archive"].path == odd / "data" / "events.jsonl"  # type: ignore[union-attr]
+
+
+def test_a_worker_sees_that_the_snapshot_moved_on_since_it_loaded(tmp_path):
+    source = tmp_path / "relay.yaml"
+    write(source, "first")
+    leader = ConfigSnapshot(tmp_path / "config.yaml")
+    leader.take(source)
+    leader.commit()
+    worker = ConfigSnapshot(leader.path)
+    worker.load()
+    assert not worker.changed()
+    write(source, "second")
+    leader.take(source)
+    leader.commit()
+    assert worker.changed()  # a reload it missed while starting: it catches up
+    worker.load()
+    assert not worker.changed()
