@@ -134,35 +134,29 @@ class _StoreGauges(Collector):
         self.stats, self.sinks, self.now = stats, sinks, now
 
     def collect(self) -> Iterator[Metric]:
-        families = {
-            "queue_depth": GaugeMetricFamily(
-                "relay_queue_depth", "Pending deliveries in the store.", labels=["sink"]
-            ),
-            "oldest_pending": GaugeMetricFamily(
-                "relay_oldest_pending_seconds",
-                "Age of the oldest pending delivery.",
-                labels=["sink"],
-            ),
-            "dead_letters": GaugeMetricFamily(
-                "relay_dead_letters", "Dead letters in the store.", labels=["sink"]
-            ),
-            "circuit_open": GaugeMetricFamily(
-                "relay_circuit_open", "1 while the sink's circuit is open.", labels=["sink"]
-            ),
-            "sink_gone": GaugeMetricFamily(
-                "relay_sink_gone",
-                "1 after the sink's receiver answered 410 Gone (the sink is paused).",
-                labels=["sink"],
-            ),
-        }
+        families = [GaugeMetricFamily(name, text, labels=["sink"]) for name, text in _GAUGES]
         # A sink gone from both config and store drops out.
         for sink in sorted({*self.sinks, *self.stats}):
             current = self.stats.get(sink, SinkStats())
             # Past its cool-down an open circuit lets the next send probe: not open.
             is_open = current.circuit == "open" and current.open_until > self.now
-            families["queue_depth"].add_metric([sink], current.pending)
-            families["oldest_pending"].add_metric([sink], round(current.oldest_pending_s, 3))
-            families["dead_letters"].add_metric([sink], current.dead)
-            families["circuit_open"].add_metric([sink], 1 if is_open else 0)
-            families["sink_gone"].add_metric([sink], 1 if current.gone else 0)
-        yield from families.values()
+            readings = (
+                current.pending,
+                round(current.oldest_pending_s, 3),
+                current.dead,
+                1 if is_open else 0,
+                1 if current.gone else 0,
+            )
+            for family, value in zip(families, readings, strict=True):
+                family.add_metric([sink], value)
+        yield from families
+
+
+# In the order _StoreGauges.collect reads them.
+_GAUGES = (
+    ("relay_queue_depth", "Pending deliveries in the store."),
+    ("relay_oldest_pending_seconds", "Age of the oldest pending delivery."),
+    ("relay_dead_letters", "Dead letters in the store."),
+    ("relay_circuit_open", "1 while the sink's circuit is open."),
+    ("relay_sink_gone", "1 after the sink's receiver answered 410 Gone (the sink is paused)."),
+)

@@ -12,6 +12,7 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from relay.app import STORE
+from relay.config import RelayConfig
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -130,14 +131,18 @@ async def test_tupu_porn_result_is_one_event_deduped_on_its_nonce(tmp_path, star
     assert lines[0]["time"] == "2017-06-28T11:03:17.834Z"
 
 
-async def test_image_results_only_on_a_source_declared_cloudfunc_image(tmp_path, start_relay):
-    config = relay_config(
+def _with_image_source(tmp_path: Path) -> RelayConfig:
+    return relay_config(
         tmp_path,
         sources={
             "qingstor": {"kind": "qingstor", "token": TOKEN},
             "thumbs": {"kind": "qingstor", "token": TOKEN, "cloudfunc": "image"},
         },
     )
+
+
+async def test_image_results_only_on_a_source_declared_cloudfunc_image(tmp_path, start_relay):
+    config = _with_image_source(tmp_path)
     client = await start_relay(config)
     body = {"bucket": "media", "object": "a.png", "width": 120, "anything": [1, 2]}
     refused = await client.post(HOOK, json=body)
@@ -153,13 +158,7 @@ async def test_image_results_only_on_a_source_declared_cloudfunc_image(tmp_path,
 async def test_deeply_nested_bodies_are_a_400_never_a_5xx_or_a_crash(tmp_path, start_relay, depth):
     # Up to 1,024 levels orjson reads what the standard library then cannot write back
     # (the image source's id, any envelope); far deeper, old orjson crashed the process.
-    config = relay_config(
-        tmp_path,
-        sources={
-            "qingstor": {"kind": "qingstor", "token": TOKEN},
-            "thumbs": {"kind": "qingstor", "token": TOKEN, "cloudfunc": "image"},
-        },
-    )
+    config = _with_image_source(tmp_path)
     client = await start_relay(config)
     nested = "[" * depth + "]" * depth
     record = json.dumps(sample()["events"][0])[:-1] + f', "deep": {nested}}}'

@@ -24,6 +24,12 @@ def write(path: Path, token: str) -> None:
     )
 
 
+def committed(source: Path, snapshot: ConfigSnapshot) -> None:
+    """The leader's part: take the file, and commit it once it runs it."""
+    snapshot.take(source)
+    snapshot.commit()
+
+
 def test_a_worker_loads_what_the_leader_committed_with_paths_following_the_file(tmp_path):
     operator = tmp_path / "etc"
     operator.mkdir()
@@ -45,8 +51,7 @@ def test_nothing_reaches_the_workers_before_commit_and_a_bad_file_never_does(tmp
     source = tmp_path / "relay.yaml"
     write(source, "first")
     snapshot = ConfigSnapshot(tmp_path / "config.yaml")
-    snapshot.take(source)
-    snapshot.commit()
+    committed(source, snapshot)
 
     write(source, "second")
     snapshot.take(source)  # loaded, but the leader has not applied it yet
@@ -72,8 +77,7 @@ def test_a_folder_name_with_a_newline_survives_the_first_line(tmp_path):
     odd.mkdir()
     write(odd / "relay.yaml", "first")
     snapshot = ConfigSnapshot(tmp_path / "config.yaml")
-    snapshot.take(odd / "relay.yaml")
-    snapshot.commit()
+    committed(odd / "relay.yaml", snapshot)
     config = ConfigSnapshot(snapshot.path).load()
     assert config.sinks["archive"].path == odd / "data" / "events.jsonl"  # type: ignore[union-attr]
 
@@ -82,14 +86,12 @@ def test_a_worker_sees_that_the_snapshot_moved_on_since_it_loaded(tmp_path):
     source = tmp_path / "relay.yaml"
     write(source, "first")
     leader = ConfigSnapshot(tmp_path / "config.yaml")
-    leader.take(source)
-    leader.commit()
+    committed(source, leader)
     worker = ConfigSnapshot(leader.path)
     worker.load()
     assert not worker.changed()
     write(source, "second")
-    leader.take(source)
-    leader.commit()
+    committed(source, leader)
     assert worker.changed()  # a reload it missed while starting: it catches up
     worker.load()
     assert not worker.changed()
