@@ -284,10 +284,9 @@ async def serve(
         loader = partial(snapshot.take, config_path)
         config = await asyncio.to_thread(loader)
         snapshot.commit()
-    elif worker is not None and config_path is not None:
-        snapshot = ConfigSnapshot(config_path)
+    elif worker is not None and worker.snapshot is not None:
+        snapshot = worker.snapshot  # loaded by the command line; reloads read it again
         loader = snapshot.load
-        config = await asyncio.to_thread(loader)  # records what this worker runs
     app = create_app(config, config_path, server_overrides, worker=worker, metrics_dir=metrics_dir)
     runtime = app[RUNTIME]
     if loader is not None:

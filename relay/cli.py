@@ -139,12 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "qingstor":
         return qingstor_admin.run(args)
 
+    # A worker's --config is its leader's snapshot (relay.snapshot), not a config file.
+    snapshot = (
+        ConfigSnapshot(Path(args.config))
+        if getattr(args, "worker_number", None) is not None and args.config
+        else None
+    )
     try:
-        if getattr(args, "worker_number", None) is not None and args.config:
-            # A worker's --config is its leader's snapshot (relay.snapshot).
-            config = ConfigSnapshot(Path(args.config)).load()
-        else:
-            config = _load(args.config)
+        config = _load(args.config) if snapshot is None else snapshot.load()
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
@@ -168,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = None
     if args.worker_number is not None:
-        worker = WorkerRole(args.worker_number, args.worker_link_fd, args.worker_metrics_dir)
+        worker = WorkerRole(
+            args.worker_number, args.worker_link_fd, args.worker_metrics_dir, snapshot
+        )
         logs.tag(worker=worker.number)
     configure(config.log.level, config.log.format)
     try:

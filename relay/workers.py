@@ -51,6 +51,9 @@ class WorkerRole:
     number: int
     link_fd: int  # this worker's end of its socket pair with the leader
     metrics_dir: Path  # the leader's multiprocess metrics folder
+    # The leader's config snapshot this worker loaded its config from (its --config);
+    # None when the leader runs the embedded default.
+    snapshot: ConfigSnapshot | None = None
 
 
 async def _send(writer: asyncio.StreamWriter, message: Any) -> None:
