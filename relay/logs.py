@@ -134,6 +134,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_threshold),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line: workers share the leader's stdout, and print() writes the
+        # line and its newline apart when Python runs unbuffered (PYTHONUNBUFFERED=1, as
+        # most container images set), so two processes' lines could run into each other.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )

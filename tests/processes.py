@@ -47,7 +47,9 @@ class RelayProcess:
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"} | self.env
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+        # Unbuffered, as our image runs it: the way log lines from workers could split.
+        env = env | {"PYTHONUNBUFFERED": "1"} | self.env
         with self.log_path.open("wb") as log:
             return subprocess.Popen(
                 self.args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env

@@ -35,8 +35,9 @@ def config(**server: Any) -> dict[str, Any]:
 
 async def start(processes, tmp_path: Path, **server: Any) -> RelayProcess:
     relay: RelayProcess = await processes(tmp_path, config(**server)).start()
-    # The leader says it listens only once every worker does.
-    assert len(_workers(relay)) == 2
+    # The leader says it listens once every worker has told it so; a worker logs that a
+    # moment later, and a test that kills one before then would never see its line.
+    await _logged(relay, lambda _: _listening(relay) == {1, 2}, within=15)
     return relay
 
 
@@ -55,6 +56,17 @@ async def _logged(relay: RelayProcess, check: Any, within: float = 30.0) -> Any:
 
 def _seen(relay: RelayProcess) -> list[tuple[Any, ...]]:
     return [(e.get("event"), e.get("worker"), e.get("returncode")) for e in relay.logs()]
+
+
+def _listening(relay: RelayProcess) -> set[int]:
+    """The worker numbers whose latest start has logged that it listens."""
+    listening: set[int] = set()
+    for e in relay.logs():
+        if e.get("event") == "worker.started":
+            listening.discard(e["worker"])
+        elif e.get("event") == "worker.listening":
+            listening.add(e["worker"])
+    return listening
 
 
 def _alive(pid: int) -> bool:
@@ -97,6 +109,8 @@ async def test_workers_share_one_port_and_each_event_is_stored_and_delivered_onc
     # Both workers answered hooks; the leader answered none (it has no HTTP site).
     served = {e.get("worker") for e in relay.logs() if e.get("event") == "request"}
     assert served == {1, 2}
+    # Three processes wrote to one stdout, and no line ran into another.
+    assert not [e for e in relay.logs() if e["event"] == "<not json>"]
 
     # Whichever process answers /metrics reports every process's counters.
     async with ClientSession() as session:
@@ -136,7 +150,7 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, processes):
         relay, lambda _: (pid := _workers(relay)[1]) != first and pid, within=15
     )
     # Generous: on a loaded machine a new Python process takes a while to import.
-    await _logged(relay, lambda logs: sum(e.get("event") == "worker.listening" for e in logs) >= 3)
+    await _logged(relay, lambda _: _listening(relay) == {1, 2})
     assert _alive(replaced), f"the new worker is gone; relay logged: {_seen(relay)}"
     answers = await _post_each(relay, [notifier_body(f"r/{n}") for n in range(10)])
     assert {status for status, _ in answers} == {200}, f"{answers}; relay logged: {_seen(relay)}"
@@ -152,7 +166,7 @@ async def test_a_replaced_worker_runs_the_leaders_config_not_an_unreloaded_edit(
     first = _workers(relay)[1]
     os.kill(first, signal.SIGKILL)
     await _logged(relay, lambda _: _workers(relay)[1] != first, within=15)
-    await _logged(relay, lambda logs: sum(e.get("event") == "worker.listening" for e in logs) >= 3)
+    await _logged(relay, lambda _: _listening(relay) == {1, 2})
     # Many connections, so both workers answer: all of them still run the leader's config.
     answers = await _post_each(relay, [notifier_body(f"e/{n}") for n in range(20)])
     assert {status for status, _ in answers} == {200}, f"{answers}; relay logged: {_seen(relay)}"
