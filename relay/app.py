@@ -27,7 +27,7 @@ from aiohttp import web
 from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
-from relay.errors import IngestError, StoreUnavailable
+from relay.errors import BodyTooLarge, IngestError, Overloaded, RequestTimeout, StoreUnavailable
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
@@ -74,7 +74,7 @@ async def request_context(
     except IngestError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         response.headers.update(exc.headers)
-        if exc.status == 413:
+        if isinstance(exc, BodyTooLarge | RequestTimeout | Overloaded):
             # The rest of the body was never read; the connection cannot be reused.
             response.force_close()
     except StoreUnavailable as exc:
@@ -310,6 +310,9 @@ async def serve(
         shutdown_timeout=config.server.drain_timeout,
         access_log=None,
         handle_signals=False,
+        keepalive_timeout=config.server.keepalive_timeout,
+        max_line_size=config.server.max_header_bytes,
+        max_field_size=config.server.max_header_bytes,
     )
     supervisor: Supervisor | None = None
     reserved: socket.socket | None = None

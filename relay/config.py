@@ -85,7 +85,16 @@ class _Model(BaseModel):
 class ServerConfig(_Model):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    # Bounds on what one request may cost (README "Limits"). A hostile client meets
+    # these first; each refusal is a 4xx or a 503 with the documented error body.
     max_body_bytes: int = Field(1_048_576, ge=1)
+    max_records: int = Field(1000, ge=1)  # events in one POST
+    max_json_depth: int = Field(32, ge=2)
+    max_header_bytes: int = Field(8190, ge=1024)  # the request line and each header line
+    read_timeout: PositiveDuration = 30.0  # for the whole body, however it trickles in
+    keepalive_timeout: PositiveDuration = 75.0  # longer than most balancers' idle timeout
+    # Hooks being answered at once; beyond it a fast 503 with Retry-After, not a queue.
+    max_concurrent: int = Field(1000, ge=1)
     # Bound on how long shutdown waits for in-flight requests and deliveries.
     drain_timeout: Duration = 10.0
     # Reload when the config file changes (also `relay serve --watch`); SIGHUP always does.

@@ -58,6 +58,24 @@ class BodyTooLarge(IngestError):
     code = "body_too_large"
 
 
+class RequestTimeout(IngestError):
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyRecords(IngestError):
+    status = 413
+    code = "too_many_records"
+
+
+class Overloaded(IngestError):
+    """More hooks in flight than `server.max_concurrent`: the sender retries later."""
+
+    status = 503
+    code = "overloaded"
+    headers = MappingProxyType({"Retry-After": "1"})
+
+
 class UnsupportedMediaType(IngestError):
     status = 415
     code = "unsupported_media_type"

@@ -5,9 +5,10 @@ Nothing here waits for a sink. The answer is 200 only once the store has committ
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,9 +16,13 @@ import structlog
 from aiohttp import web
 
 from relay import jsoncodec
+from relay.config import ServerConfig
 from relay.errors import (
     BodyTooLarge,
     InvalidBody,
+    Overloaded,
+    RequestTimeout,
+    TooManyRecords,
     UnknownSource,
     UnsupportedMediaType,
 )
@@ -39,13 +44,27 @@ class Ingest:
     # The first three are replaced whole by a config reload, between two requests.
     sources: dict[str, Source]
     router: Router
-    max_body_bytes: int
+    limits: ServerConfig  # its max_* bounds and read_timeout
     # Stores the events durably and wakes the sinks that got work: the store's group
     # commit in this process, or the leader's when this is a worker (server.workers).
     accept: Callable[[Sequence[NewEvent]], Awaitable[AcceptResult]]
     metrics: Metrics
+    in_flight: int = field(default=0, init=False)
 
     async def handle(self, request: web.Request) -> web.Response:
+        # Refused before any work: under a flood, answering fast is what keeps relay up.
+        if self.in_flight >= self.limits.max_concurrent:
+            raise Overloaded(
+                f"relay is answering {self.in_flight} hooks already; retry in a moment"
+            )
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        limits = self.limits
         name = request.match_info["source"]
         source = self.sources.get(name)
         if source is None:
@@ -55,15 +74,30 @@ class Ingest:
         meta = RequestMeta(headers=request.headers, query=request.query, remote=request.remote)
         source.authenticate(meta)
 
-        body = await read_limited(request, self.max_body_bytes)
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                body = await read_limited(request, limits.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body did not arrive within {limits.read_timeout:g} s"
+            ) from None
         received_at = datetime.now(UTC)
         source.verify(meta, body, received_at.timestamp())
         document = decode_json(body, request.content_type)
+        if too_deep(body, document, limits.max_json_depth):
+            raise InvalidBody(
+                f"the body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
+            )
         try:
-            events = self._events(name, source.parse(meta, document, received_at))
+            envelopes = source.parse(meta, document, received_at)
+            if len(envelopes) > limits.max_records:
+                raise TooManyRecords(
+                    f"the body holds {len(envelopes)} events; the limit is {limits.max_records}"
+                )
+            events = self._events(name, envelopes)
         except RecursionError:
-            # orjson reads nesting the standard library cannot write back (ids and
-            # envelopes are written by it): the sender's mistake, not ours.
+            # Only with max_json_depth raised far past its default: orjson reads nesting
+            # the standard library cannot write back. The sender's mistake, not ours.
             raise InvalidBody("the body nests too deeply", code="invalid_json") from None
 
         result = await self.accept(events)
@@ -114,6 +148,21 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def too_deep(body: bytes, document: Any, limit: int) -> bool:
+    """Whether `document` nests more than `limit` arrays and objects deep. Free for the
+    usual body: one with fewer brackets than the limit cannot nest that deep."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def decode_json(body: bytes, content_type: str) -> Any:

@@ -40,6 +40,8 @@ _RESTART_ONLY = (
     "server.watch_interval",
     "server.drain_timeout",  # aiohttp's own shutdown bound is fixed at start
     "server.workers",
+    "server.max_header_bytes",  # the HTTP parser's, fixed at start
+    "server.keepalive_timeout",
     "store.backend",
     "store.path",
 )
@@ -98,7 +100,7 @@ class Runtime:
         self.ingest = Ingest(
             sources={},
             router=Router([]),
-            max_body_bytes=config.server.max_body_bytes,
+            limits=config.server,
             accept=self.commit,
             metrics=self.metrics,
         )
@@ -252,7 +254,7 @@ class Runtime:
         # requests: a request sees the old pair or the new one.
         sources = {name: build_source(name, src) for name, src in config.sources.items()}
         self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
-        self.ingest.max_body_bytes = config.server.max_body_bytes
+        self.ingest.limits = config.server
 
     async def _build(self, config: RelayConfig, names: list[str]) -> dict[str, Sink]:
         """Build and start the sinks `names`; all of them, or (ConfigError) none."""
