@@ -26,6 +26,7 @@ from relay.errors import (
     UnknownSource,
     UnsupportedMediaType,
 )
+from relay.forwarded import client_address
 from relay.metrics import Metrics
 from relay.models import Envelope
 from relay.routing import Router
@@ -71,7 +72,16 @@ class Ingest:
             raise UnknownSource(f"no source named {name!r} is configured")
         structlog.contextvars.bind_contextvars(source=name)
 
-        meta = RequestMeta(headers=request.headers, query=request.query, remote=request.remote)
+        remote = request.remote
+        if limits.trusted_proxies:
+            remote = client_address(
+                remote,
+                request.forwarded,
+                request.headers.getall("X-Forwarded-For", ()),
+                limits.trusted_proxies,
+            )
+            structlog.contextvars.bind_contextvars(client=remote)
+        meta = RequestMeta(headers=request.headers, query=request.query, remote=remote)
         source.authenticate(meta)
 
         try:

@@ -22,7 +22,9 @@ class RequestMeta:
 
     headers: Mapping[str, str]
     query: Mapping[str, str]
-    remote: str | None = None  # the socket peer's address, as aiohttp reports it
+    # The sender's address: the socket peer, or the client a trusted proxy forwarded for
+    # (relay.forwarded); None when a trusted proxy's header could not be read.
+    remote: str | None = None
 
     @cached_property
     def peer(self) -> IPv4Address | IPv6Address | None:
