@@ -140,8 +140,12 @@ async def readyz(request: web.Request) -> web.Response:
         return error_response(503, "not_ready", "this worker has lost its leader")
     try:
         await asyncio.wait_for(runtime.store.ping(), timeout=2.0)
+        # The leader counts as it commits; a worker asks the store (it shares the file).
+        counts = None if runtime.leader else await asyncio.wait_for(runtime.store.queued(), 2.0)
     except Exception as exc:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
+    if problems := runtime.backlog.problems(counts):
+        return error_response(503, "not_ready", "; ".join(problems))
     free = await asyncio.to_thread(_free_bytes, runtime.store.path)
     if free is not None and free < runtime.config.store.min_free_bytes:
         return error_response(
@@ -200,12 +204,15 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     if not runtime.leader:
         yield  # pruning and watching are the leader's
         return
-    tasks = [asyncio.create_task(_housekeep(runtime), name="relay-housekeeping")]
+    tasks = [
+        asyncio.create_task(_housekeep(runtime), name="relay-housekeeping"),
+        asyncio.create_task(runtime.watch_backlog(), name="relay-backlog"),
+    ]
     app[HOUSEKEEPER] = tasks[0]
     if runtime.config.server.watch_config and runtime.config_path is not None:
         interval = runtime.config.server.watch_interval
         tasks.append(asyncio.create_task(runtime.watch(interval), name="relay-watch"))
-        app[WATCHER] = tasks[1]
+        app[WATCHER] = tasks[-1]
     yield
     for task in tasks:
         task.cancel()

@@ -264,6 +264,8 @@ class GenericSourceConfig(GenericSourceBase):
 class _SinkBase(_Model):
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
+    # Deliveries waiting on disk; at this many, ingest answers 503 for events bound here.
+    max_queue: int = Field(100_000, ge=1)
 
 
 class FileSinkConfig(_SinkBase):

@@ -76,6 +76,14 @@ class Overloaded(IngestError):
     headers = MappingProxyType({"Retry-After": "1"})
 
 
+class QueueFull(IngestError):
+    """A sink's queue on disk is at its `max_queue`: take no more for it until it drains."""
+
+    status = 503
+    code = "queue_full"
+    headers = MappingProxyType({"Retry-After": "5"})
+
+
 class UnsupportedMediaType(IngestError):
     status = 415
     code = "unsupported_media_type"

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from relay.backlog import Backlog
 from relay.config import RelayConfig, load_config
 from relay.dispatch import Dispatcher
 from relay.errors import ConfigError
@@ -104,6 +105,7 @@ class Runtime:
             accept=self.commit,
             metrics=self.metrics,
         )
+        self.backlog = Backlog({})
         self._apply_ingest(config)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -113,11 +115,24 @@ class Runtime:
         self.fingerprint = None if config_path is None else Fingerprint.of(config_path)
 
     async def commit(self, events: Sequence[NewEvent]) -> AcceptResult:
-        """Store events durably (group commit), then wake the sinks that got work."""
+        """Store events durably (group commit), then wake the sinks that got work.
+        Raises QueueFull, storing nothing, if a sink they are for has a full queue."""
+        self.backlog.check(events)
         result = await self.store.accept(events)
         accepted = set(result.accepted)
-        self.dispatcher.wake({sink for e in events if e.id in accepted for sink in e.sinks})
+        queued = [sink for e in events if e.id in accepted for sink in e.sinks]
+        self.backlog.added(queued)
+        self.dispatcher.wake(set(queued))
         return result
+
+    async def watch_backlog(self, interval: float = 1.0) -> None:
+        """Keep the sinks' queue counts fresh: deliveries drain without telling ingest."""
+        while True:
+            try:
+                self.backlog.refresh(await self.store.queued())
+            except Exception:
+                log.exception("backlog.refresh_failed")
+            await asyncio.sleep(interval)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -255,6 +270,7 @@ class Runtime:
         sources = {name: build_source(name, src) for name, src in config.sources.items()}
         self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
         self.ingest.limits = config.server
+        self.backlog.set_limits({name: sink.max_queue for name, sink in config.sinks.items()})
 
     async def _build(self, config: RelayConfig, names: list[str]) -> dict[str, Sink]:
         """Build and start the sinks `names`; all of them, or (ConfigError) none."""

@@ -571,6 +571,17 @@ class SqliteStore:
 
         return await self._run(query)
 
+    async def queued(self) -> dict[str, int]:
+        """Per sink: deliveries pending (waiting, or being retried)."""
+
+        def query() -> dict[str, int]:
+            rows = self.db.execute(
+                "SELECT sink, COUNT(*) FROM deliveries WHERE state = 'pending' GROUP BY sink"
+            )
+            return {sink: count for sink, count in rows}
+
+        return await self._run(query)
+
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]:
         """Per source: (events received, of which duplicates) since `since`."""
 

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import structlog
 
-from relay.errors import StoreUnavailable
+from relay.errors import QueueFull, StoreUnavailable
 from relay.snapshot import ConfigSnapshot
 from relay.store import AcceptResult, NewEvent
 
@@ -132,8 +132,10 @@ class LeaderLink:
                 answer = self._waiting.get(key)
                 if answer is None or answer.done():
                     continue
-                if error is not None:
-                    answer.set_exception(StoreUnavailable(error))
+                if isinstance(error, list) and error[0] == QueueFull.code:
+                    answer.set_exception(QueueFull(str(error[1])))
+                elif error is not None:
+                    answer.set_exception(StoreUnavailable(str(error)))
                 else:
                     answer.set_result(AcceptResult(accepted, duplicates))
         except asyncio.CancelledError:
@@ -174,6 +176,8 @@ async def serve_worker(
             result: AcceptResult = await accept(events)
         except StoreUnavailable as exc:
             message = [key, None, None, str(exc)]
+        except QueueFull as exc:
+            message = [key, None, None, [exc.code, exc.message]]
         except Exception as exc:  # never leave a worker waiting for an answer
             log.exception("worker.accept_failed", worker=slot)
             message = [key, None, None, f"{exc.__class__.__name__}"]

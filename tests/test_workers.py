@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp import ClientSession
 
-from relay.errors import StoreUnavailable
+from relay.errors import QueueFull, StoreUnavailable
 from relay.store import AcceptResult, NewEvent
 from relay.workers import LeaderLink, serve_worker
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines
@@ -216,13 +216,15 @@ async def _worker_link() -> tuple[LeaderLink, socket.socket, asyncio.Event]:
     return link, ours, lost
 
 
-async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_error():
+async def test_the_link_carries_events_answers_and_refusals():
     seen: list[list[NewEvent]] = []
 
     async def accept(events):
         seen.append(list(events))
         if events[0].id == "evt_broken":
             raise StoreUnavailable("disk I/O error")
+        if events[0].id == "evt_backlogged":
+            raise QueueFull("the queue of sink app (3 queued) is full")
         return AcceptResult([e.id for e in events], [])
 
     link, ours, _ = await _worker_link()
@@ -232,6 +234,9 @@ async def test_the_link_carries_events_and_answers_and_a_store_failure_is_a_503_
     assert seen == [[event]]
     with pytest.raises(StoreUnavailable, match="disk I/O error"):
         await link.accept([NewEvent("evt_broken", "qingstor", "{}", ())])
+    # A full sink queue reaches the worker as itself: a 503 queue_full, not a store failure.
+    with pytest.raises(QueueFull, match=r"sink app \(3 queued\)"):
+        await link.accept([NewEvent("evt_backlogged", "qingstor", "{}", ("app",))])
     await link.close()
     await asyncio.wait_for(served, 5)
 
