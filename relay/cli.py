@@ -76,16 +76,26 @@ def _parser() -> argparse.ArgumentParser:
     config_flag.add_argument(
         "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
     )
-    listing = actions.add_parser("list", parents=[config_flag], help="a table of dead letters")
+    quarantine_flag = argparse.ArgumentParser(add_help=False)
+    quarantine_flag.add_argument(
+        "--quarantine",
+        action="store_true",
+        help="the unusable bodies authenticated senders posted, not dead letters",
+    )
+    listing = actions.add_parser(
+        "list", parents=[config_flag, quarantine_flag], help="a table of dead letters"
+    )
     listing.add_argument("--sink", metavar="S", help="only this sink's")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    show = actions.add_parser("show", parents=[config_flag], help="one event's dead letters")
-    show.add_argument("event_id", metavar="ID")
-    for name, purpose in (
-        ("replay", "make dead letters pending again, due now"),
-        ("purge", "delete dead letters"),
+    show = actions.add_parser(
+        "show", parents=[config_flag, quarantine_flag], help="one event's dead letters"
+    )
+    show.add_argument("event_id", metavar="ID", help="an event id (a number with --quarantine)")
+    for name, purpose, flags in (
+        ("replay", "make dead letters pending again, due now", [config_flag]),
+        ("purge", "delete dead letters", [config_flag, quarantine_flag]),
     ):
-        action = actions.add_parser(name, parents=[config_flag], help=purpose)
+        action = actions.add_parser(name, parents=flags, help=purpose)
         action.add_argument("event_ids", metavar="ID", nargs="*", help="event ids")
         action.add_argument("--sink", metavar="S", help="this sink's (with IDs: only theirs)")
         action.add_argument("--all", action="store_true", help="every dead letter")
@@ -93,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
+    if getattr(args, "quarantine", False):
+        return _quarantine(args, config)
     if args.action == "show":
         return asyncio.run(dlq.show(config, args.event_id))
     if args.action == "list":
@@ -104,6 +116,25 @@ def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
     selection = Selection(everything=args.all, sink=args.sink, event_ids=tuple(args.event_ids))
     command = dlq.replay if args.action == "replay" else dlq.purge
     return asyncio.run(command(config, selection))
+
+
+def _quarantine(args: argparse.Namespace, config: RelayConfig) -> int:
+    ids = [args.event_id] if args.action == "show" else getattr(args, "event_ids", [])
+    try:
+        numbers = [int(i) for i in ids]
+    except ValueError:
+        print(
+            "relay dlq --quarantine: ids are numbers, as `list --quarantine` shows", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if args.action == "list":
+        return asyncio.run(dlq.list_quarantine(config, as_json=args.json))
+    if args.action == "show":
+        return asyncio.run(dlq.show_quarantined(config, numbers[0]))
+    if not (args.all or numbers) or args.sink:
+        print("relay dlq purge --quarantine: give --all or ids", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(dlq.purge_quarantine(config, numbers))
 
 
 def _config_path(path: str | None) -> Path | None:

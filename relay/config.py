@@ -116,6 +116,10 @@ class StoreConfig(_Model):
     # /readyz fails below this much free space where the store lives: the sender is
     # told to wait before a full disk makes every ingest a 503.
     min_free_bytes: int = Field(100 * 1024 * 1024, ge=0)
+    # Unusable bodies from authenticated senders, newest kept within both bounds;
+    # quarantine_max 0 keeps none.
+    quarantine_max: int = Field(1000, ge=0)
+    quarantine_max_bytes: int = Field(50 * 1024 * 1024, ge=0)
 
 
 class DedupeConfig(_Model):

@@ -1,4 +1,5 @@
-"""`relay dlq ...`: list, show, replay and purge dead letters in the store.
+"""`relay dlq ...`: list, show, replay and purge dead letters in the store; with
+`--quarantine`, list, show and purge the unusable bodies ingest kept instead.
 
 These open the store directly, beside a running `relay serve` if there is one (SQLite
 WAL lets both in); a replayed delivery is due at once and the server's dispatcher
@@ -7,6 +8,7 @@ finds it on its next look, within about a second.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,7 +17,7 @@ from typing import TextIO, TypeVar
 
 from relay.config import RelayConfig
 from relay.logs import redact_text
-from relay.store import DeadLetter, Selection, SqliteStore
+from relay.store import DeadLetter, Quarantined, Selection, SqliteStore
 from relay.tables import table
 
 T = TypeVar("T")
@@ -112,6 +114,69 @@ async def replay(config: RelayConfig, selection: Selection, out: TextIO = sys.st
 async def purge(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
     count = await _change(config, lambda store: store.purge(selection))
     print(f"purged {count} dead letter(s)", file=out)
+    return 0
+
+
+# --- quarantine --------------------------------------------------------------------------
+
+
+def _quarantine_record(entry: Quarantined, with_body: bool = False) -> dict[str, object]:
+    record: dict[str, object] = {
+        "id": entry.id,
+        "source": entry.source,
+        "received_at": _when(entry.received_at),
+        "error": entry.error,
+        "reason": entry.reason,
+        "content_type": entry.content_type,
+        "size": entry.size,
+    }
+    if with_body:
+        try:
+            record["body"] = entry.body.decode("utf-8")
+        except UnicodeDecodeError:
+            record["body_base64"] = base64.b64encode(entry.body).decode("ascii")
+    return record
+
+
+async def list_quarantine(config: RelayConfig, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    entries = await _change(config, lambda store: store.quarantined())
+    if as_json:
+        for entry in entries:
+            print(json.dumps(_quarantine_record(entry), ensure_ascii=False), file=out)
+    elif entries:
+        header = ("ID", "SOURCE", "ERROR", "REASON", "RECEIVED", "BYTES")
+        rows = [
+            (
+                str(e.id),
+                e.source,
+                e.error,
+                _clip(e.reason, 60),
+                _when(e.received_at),
+                str(e.size),
+            )
+            for e in entries
+        ]
+        print(table(header, rows), file=out)
+    else:
+        print("nothing in quarantine", file=out)
+    return 0
+
+
+async def show_quarantined(config: RelayConfig, entry_id: int, out: TextIO = sys.stdout) -> int:
+    entries = await _change(config, lambda store: store.quarantined([entry_id]))
+    if not entries:
+        print(f"nothing in quarantine with id {entry_id}", file=sys.stderr)
+        return 1
+    detail = _quarantine_record(entries[0], with_body=True)
+    print(json.dumps(detail, indent=2, ensure_ascii=False), file=out)
+    return 0
+
+
+async def purge_quarantine(
+    config: RelayConfig, entry_ids: Sequence[int], out: TextIO = sys.stdout
+) -> int:
+    count = await _change(config, lambda store: store.purge_quarantine(entry_ids))
+    print(f"purged {count} quarantined bod{'y' if count == 1 else 'ies'}", file=out)
     return 0
 
 

@@ -19,6 +19,7 @@ from relay import jsoncodec
 from relay.config import ServerConfig
 from relay.errors import (
     BodyTooLarge,
+    IngestError,
     InvalidBody,
     Overloaded,
     RequestTimeout,
@@ -31,7 +32,7 @@ from relay.metrics import Metrics
 from relay.models import Envelope
 from relay.routing import Router
 from relay.sources import RequestMeta, Source
-from relay.store import AcceptResult, NewEvent
+from relay.store import AcceptResult, NewEvent, Quarantined
 
 log = structlog.get_logger("relay.ingest")
 
@@ -50,6 +51,8 @@ class Ingest:
     # commit in this process, or the leader's when this is a worker (server.workers).
     accept: Callable[[Sequence[NewEvent]], Awaitable[AcceptResult]]
     metrics: Metrics
+    # Keeps a body an authenticated sender posted that relay could not use.
+    quarantine: Callable[[Quarantined], Awaitable[None]]
     in_flight: int = field(default=0, init=False)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -93,7 +96,39 @@ class Ingest:
             ) from None
         received_at = datetime.now(UTC)
         source.verify(meta, body, received_at.timestamp())
-        document = decode_json(body, request.content_type)
+        try:
+            events = self._decode(name, source, meta, body, request.content_type, received_at)
+        except IngestError as exc:
+            if source.authenticates:
+                # The sender proved who it is, so this is no scanner: likely an upstream
+                # format change. Keep the body; the answer stays the 4xx.
+                await self.quarantine(
+                    Quarantined(
+                        0,
+                        name,
+                        received_at.timestamp(),
+                        exc.code,
+                        exc.message,
+                        request.content_type,
+                        len(body),
+                        body,
+                    )
+                )
+            raise
+        return await self._commit(name, events)
+
+    def _decode(
+        self,
+        name: str,
+        source: Source,
+        meta: RequestMeta,
+        body: bytes,
+        content_type: str,
+        received_at: datetime,
+    ) -> list[NewEvent]:
+        """The body's events, or the IngestError that says why it has none."""
+        limits = self.limits
+        document = decode_json(body, content_type)
         if too_deep(body, document, limits.max_json_depth):
             raise InvalidBody(
                 f"the body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
@@ -109,7 +144,10 @@ class Ingest:
             # Only with max_json_depth raised far past its default: orjson reads nesting
             # the standard library cannot write back. The sender's mistake, not ours.
             raise InvalidBody("the body nests too deeply", code="invalid_json") from None
+        return events
 
+    async def _commit(self, name: str, events: list[NewEvent]) -> web.Response:
+        """Store the events (200 only once committed), count them, answer."""
         result = await self.accept(events)
         accepted = set(result.accepted)
         fresh = [e for e in events if e.id in accepted]

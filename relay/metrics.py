@@ -58,6 +58,12 @@ class Metrics:
         self.unrouted = Counter(
             "relay_events_unrouted", "New events that no route took.", ["source"], registry=r
         )
+        self.quarantined = Counter(
+            "relay_events_quarantined",
+            "Unusable bodies from authenticated senders, answered 4xx and kept.",
+            ["source"],
+            registry=r,
+        )
         self.deliveries = Counter(
             "relay_deliveries",
             "Delivery attempts by outcome: done, retry or dead.",

@@ -29,7 +29,7 @@ from relay.metrics import Metrics
 from relay.routing import Router
 from relay.sinks import Sink, build_sink
 from relay.sources import build_source
-from relay.store import AcceptResult, NewEvent, SqliteStore
+from relay.store import AcceptResult, NewEvent, Quarantined, SqliteStore
 
 log = structlog.get_logger("relay.runtime")
 
@@ -104,6 +104,7 @@ class Runtime:
             limits=config.server,
             accept=self.commit,
             metrics=self.metrics,
+            quarantine=self.quarantine,
         )
         self.backlog = Backlog({})
         self._apply_ingest(config)
@@ -124,6 +125,20 @@ class Runtime:
         self.backlog.added(queued)
         self.dispatcher.wake(set(queued))
         return result
+
+    async def quarantine(self, entry: Quarantined) -> None:
+        """Keep an unusable body within the store's bounds. Never raises: the sender's
+        answer is its 4xx whether or not the body could be kept."""
+        bounds = self.config.store
+        if not bounds.quarantine_max:
+            return
+        try:
+            await self.store.quarantine(entry, bounds.quarantine_max, bounds.quarantine_max_bytes)
+        except Exception:
+            log.exception("ingest.quarantine_failed", error=entry.error)
+            return
+        self.metrics.quarantined.labels(entry.source).inc()
+        log.warning("ingest.quarantined", error=entry.error, size=entry.size)
 
     async def watch_backlog(self, interval: float = 1.0) -> None:
         """Keep the sinks' queue counts fresh: deliveries drain without telling ingest."""

@@ -65,6 +65,18 @@ CREATE TABLE IF NOT EXISTS sink_state (
     gone        INTEGER NOT NULL,     -- 1 after a 410 Gone, until a send succeeds
     updated_at  REAL NOT NULL
 );
+-- Bodies a source's authenticated sender posted that relay could not use (400/413/415):
+-- kept, within bounds, so an upstream format change loses nothing.
+CREATE TABLE IF NOT EXISTS quarantine (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    error        TEXT NOT NULL,        -- the answer's error code, e.g. invalid_event
+    reason       TEXT NOT NULL,        -- the answer's message
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    body         BLOB NOT NULL
+);
 """
 
 # Receipts older than this are pruned; `relay status` looks back one hour.
@@ -107,6 +119,18 @@ class DeadLetter:
     last_error: str | None
     dead_since: float
     envelope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    id: int
+    source: str
+    received_at: float
+    error: str
+    reason: str
+    content_type: str
+    size: int
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +562,64 @@ class SqliteStore:
         def work() -> int:
             with self._transaction() as db:
                 return db.execute(f"DELETE FROM deliveries WHERE {where}", params).rowcount
+
+        return await self._run(work)
+
+    # --- quarantine ----------------------------------------------------------------------
+
+    async def quarantine(self, entry: Quarantined, max_entries: int, max_bytes: int) -> None:
+        """Keep an unusable body (its `id` is ignored), then drop the oldest entries
+        beyond `max_entries` or `max_bytes` of bodies in all."""
+
+        def work() -> None:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO quarantine (source, received_at, error, reason,"
+                    " content_type, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        entry.source,
+                        entry.received_at,
+                        entry.error,
+                        entry.reason,
+                        entry.content_type,
+                        len(entry.body),
+                        entry.body,
+                    ),
+                )
+                # The newest entry whose running total (newest first) passes a bound,
+                # and everything older than it, goes.
+                row = db.execute(
+                    "SELECT MAX(id) FROM (SELECT id, ROW_NUMBER() OVER w AS n,"
+                    " SUM(size) OVER w AS total FROM quarantine WINDOW w AS (ORDER BY id DESC))"
+                    " WHERE n > ? OR total > ?",
+                    (max_entries, max_bytes),
+                ).fetchone()
+                if row[0] is not None:
+                    db.execute("DELETE FROM quarantine WHERE id <= ?", (row[0],))
+
+        await self._run(work)
+
+    async def quarantined(self, ids: Sequence[int] = ()) -> list[Quarantined]:
+        """Entries oldest first: all, or those with these ids."""
+        where = f" WHERE id IN ({','.join('?' * len(ids))})" if ids else ""
+
+        def query() -> list[Quarantined]:
+            rows = self.db.execute(
+                "SELECT id, source, received_at, error, reason, content_type, size, body"
+                f" FROM quarantine{where} ORDER BY id",
+                list(ids),
+            ).fetchall()
+            return [Quarantined(*row) for row in rows]
+
+        return await self._run(query)
+
+    async def purge_quarantine(self, ids: Sequence[int] = ()) -> int:
+        """Delete quarantined bodies: those with these ids, or (none given) all."""
+        where = f" WHERE id IN ({','.join('?' * len(ids))})" if ids else ""
+
+        def work() -> int:
+            with self._transaction() as db:
+                return db.execute(f"DELETE FROM quarantine{where}", list(ids)).rowcount
 
         return await self._run(work)
 

@@ -37,6 +37,9 @@ class RequestMeta:
 
 class Source(Protocol):
     name: str
+    # Whether a request must prove who sent it (a token, a signature, a password). Only
+    # then is a body that passed and still could not be used kept in quarantine.
+    authenticates: bool
 
     def authenticate(self, meta: RequestMeta) -> None:
         """Raise Unauthorized or Forbidden; return quietly when the request may proceed."""

@@ -175,6 +175,7 @@ class BodySource:
     from `id_from` / `type_from`, and the one envelope each request becomes."""
 
     kind: str
+    authenticates = True  # signed kinds; `generic` decides by its config
 
     def __init__(self, name: str, config: GenericSourceBase) -> None:
         self.name = name

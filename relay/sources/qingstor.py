@@ -36,6 +36,7 @@ class QingStorSource:
     def __init__(self, name: str, config: QingStorSourceConfig) -> None:
         self.name = name
         self.config = config
+        self.authenticates = config.token is not None
 
     def authenticate(self, meta: RequestMeta) -> None:
         check_peer(self.name, self.config.allow_ips, meta)

@@ -1,0 +1,119 @@
+"""Quarantine: an authenticated sender's unusable body is answered 4xx and kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from relay.app import STORE
+from tests.conftest import TOKEN, notifier_body, relay_config
+from tests.processes import post, run_cli
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+NOT_AN_EVENT = b'{"events": [{"event_type": "create_object"}]}'
+
+
+async def test_unusable_bodies_from_an_authenticated_sender_are_kept_with_their_reason(
+    tmp_path, start_relay
+):
+    client = await start_relay(
+        relay_config(
+            tmp_path,
+            server={"max_records": 2},
+            sources={
+                "qingstor": {"kind": "qingstor", "token": TOKEN},
+                "open": {"kind": "qingstor"},  # no token: anybody may post here
+            },
+        )
+    )
+    store = client.app[STORE]
+    json_type = {"Content-Type": "application/json"}
+
+    bad = await client.post(HOOK, data=NOT_AN_EVENT, headers=json_type)
+    assert bad.status == 400 and (await bad.json())["error"] == "invalid_event"
+    not_json = await client.post(HOOK, data=b"\xff\xfenot json", headers=json_type)
+    assert (await not_json.json())["error"] == "invalid_json"
+    too_many = await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    assert too_many.status == 413
+    # Not kept: a sender that did not prove itself, and a source anyone may post to.
+    assert (await client.post("/hooks/qingstor?token=wrong", data=NOT_AN_EVENT)).status == 401
+    assert (await client.post("/hooks/open", data=NOT_AN_EVENT)).status == 400
+
+    kept = await store.quarantined()
+    assert [(q.source, q.error) for q in kept] == [
+        ("qingstor", "invalid_event"),
+        ("qingstor", "invalid_json"),
+        ("qingstor", "too_many_records"),
+    ]
+    assert kept[0].body == NOT_AN_EVENT and kept[0].size == len(NOT_AN_EVENT)
+    assert kept[0].content_type == "application/json"
+    assert kept[0].reason == (await bad.json())["message"]
+    assert kept[1].body == b"\xff\xfenot json"
+    assert (await store.counts())["events"] == 0  # quarantine is not the event store
+
+    metrics = await (await client.get("/metrics")).text()
+    assert 'relay_events_quarantined_total{source="qingstor"} 3.0' in metrics
+
+
+async def test_quarantine_keeps_the_newest_within_its_count_and_byte_bounds(tmp_path, start_relay):
+    client = await start_relay(
+        relay_config(tmp_path, store={"path": "relay.db", "quarantine_max": 3})
+    )
+    for n in range(5):
+        await client.post(HOOK, data=f'{{"n": {n}}}')
+    kept = await client.app[STORE].quarantined()
+    assert [json.loads(q.body)["n"] for q in kept] == [2, 3, 4]
+
+    client = await start_relay(
+        relay_config(tmp_path / "b", store={"path": "relay.db", "quarantine_max_bytes": 100})
+    )
+    for n in range(3):
+        await client.post(HOOK, data=json.dumps({"n": n, "pad": "x" * 40}))  # 60 bytes each
+    kept = await client.app[STORE].quarantined()
+    assert [json.loads(q.body)["n"] for q in kept] == [2]
+
+    client = await start_relay(
+        relay_config(tmp_path / "c", store={"path": "relay.db", "quarantine_max": 0})
+    )
+    assert (await client.post(HOOK, data=NOT_AN_EVENT)).status == 400
+    assert await client.app[STORE].quarantined() == []
+
+
+async def test_dlq_lists_shows_and_purges_the_quarantine_of_a_running_relay_with_workers(
+    tmp_path: Path, processes
+):
+    config: dict[str, Any] = {
+        "server": {"workers": 1},
+        "store": {"path": "data/relay.db"},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {"archive": {"kind": "file", "path": "data/events.jsonl"}},
+    }
+    relay = await processes(tmp_path, config).start()
+    path = tmp_path / "relay.yaml"  # where RelayProcess wrote the config
+
+    def cli(*args: str) -> Any:
+        return run_cli("dlq", *args, "--quarantine", "--config", str(path))
+
+    status, answer = await post(relay.url(HOOK), {"events": [{"event_type": "x"}]})
+    assert (status, answer["error"]) == (400, "invalid_event")  # answered by the worker
+
+    listed = await asyncio.to_thread(cli, "list", "--json")
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (entry["source"], entry["error"], entry["reason"]) == (
+        "qingstor",
+        "invalid_event",
+        answer["message"],
+    )
+    table = (await asyncio.to_thread(cli, "list")).stdout
+    assert "invalid_event" in table and "SOURCE" in table
+
+    shown = await asyncio.to_thread(cli, "show", str(entry["id"]))
+    assert json.loads(json.loads(shown.stdout)["body"]) == {"events": [{"event_type": "x"}]}
+    assert (await asyncio.to_thread(cli, "show", "999")).returncode == 1
+    assert (await asyncio.to_thread(cli, "purge")).returncode == 2  # no selection
+
+    purged = await asyncio.to_thread(cli, "purge", "--all")
+    assert "purged 1" in purged.stdout
+    assert "nothing in quarantine" in (await asyncio.to_thread(cli, "list")).stdout
