@@ -206,7 +206,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     tasks = [
         asyncio.create_task(_housekeep(runtime), name="relay-housekeeping"),
-        asyncio.create_task(runtime.watch_backlog(), name="relay-backlog"),
+        asyncio.create_task(runtime.every_second(), name="relay-every-second"),
     ]
     app[HOUSEKEEPER] = tasks[0]
     if runtime.config.server.watch_config and runtime.config_path is not None:

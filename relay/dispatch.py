@@ -108,6 +108,17 @@ class Dispatcher:
             lane.worker = asyncio.create_task(self._work(lane), name=f"relay-sink-{name}")
             self.lanes[name] = lane
 
+    async def clock_stepped_back(self, seconds: float) -> None:
+        """Move every retry and open circuit back by the wall clock's step (relay.clock),
+        then let the lanes look again."""
+        moved = await self.store.move_schedule_back(seconds)
+        for lane in self.lanes.values():
+            if lane.circuit.open_until:
+                lane.circuit.open_until -= seconds
+                await self._save_state(lane)
+        log.warning("clock.stepped_back", seconds=round(seconds, 3), deliveries=moved)
+        self.wake(self.lanes)
+
     def wake(self, sinks: Iterable[str]) -> None:
         for name in sinks:
             lane = self.lanes.get(name)

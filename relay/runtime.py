@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from relay.backlog import Backlog
+from relay.clock import WallClock
 from relay.config import RelayConfig, load_config
 from relay.dispatch import Dispatcher
 from relay.errors import ConfigError
@@ -140,13 +141,17 @@ class Runtime:
         self.metrics.quarantined.labels(entry.source).inc()
         log.warning("ingest.quarantined", error=entry.error, size=entry.size)
 
-    async def watch_backlog(self, interval: float = 1.0) -> None:
-        """Keep the sinks' queue counts fresh: deliveries drain without telling ingest."""
+    async def every_second(self, clock: WallClock | None = None, interval: float = 1.0) -> None:
+        """The leader's regular look at what changes without telling it: the sinks'
+        queues drain, and the wall clock may step back."""
+        clock = clock or WallClock()
         while True:
             try:
                 self.backlog.refresh(await self.store.queued())
+                if step := clock.stepped_back():
+                    await self.dispatcher.clock_stepped_back(step)
             except Exception:
-                log.exception("backlog.refresh_failed")
+                log.exception("runtime.look_failed")
             await asyncio.sleep(interval)
 
     # --- lifecycle ---------------------------------------------------------------------

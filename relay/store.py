@@ -653,6 +653,21 @@ class SqliteStore:
 
         return await self._run(query)
 
+    async def move_schedule_back(self, seconds: float, now: float | None = None) -> int:
+        """After the wall clock stepped back by `seconds`: pending deliveries scheduled
+        for later are due that much sooner, as they were meant to be."""
+        at = time.time() if now is None else now
+
+        def work() -> int:
+            with self._transaction() as db:
+                return db.execute(
+                    "UPDATE deliveries SET next_at = MAX(next_at - ?, ?)"
+                    " WHERE state = 'pending' AND next_at > ?",
+                    (seconds, at, at),
+                ).rowcount
+
+        return await self._run(work)
+
     async def queued(self) -> dict[str, int]:
         """Per sink: deliveries pending (waiting, or being retried)."""
 

@@ -1,0 +1,92 @@
+"""The wall clock stepping back: retries and open circuits are not held the longer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from structlog.testing import capture_logs
+
+from relay.app import RUNTIME
+from relay.clock import WallClock
+from relay.store import Settlement
+from tests.conftest import TOKEN, eventually, notifier_body, relay_config
+from tests.test_store import event, open_store
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+
+
+class Clocks:
+    """A wall clock the test can step, beside a monotonic one that only runs."""
+
+    def __init__(self) -> None:
+        self.wall, self.monotonic = 1_000_000.0, 50.0
+
+    def run(self, seconds: float) -> None:
+        self.wall += seconds
+        self.monotonic += seconds
+
+
+def test_only_a_step_back_beyond_the_tolerance_counts():
+    clocks = Clocks()
+    clock = WallClock(1.0, wall=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    clocks.run(10)
+    assert clock.stepped_back() == 0.0
+    clocks.wall -= 0.5  # slewing, noise
+    assert clock.stepped_back() == 0.0
+    clocks.wall += 7200  # forward: retries come early, which costs nothing
+    assert clock.stepped_back() == 0.0
+    clocks.run(3)
+    clocks.wall -= 3600
+    assert clock.stepped_back() == 3600.0
+    assert clock.stepped_back() == 0.0  # seen once
+
+
+async def test_the_store_moves_later_retries_back_and_no_earlier_than_now(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    try:
+        await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+        first, second = await store.due("a", limit=10, now=1000.0)
+        await store.settle(
+            [
+                Settlement(first.id, "pending", 1000.0 + 3610, 503, "busy"),
+                Settlement(second.id, "pending", 1000.0 + 30, 503, "busy"),
+            ],
+            now=1000.0,
+        )
+        assert await store.move_schedule_back(3600, now=1000.0) == 2
+        # The first was due 10 s after the step; the second is due at once, not before.
+        assert await store.next_due_at("a") == 1000.0
+        assert [d.id for d in await store.due("a", 10, now=1000.0)] == [second.id]
+        assert [d.id for d in await store.due("a", 10, now=1010.0)] == [second.id, first.id]
+    finally:
+        await store.close()
+
+
+async def test_an_open_circuit_is_not_held_open_by_a_step_back(tmp_path, start_relay, receiver):
+    # A circuit opened for a 1 h cool-down looks, to relay, just like one opened for
+    # seconds before the wall clock stepped back an hour.
+    receiver.statuses = [503]
+    sink = {
+        "kind": "http",
+        "url": receiver.url,
+        "retry": {"initial": "10ms", "max": "10ms"},
+        "circuit": {"failures": 1, "cooldown": "1h"},
+    }
+    client = await start_relay(relay_config(tmp_path, sinks={"app": sink}))
+    assert (await client.post(HOOK, json=notifier_body("c/1"))).status == 200
+    await eventually(lambda: len(receiver.requests) == 1)
+    await asyncio.sleep(0.3)
+    assert len(receiver.requests) == 1  # held by the open circuit
+
+    clocks = Clocks()
+    clock = WallClock(1.0, wall=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    clocks.wall -= 3599.5  # the circuit had half a second to go
+    with capture_logs() as logs:
+        looking = asyncio.create_task(client.app[RUNTIME].every_second(clock, interval=0.05))
+        try:
+            await eventually(lambda: len(receiver.requests) == 2, within=5)
+        finally:
+            looking.cancel()
+    [step] = [e for e in logs if e["event"] == "clock.stepped_back"]
+    assert step["seconds"] == 3599.5
+    assert receiver.requests[0]["body"] == receiver.requests[1]["body"]
