@@ -290,7 +290,8 @@ def _check_secret_url(value: SecretStr) -> SecretStr:
 
 class HttpSinkConfig(_SinkBase):
     kind: Literal["http"]
-    url: Annotated[str, AfterValidator(_check_http_url)]
+    # A secret like Slack's: DingTalk, WeCom, Feishu and Discord URLs carry their token.
+    url: Annotated[SecretStr, AfterValidator(_check_secret_url)]
     headers: dict[str, SecretStr] = {}  # often credentials: never logged or shown
     timeout: PositiveDuration = 10.0
     concurrency: int = Field(8, ge=1, le=256)

@@ -19,14 +19,39 @@ _URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
 _QUERY_SECRET = re.compile(
     r"(?i)([?&](?:token|access_token|key|sign|sig|signature|secret|password)=)[^&\s\"'\\]*"
 )
+# As a header line, and as a mapping prints it (`"Authorization": "Bearer ..."`).
 _HEADER_SECRET = re.compile(
     r"(?i)((?:x-relay-token|authorization|webhook-signature|x-hub-signature(?:-256)?)"
-    r"\s*:\s*)[^\r\n\"']*"
+    r"[\"']?\s*:\s*[\"']?)[^\r\n\"']*"
+)
+# Webhook URLs carry their credential in the path as often as in the query
+# (hooks.slack.com/services/T.../B.../<secret>, discord.com/api/webhooks/<id>/<token>,
+# open.feishu.cn/open-apis/bot/v2/hook/<token>, api.telegram.org/bot<token>/...,
+# <tenant>.webhook.office.com/webhookb2/...), and user info is a password. No list of
+# vendors can be complete, so in logs every URL keeps its scheme and host only.
+_URL_PARTS = re.compile(
+    r"(?i)\b((?:https?|wss?)://)"
+    r"((?:[^\s/?#\"'<>\\`]*@)?)"  # user info: up to the last @ before the host ends
+    r"([^\s/?#\"'<>\\`@]+)"  # host and port
+    r"([^\s\"'<>\\`]*)"  # path, query and fragment
 )
 
 
 def redact_url(text: str) -> str:
     return _URL_QUERY.sub(r"\1?[redacted]", text)
+
+
+def redact_url_paths(text: str) -> str:
+    """Every URL in `text` cut to its scheme and host, `/[redacted]` standing for the
+    user info, path, query and fragment it had; a bare `https://host/` stays as it is."""
+
+    def cut(match: re.Match[str]) -> str:
+        scheme, userinfo, host, rest = match.groups()
+        if not userinfo and rest in ("", "/"):
+            return match.group(0)
+        return f"{scheme}{host}/[redacted]"
+
+    return _URL_PARTS.sub(cut, text)
 
 
 def redact_text(text: str) -> str:
@@ -50,7 +75,9 @@ def scrub_secrets(
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return redact_text(value)
+        # Paths too, unlike redact_text: a log line has no use for a webhook's path,
+        # while the commands that print URLs (send-test, qingstor) need theirs.
+        return redact_text(redact_url_paths(value))
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     if isinstance(value, dict):

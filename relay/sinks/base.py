@@ -48,6 +48,15 @@ def scrub_url(text: str, url: str) -> str:
     return text
 
 
+def scrub_values(text: str, values: Sequence[str]) -> str:
+    """`text` without any of `values`: credentials a sink sent, which receivers' error
+    pages like to quote back ("Incorrect API key provided: ..."). Longest first, so
+    that no part of a longer value survives a shorter one's replacement."""
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    return text
+
+
 class PostingSink:
     """For sinks that POST: one aiohttp session, opened by start() and closed by close(),
     with `connections` sockets at most and `timeout` seconds per request."""
@@ -76,6 +85,10 @@ class PostingSink:
         return self._session
 
 
+# Characters of an answer's body kept to describe it.
+ANSWER_KEPT = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
@@ -88,16 +101,21 @@ async def post(
     url: str,
     body: bytes,
     headers: Mapping[str, str],
+    secrets: Sequence[str] = (),
 ) -> Answer | Outcome:
-    """POST once: the answer to judge, or the Outcome of a request that got none."""
+    """POST once: the answer to judge, or the Outcome of a request that got none.
+    Neither carries the URL or any of `secrets`."""
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-            text = (await response.content.read(1024)).decode("utf-8", "replace")
-            # Scrubbed before anyone shortens it: a cut could leave part of the URL.
+            # Read past the KiB kept by the longest secret, and scrubbed before the cut:
+            # a secret straddling it would otherwise leave its first part behind.
+            spare = max(len(s.encode()) for s in (url, *secrets))
+            raw = await response.content.read(ANSWER_KEPT + spare)
+            text = raw.decode("utf-8", "replace")
             return Answer(
                 response.status,
                 response.headers.get("Retry-After"),
-                scrub_url(text, url) if text else "",
+                scrub_values(scrub_url(text, url), secrets)[:ANSWER_KEPT] if text else "",
             )
     except aiohttp.InvalidURL:
         # Its message would echo the URL.
@@ -108,7 +126,8 @@ async def post(
         # A malformed answer: its message names the request URL. The status is enough.
         return Outcome("retry", status=exc.status or None, error=exc.__class__.__name__)
     except aiohttp.ClientError as exc:
-        return Outcome("retry", error=scrub_url(f"{exc.__class__.__name__}: {exc}", url))
+        error = scrub_url(f"{exc.__class__.__name__}: {exc}", url)
+        return Outcome("retry", error=scrub_values(error, secrets))
 
 
 def backoff_ceiling(attempts: int, retry: RetryConfig) -> float:

@@ -8,11 +8,15 @@ done; 410 the endpoint is gone; 429/502/503/504 back off, honouring Retry-After;
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 from urllib.parse import quote
+
+from yarl import URL
 
 from relay.config import HttpSinkConfig
 from relay.models import Delivery
@@ -79,6 +83,29 @@ def encode(format_: str, envelope_json: str) -> tuple[bytes, dict[str, str]]:
     return body.encode("utf-8"), headers
 
 
+# Shorter values are not credentials, and scrubbing them ("json", "1") mangles text.
+_MIN_SECRET = 6
+
+
+def credentials(config: HttpSinkConfig) -> tuple[str, ...]:
+    """What the sink sends as credentials, in every form an answer could quote back:
+    each header value whole and without its scheme (`Bearer <token>`), and the URL's
+    password, which aiohttp sends as basic auth."""
+    found: set[str] = set()
+    for secret in config.headers.values():
+        value = secret.get_secret_value()
+        found.update((value, value.partition(" ")[2].strip()))
+    url = URL(config.url.get_secret_value())
+    if url.password:
+        found.update((url.password, url.raw_password or ""))
+        pair = f"{url.user or ''}:{url.password}"
+        # aiohttp encodes it as latin-1; the UTF-8 form is there for any other client.
+        for encoding in ("latin-1", "utf-8"):
+            with suppress(UnicodeEncodeError):
+                found.add(base64.b64encode(pair.encode(encoding)).decode("ascii"))
+    return tuple(s for s in found if len(s) >= _MIN_SECRET)
+
+
 class HttpSink(PostingSink):
     def __init__(self, name: str, config: HttpSinkConfig) -> None:
         self.name = name
@@ -86,6 +113,7 @@ class HttpSink(PostingSink):
         self.batch_size = 1
         self.concurrency = config.concurrency
         self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
+        self._credentials = credentials(config)
         # Spaces sends per rate_limit, and holds them all back after a Retry-After.
         self._pacer = Pacer(config.rate_limit)
         self.timeout = config.timeout
@@ -115,7 +143,8 @@ class HttpSink(PostingSink):
         await self._pacer.wait()
         # Signed when sent, not when queued: the timestamp must be fresh on every retry.
         body, headers = self.request_for(delivery, time.time())
-        answer = await post(self.session, self.config.url, body, headers)
+        url = self.config.url.get_secret_value()
+        answer = await post(self.session, url, body, headers, self._credentials)
         if not isinstance(answer, Answer):
             return answer
         outcome = judge_response(answer.status, answer.retry_after, answer.body, time.time())
