@@ -27,7 +27,7 @@ from aiohttp import web
 from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
-from relay.errors import BodyTooLarge, IngestError, Overloaded, RequestTimeout, StoreUnavailable
+from relay.errors import IngestError, StoreUnavailable
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
@@ -74,8 +74,7 @@ async def request_context(
     except IngestError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         response.headers.update(exc.headers)
-        if isinstance(exc, BodyTooLarge | RequestTimeout | Overloaded):
-            # The rest of the body was never read; the connection cannot be reused.
+        if exc.closes_connection:
             response.force_close()
     except StoreUnavailable as exc:
         log.error("ingest.store_unavailable", error=str(exc))

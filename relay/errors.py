@@ -25,6 +25,8 @@ class IngestError(RelayError):
     code = "bad_request"
     # Extra headers for the answer, e.g. WWW-Authenticate on a 401 asking for credentials.
     headers: Mapping[str, str] = MappingProxyType({})
+    # Refused with the body unread, or unreadable: the connection cannot be reused.
+    closes_connection = False
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -56,11 +58,20 @@ class UnknownSource(IngestError):
 class BodyTooLarge(IngestError):
     status = 413
     code = "body_too_large"
+    closes_connection = True
+
+
+class UndecodableBody(InvalidBody):
+    """A body that is not in the Content-Encoding it declares."""
+
+    code = "invalid_body"
+    closes_connection = True
 
 
 class RequestTimeout(IngestError):
     status = 408
     code = "request_timeout"
+    closes_connection = True
 
 
 class TooManyRecords(IngestError):
@@ -74,6 +85,7 @@ class Overloaded(IngestError):
     status = 503
     code = "overloaded"
     headers = MappingProxyType({"Retry-After": "1"})
+    closes_connection = True
 
 
 class QueueFull(IngestError):

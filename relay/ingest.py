@@ -24,6 +24,7 @@ from relay.errors import (
     Overloaded,
     RequestTimeout,
     TooManyRecords,
+    UndecodableBody,
     UnknownSource,
     UnsupportedMediaType,
 )
@@ -188,7 +189,15 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await request.content.read(_CHUNK)
+        try:
+            chunk = await request.content.read(_CHUNK)
+        except web.RequestPayloadError:
+            # The rest cannot be read either: say it ended, or aiohttp would try to read
+            # on after the answer and log the same error as unhandled.
+            request.content.feed_eof()
+            raise UndecodableBody(
+                "the body could not be decoded as its Content-Encoding says"
+            ) from None
         if not chunk:
             break
         size += len(chunk)

@@ -84,7 +84,8 @@ def test_relay_yaml_is_what_the_examples_expect():
     assert isinstance(archive, FileSinkConfig)
     assert str(archive.path) == "/data/events.jsonl"
     assert isinstance(app, HttpSinkConfig)
-    assert app.url.get_secret_value() == "http://app:9000/events"  # the compose service; k8s sets RELAY_APP_URL
+    # The compose service; Kubernetes sets RELAY_APP_URL.
+    assert app.url.get_secret_value() == "http://app:9000/events"
     assert app.signing_secret
 
 
