@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -59,7 +60,10 @@ class RawConnection:
 
     async def closed_by_peer(self, within: float = 10.0) -> bool:
         async with asyncio.timeout(within):
-            return await self.reader.read(1) == b""
+            try:
+                return await self.reader.read(1) == b""
+            except ConnectionError:  # a reset, or a write that met the closed socket
+                return True
 
     def close(self) -> None:
         self.writer.close()
@@ -177,3 +181,15 @@ async def test_header_size_and_keepalive_bound_a_real_server(tmp_path: Path, pro
     assert await fits.closed_by_peer(within=5)
     assert 0.3 < time.monotonic() - started < 4
     fits.close()
+
+    # A head trickled a line at a time (slowloris) is cut off by the same bound.
+    slow = await RawConnection.open("127.0.0.1", relay.port)
+    await slow.send(f"POST {HOOK} HTTP/1.1\r\nHost: relay\r\n".encode())
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionError):
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            await slow.send(b"X-Slow: 1\r\n")
+    assert await slow.closed_by_peer(within=5)
+    assert time.monotonic() - started < 4
+    slow.close()
