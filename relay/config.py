@@ -95,8 +95,10 @@ class ServerConfig(_Model):
     keepalive_timeout: PositiveDuration = 75.0  # longer than most balancers' idle timeout
     # Hooks being answered at once; beyond it a fast 503 with Retry-After, not a queue.
     max_concurrent: int = Field(1000, ge=1)
-    # Proxies whose Forwarded / X-Forwarded-For is believed for allow_ips (relay.forwarded).
+    # Proxies whose forwarding header is believed for allow_ips (relay.forwarded), and
+    # the one header they write: only that one is read.
     trusted_proxies: list[IPvAnyNetwork] = []
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # Bound on how long shutdown waits for in-flight requests and deliveries.
     drain_timeout: Duration = 10.0
     # Reload when the config file changes (also `relay serve --watch`); SIGHUP always does.

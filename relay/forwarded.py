@@ -1,13 +1,17 @@
 """Who sent a request, when proxies stand in between: `server.trusted_proxies`.
 
-A proxy's `Forwarded` or `X-Forwarded-For` header is believed only when the socket
-peer is a trusted proxy, and then only back to the first hop that is not one: anything
-left of it was written by the client, who may write anything. Pure; no I/O.
+A proxy's forwarding header is believed only when the socket peer is a trusted proxy,
+and then only back to the first hop that is not one: anything left of it was written by
+the client, who may write anything. Only the one header the proxies write is read
+(`server.forwarded_header`): most proxies pass a client's own `Forwarded` through
+untouched while appending to `X-Forwarded-For`, so reading both would let a client
+choose. Pure; no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 Address = IPv4Address | IPv6Address
@@ -32,24 +36,17 @@ def parse_address(text: str) -> Address | None:
 
 
 def client_address(
-    peer: str | None,
-    forwarded: Sequence[Mapping[str, str]],
-    x_forwarded_for: Iterable[str],
-    trusted: Sequence[Network],
+    peer: str | None, hops: Sequence[str] | None, trusted: Sequence[Network]
 ) -> str | None:
     """The sender's address: the socket `peer`, or, when it is a trusted proxy, the
-    nearest hop its forwarding headers name that is not itself a trusted proxy.
-
-    `forwarded` is RFC 7239 `Forwarded` parsed into its elements (aiohttp's
-    `request.forwarded`); it wins over `X-Forwarded-For` when present. None when a hop
-    the walk must read is unparsable: allow_ips then refuses, failing closed."""
+    nearest of `hops` (the forwarding header's addresses, oldest first) that is not
+    itself a trusted proxy. None when a hop the walk must read is unparsable, or the
+    header could not be read (`hops` None): allow_ips then refuses, failing closed."""
     address = parse_address(peer or "")
     if address is None or not _within(address, trusted):
         return peer
-    if forwarded:
-        hops = [element.get("for", "") for element in forwarded]
-    else:
-        hops = [hop for header in x_forwarded_for for hop in header.split(",")]
+    if hops is None:
+        return None
     for hop in reversed(hops):
         address = parse_address(hop)
         if address is None:
@@ -60,5 +57,38 @@ def client_address(
     return str(address)
 
 
+def x_forwarded_for_hops(headers: Iterable[str]) -> list[str]:
+    return [hop for header in headers for hop in header.split(",")]
+
+
+# A `for=` value: a token, or a quoted string with no quote or backslash inside.
+_FOR_VALUE = re.compile(r'[^"\\,;]*|"[^"\\,;]*"')
+
+
+def forwarded_hops(headers: Iterable[str]) -> list[str] | None:
+    """The `for=` of each RFC 7239 `Forwarded` element, oldest first; None if any part
+    is not plain. Strict on purpose: a lenient parser lets a client open a quoted
+    string that swallows the element its proxy appends after it."""
+    hops = []
+    for header in headers:
+        for element in header.split(","):
+            hop = ""
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if not _FOR_VALUE.fullmatch(value):
+                    return None
+                if name.lower() == "for":
+                    hop = value
+            hops.append(hop)
+    return hops
+
+
 def _within(address: Address, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
+
+
+# `server.forwarded_header` -> the header's name and how its hops are read.
+READERS: dict[str, tuple[str, Callable[[Iterable[str]], list[str] | None]]] = {
+    "x-forwarded-for": ("X-Forwarded-For", x_forwarded_for_hops),
+    "forwarded": ("Forwarded", forwarded_hops),
+}

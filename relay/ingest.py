@@ -28,7 +28,7 @@ from relay.errors import (
     UnknownSource,
     UnsupportedMediaType,
 )
-from relay.forwarded import client_address
+from relay.forwarded import READERS, client_address
 from relay.metrics import Metrics
 from relay.models import Envelope
 from relay.routing import Router
@@ -78,12 +78,9 @@ class Ingest:
 
         remote = request.remote
         if limits.trusted_proxies:
-            remote = client_address(
-                remote,
-                request.forwarded,
-                request.headers.getall("X-Forwarded-For", ()),
-                limits.trusted_proxies,
-            )
+            header, read_hops = READERS[limits.forwarded_header]
+            hops = read_hops(request.headers.getall(header, ()))
+            remote = client_address(remote, hops, limits.trusted_proxies)
             structlog.contextvars.bind_contextvars(client=remote)
         meta = RequestMeta(headers=request.headers, query=request.query, remote=remote)
         source.authenticate(meta)
