@@ -140,7 +140,11 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(runtime.store.ping(), timeout=2.0)
         # The leader counts as it commits; a worker asks the store (it shares the file).
-        counts = None if runtime.leader else await asyncio.wait_for(runtime.store.queued(), 2.0)
+        counts = (
+            None
+            if runtime.leader
+            else await asyncio.wait_for(runtime.store.queued(runtime.backlog.limits), 2.0)
+        )
     except Exception as exc:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
     if problems := runtime.backlog.problems(counts):

@@ -38,14 +38,16 @@ class Backlog:
         if any(self.counts[s] >= self.limits.get(s, self.counts[s] + 1) for s in set(sinks)):
             self._judge()
 
-    def check(self, events: Sequence[NewEvent]) -> None:
-        """Raise QueueFull if any of `events` is for a sink whose queue is full."""
+    def blocked(self, events: Sequence[NewEvent]) -> list[NewEvent]:
+        """Those of `events` bound for a sink whose queue is full."""
         if not self.full:
-            return
-        blocked = sorted({sink for event in events for sink in event.sinks} & self.full)
-        if blocked:
-            queued = ", ".join(f"{s} ({self.counts[s]} queued)" for s in blocked)
-            raise QueueFull(f"the queue of sink {queued} is full; retry later")
+            return []
+        return [event for event in events if self.full.intersection(event.sinks)]
+
+    def refusal(self, events: Sequence[NewEvent]) -> QueueFull:
+        sinks = sorted({sink for event in events for sink in event.sinks} & self.full)
+        queued = ", ".join(f"{s} ({self.counts[s]} queued)" for s in sinks)
+        return QueueFull(f"the queue of sink {queued} is full; retry later")
 
     def problems(self, counts: Mapping[str, int] | None = None) -> list[str]:
         """What is full, by these counts (a worker's, from the store) or by ours."""

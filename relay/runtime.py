@@ -118,8 +118,12 @@ class Runtime:
 
     async def commit(self, events: Sequence[NewEvent]) -> AcceptResult:
         """Store events durably (group commit), then wake the sinks that got work.
-        Raises QueueFull, storing nothing, if a sink they are for has a full queue."""
-        self.backlog.check(events)
+        Raises QueueFull, storing nothing, if a new event is for a sink whose queue is
+        full; a retry of one already stored is still answered as the duplicate it is."""
+        if blocked := self.backlog.blocked(events):
+            seen = await self.store.seen([event.id for event in blocked])
+            if any(event.id not in seen for event in blocked):
+                raise self.backlog.refusal(blocked)
         result = await self.store.accept(events)
         accepted = set(result.accepted)
         queued = [sink for e in events if e.id in accepted for sink in e.sinks]
@@ -147,7 +151,7 @@ class Runtime:
         clock = clock or WallClock()
         while True:
             try:
-                self.backlog.refresh(await self.store.queued())
+                self.backlog.refresh(await self.store.queued(self.backlog.limits))
                 if step := clock.stepped_back():
                     await self.dispatcher.clock_stepped_back(step)
             except Exception:

@@ -668,16 +668,40 @@ class SqliteStore:
 
         return await self._run(work)
 
-    async def queued(self) -> dict[str, int]:
-        """Per sink: deliveries pending (waiting, or being retried)."""
+    async def seen(self, ids: Sequence[str], now: float | None = None) -> set[str]:
+        """Which of `ids` are claimed within their dedupe window: would be duplicates."""
+        at = time.time() if now is None else now
 
-        def query() -> dict[str, int]:
-            rows = self.db.execute(
-                "SELECT sink, COUNT(*) FROM deliveries WHERE state = 'pending' GROUP BY sink"
-            )
-            return {sink: count for sink, count in rows}
+        def query(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = db.execute(
+                    f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})"
+                    " AND expires_at > ?",
+                    (*chunk, at),
+                ).fetchall()
+                found.update(row[0] for row in rows)
+            return found
 
-        return await self._run(query)
+        return await self._read(query)
+
+    async def queued(self, sinks: Collection[str]) -> dict[str, int]:
+        """Per sink: deliveries pending (waiting, or being retried). On the reader
+        connection, a sink at a time: each count walks only that sink's pending
+        entries of the index, never the finished deliveries kept for keep_done, and
+        the writer thread that ingest commits on is not held up."""
+
+        def query(db: sqlite3.Connection) -> dict[str, int]:
+            return {
+                sink: db.execute(
+                    "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND state = 'pending'",
+                    (sink,),
+                ).fetchall()[0][0]
+                for sink in sinks
+            }
+
+        return await self._read(query)
 
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]:
         """Per source: (events received, of which duplicates) since `since`."""

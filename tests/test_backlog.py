@@ -41,6 +41,8 @@ async def test_a_full_queue_refuses_its_events_with_503_and_recovers_as_it_drain
     assert refused.status == 503 and refused.headers["Retry-After"] == "5"
     answer = await refused.json()
     assert answer["error"] == "queue_full" and "app" in answer["message"]
+    # A retry of an event already stored is still its duplicate, not a refusal.
+    assert await (await post("slow/0")).json() == {"accepted": 0, "duplicates": 1}
     # Isolation: events for other sinks still go through.
     assert await (await post("fast/0")).json() == {"accepted": 1, "duplicates": 0}
     assert (await store.counts())["events"] == 4  # the refused one was never stored
