@@ -89,7 +89,7 @@ class ServerConfig(_Model):
     # these first; each refusal is a 4xx or a 503 with the documented error body.
     max_body_bytes: int = Field(1_048_576, ge=1)
     max_records: int = Field(1000, ge=1)  # events in one POST
-    max_json_depth: int = Field(32, ge=2)
+    max_json_depth: int = Field(32, ge=2, le=512)
     max_header_bytes: int = Field(8190, ge=1024)  # the request line and each header line
     read_timeout: PositiveDuration = 30.0  # for the whole body, however it trickles in
     keepalive_timeout: PositiveDuration = 75.0  # longer than most balancers' idle timeout

@@ -131,6 +131,13 @@ class Ingest:
             raise InvalidBody(
                 f"the body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
             )
+        # A notifier batch is counted before its records are validated, which is where
+        # the CPU goes; any other shape is counted by what it becomes.
+        batch = document.get("events") if isinstance(document, dict) else None
+        if isinstance(batch, list) and len(batch) > limits.max_records:
+            raise TooManyRecords(
+                f"the body holds {len(batch)} events; the limit is {limits.max_records}"
+            )
         try:
             envelopes = source.parse(meta, document, received_at)
             if len(envelopes) > limits.max_records:
@@ -209,13 +216,19 @@ def too_deep(body: bytes, document: Any, limit: int) -> bool:
     usual body: one with fewer brackets than the limit cannot nest that deep."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    pending: list[tuple[Any, int]] = [(document, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if depth > limit:
+    return type(document) in (dict, list) and _exceeds(document, limit)
+
+
+def _exceeds(container: dict[str, Any] | list[Any], levels: int) -> bool:
+    # Recursion, bounded by max_json_depth's ceiling, and only into containers: about
+    # 1.6 us a record of a notifier batch, against 2.8 us to parse it.
+    if not levels:
+        return True
+    children = container.values() if isinstance(container, dict) else container
+    for child in children:
+        kind = type(child)
+        if (kind is dict or kind is list) and _exceeds(child, levels - 1):
             return True
-        children = value.values() if isinstance(value, dict) else value
-        pending.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
     return False
 
 

@@ -78,6 +78,9 @@ async def test_more_records_than_max_records_is_413_and_stores_nothing(tmp_path,
     too_many = await client.post(HOOK, json=notifier_body("a", "b", "c", "d"))
     answer = await _refused(too_many, 413, "too_many_records")
     assert "4 events" in answer["message"] and "3" in answer["message"]
+    # Counted before a record is validated: validating is where a big batch costs.
+    unchecked = await client.post(HOOK, json={"events": [{}] * 4})
+    await _refused(unchecked, 413, "too_many_records")
     assert await client.app[STORE].counts() == {"events": 0}
 
     enough = await client.post(HOOK, json=notifier_body("a", "b", "c"))
@@ -98,6 +101,10 @@ async def test_nesting_past_max_json_depth_is_400_however_deep(tmp_path, start_r
         json_type = {"Content-Type": "application/json"}
         response = await client.post(HOOK, data=nested, headers=json_type)
         await _refused(response, 400, "invalid_json")
+    # Brackets inside a string are text, not nesting: a fast 400 for the shape.
+    text = '"' + "[" * 100_000 + '"'
+    response = await client.post(HOOK, data=text, headers=json_type)
+    await _refused(response, 400, "not_an_event")
     assert await client.app[STORE].counts() == {"events": 0}
 
     body["events"][0]["extra"] = json.loads("[" * 5 + "]" * 5)
