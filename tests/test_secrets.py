@@ -758,3 +758,42 @@ async def test_a_credential_across_the_end_of_what_is_read_leaves_no_part_behind
         answer = await post(session, str(server.make_url("/events")), b"{}", {}, [key])
     assert isinstance(answer, Answer)
     assert answer.body == "x" * (ANSWER_KEPT - 4) + "[red"
+
+
+@pytest.mark.parametrize(
+    ("page", "bare"),
+    [
+        # Multibyte text first (1,100 bytes, 368 characters): the bytes read (the KiB
+        # kept and the URL's length) end inside the token, short of 1,024 characters.
+        pytest.param(
+            lambda key: "错误" * 183 + "xx" + key + "y" * 5000, True, id="read-ends-inside-it"
+        ),
+        # The whole URL, JSON-escaped as JSON error bodies write URLs: the URL's own
+        # scrubbing must catch it, with no credentials passed.
+        pytest.param(
+            lambda key: json.dumps({"url": f"http://host/open-apis/bot/v2/hook/{key}"}).replace(
+                "/", "\\/"
+            ),
+            False,
+            id="json-escaped-url",
+        ),
+    ],
+)
+async def test_no_part_of_a_quoted_credential_or_url_is_kept(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], page: Callable[[str], str], bare: bool
+) -> None:
+    token = "tok" + "0123456789abcdef" * 5
+    text = page(token)
+
+    async def quote(request: web.Request) -> web.Response:
+        return web.Response(status=500, text=text)
+
+    app = web.Application()
+    app.router.add_post("/open-apis/bot/v2/hook/" + token, quote)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/open-apis/bot/v2/hook/" + token))
+    secrets = credentials(http_sink(url).config) if bare else ()
+    async with ClientSession() as session:
+        answer = await post(session, url, b"{}", {}, secrets)
+    assert isinstance(answer, Answer) and answer.body
+    assert not any(token[:size] in answer.body for size in range(8, len(token) + 1))

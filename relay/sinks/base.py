@@ -38,13 +38,31 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+def _url_forms(url: str) -> list[str]:
+    """`url` and its path and query as an answer may quote them: raw, decoded, and
+    JSON-escaped (`http:\\/\\/host\\/...`)."""
+    parsed = URL(url)
+    forms = [url, str(parsed), parsed.raw_path_qs, parsed.path_qs, parsed.raw_path]
+    forms = [form for form in forms if form and form != "/"]
+    return [*forms, *(form.replace("/", "\\/") for form in forms)]
+
+
 def scrub_url(text: str, url: str) -> str:
     """`text` without `url` or its path and query: webhook URLs carry their credential
     there (Slack, Discord, DingTalk), and errors and answer pages like to quote them."""
-    parsed = URL(url)
-    for secret in (url, str(parsed), parsed.raw_path_qs, parsed.path_qs, parsed.raw_path):
-        if secret and secret != "/":
-            text = text.replace(secret, "<url>")
+    for form in sorted(_url_forms(url), key=len, reverse=True):
+        text = text.replace(form, "<url>")
+    return text
+
+
+def _without_partial_tail(text: str, values: Sequence[str]) -> str:
+    """`text`, cut where it ends with the first part of any of `values`: what was read
+    stopped inside it, so the whole value was never there to be scrubbed."""
+    for value in values:
+        for size in range(min(len(value) - 1, len(text)), 0, -1):
+            if text.endswith(value[:size]):
+                text = text[:-size]
+                break
     return text
 
 
@@ -110,13 +128,13 @@ async def post(
             # Read past the KiB kept by the longest secret, and scrubbed before the cut:
             # a secret straddling it would otherwise leave its first part behind.
             spare = max(len(s.encode()) for s in (url, *secrets))
-            raw = await response.content.read(ANSWER_KEPT + spare)
-            text = raw.decode("utf-8", "replace")
-            return Answer(
-                response.status,
-                response.headers.get("Retry-After"),
-                scrub_values(scrub_url(text, url), secrets)[:ANSWER_KEPT] if text else "",
-            )
+            wanted = ANSWER_KEPT + spare
+            raw = await response.content.read(wanted)
+            text = scrub_values(scrub_url(raw.decode("utf-8", "replace"), url), secrets)
+            if len(raw) == wanted:
+                # More followed: the read itself may have stopped inside a secret.
+                text = _without_partial_tail(text, [*_url_forms(url), *secrets])
+            return Answer(response.status, response.headers.get("Retry-After"), text[:ANSWER_KEPT])
     except aiohttp.InvalidURL:
         # Its message would echo the URL.
         return Outcome("dead", error="invalid url")

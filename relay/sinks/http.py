@@ -96,6 +96,9 @@ def credentials(config: HttpSinkConfig) -> tuple[str, ...]:
         value = secret.get_secret_value()
         found.update((value, value.partition(" ")[2].strip()))
     url = URL(config.url.get_secret_value())
+    # Robot URLs (DingTalk, Feishu, WeCom, Discord) carry their token as a path segment
+    # or a query value; the short ones are words like "events" and stay.
+    found.update(part for part in (*url.parts, *url.query.values()) if len(part) >= 16)
     if url.password:
         found.update((url.password, url.raw_password or ""))
         pair = f"{url.user or ''}:{url.password}"
