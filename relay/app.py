@@ -183,6 +183,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     # The leader's lock keeps a second relay off the store; its workers share it.
     await app[STORE].open(exclusive=app[RUNTIME].leader)
     yield
+    await app[RUNTIME].finish_quarantine()
     await app[STORE].close()
 
 

@@ -83,12 +83,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the unusable bodies authenticated senders posted, not dead letters",
     )
     listing = actions.add_parser(
-        "list", parents=[config_flag, quarantine_flag], help="a table of dead letters"
+        "list",
+        parents=[config_flag, quarantine_flag],
+        help="a table of dead letters (or quarantined bodies)",
     )
     listing.add_argument("--sink", metavar="S", help="only this sink's")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     show = actions.add_parser(
-        "show", parents=[config_flag, quarantine_flag], help="one event's dead letters"
+        "show",
+        parents=[config_flag, quarantine_flag],
+        help="one event's dead letters (or one quarantined body)",
     )
     show.add_argument("event_id", metavar="ID", help="an event id (a number with --quarantine)")
     for name, purpose, flags in (
@@ -119,22 +123,24 @@ def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
 
 
 def _quarantine(args: argparse.Namespace, config: RelayConfig) -> int:
+    def usage(problem: str) -> int:
+        print(f"relay dlq {args.action} --quarantine: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if getattr(args, "sink", None):
+        return usage("quarantined bodies have no sink")
     ids = [args.event_id] if args.action == "show" else getattr(args, "event_ids", [])
     try:
         numbers = [int(i) for i in ids]
     except ValueError:
-        print(
-            "relay dlq --quarantine: ids are numbers, as `list --quarantine` shows", file=sys.stderr
-        )
-        return EXIT_USAGE
+        return usage("ids are numbers, as list shows them")
     if args.action == "list":
         return asyncio.run(dlq.list_quarantine(config, as_json=args.json))
     if args.action == "show":
         return asyncio.run(dlq.show_quarantined(config, numbers[0]))
-    if not (args.all or numbers) or args.sink:
-        print("relay dlq purge --quarantine: give --all or ids", file=sys.stderr)
-        return EXIT_USAGE
-    return asyncio.run(dlq.purge_quarantine(config, numbers))
+    if args.all == bool(numbers):
+        return usage("give --all or ids, not both")
+    return asyncio.run(dlq.purge_quarantine(config, None if args.all else numbers))
 
 
 def _config_path(path: str | None) -> Path | None:

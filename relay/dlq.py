@@ -129,6 +129,7 @@ def _quarantine_record(entry: Quarantined, with_body: bool = False) -> dict[str,
         "reason": entry.reason,
         "content_type": entry.content_type,
         "size": entry.size,
+        "repeats": entry.repeats,
     }
     if with_body:
         try:
@@ -139,12 +140,12 @@ def _quarantine_record(entry: Quarantined, with_body: bool = False) -> dict[str,
 
 
 async def list_quarantine(config: RelayConfig, *, as_json: bool, out: TextIO = sys.stdout) -> int:
-    entries = await _change(config, lambda store: store.quarantined())
+    entries = await _change(config, lambda store: store.quarantined(with_bodies=False))
     if as_json:
         for entry in entries:
             print(json.dumps(_quarantine_record(entry), ensure_ascii=False), file=out)
     elif entries:
-        header = ("ID", "SOURCE", "ERROR", "REASON", "RECEIVED", "BYTES")
+        header = ("ID", "SOURCE", "ERROR", "REASON", "LAST RECEIVED", "TIMES", "BYTES")
         rows = [
             (
                 str(e.id),
@@ -152,6 +153,7 @@ async def list_quarantine(config: RelayConfig, *, as_json: bool, out: TextIO = s
                 e.error,
                 _clip(e.reason, 60),
                 _when(e.received_at),
+                str(e.repeats),
                 str(e.size),
             )
             for e in entries
@@ -173,8 +175,9 @@ async def show_quarantined(config: RelayConfig, entry_id: int, out: TextIO = sys
 
 
 async def purge_quarantine(
-    config: RelayConfig, entry_ids: Sequence[int], out: TextIO = sys.stdout
+    config: RelayConfig, entry_ids: Sequence[int] | None, out: TextIO = sys.stdout
 ) -> int:
+    """Delete these entries, or every one (`entry_ids` None)."""
     count = await _change(config, lambda store: store.purge_quarantine(entry_ids))
     print(f"purged {count} quarantined bod{'y' if count == 1 else 'ies'}", file=out)
     return 0

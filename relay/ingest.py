@@ -52,8 +52,9 @@ class Ingest:
     # commit in this process, or the leader's when this is a worker (server.workers).
     accept: Callable[[Sequence[NewEvent]], Awaitable[AcceptResult]]
     metrics: Metrics
-    # Keeps a body an authenticated sender posted that relay could not use.
-    quarantine: Callable[[Quarantined], Awaitable[None]]
+    # Keeps a body an authenticated sender posted that relay could not use, in the
+    # background: the answer does not wait for it.
+    quarantine: Callable[[Quarantined], None]
     in_flight: int = field(default=0, init=False)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -100,16 +101,14 @@ class Ingest:
             if source.authenticates:
                 # The sender proved who it is, so this is no scanner: likely an upstream
                 # format change. Keep the body; the answer stays the 4xx.
-                await self.quarantine(
+                self.quarantine(
                     Quarantined(
-                        0,
-                        name,
-                        received_at.timestamp(),
-                        exc.code,
-                        exc.message,
-                        request.content_type,
-                        len(body),
-                        body,
+                        source=name,
+                        received_at=received_at.timestamp(),
+                        error=exc.code,
+                        reason=exc.message,
+                        content_type=request.content_type,
+                        body=body,
                     )
                 )
             raise

@@ -34,6 +34,9 @@ from relay.store import AcceptResult, NewEvent, Quarantined, SqliteStore
 
 log = structlog.get_logger("relay.runtime")
 
+# Quarantine writes waiting at once, per process.
+_QUARANTINE_WRITES = 16
+
 # Settings a running process cannot change: it would have to rebind or reopen.
 _RESTART_ONLY = (
     "server.host",
@@ -108,6 +111,7 @@ class Runtime:
             quarantine=self.quarantine,
         )
         self.backlog = Backlog({})
+        self._quarantining: set[asyncio.Task[None]] = set()
         self._apply_ingest(config)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -131,19 +135,36 @@ class Runtime:
         self.dispatcher.wake(set(queued))
         return result
 
-    async def quarantine(self, entry: Quarantined) -> None:
-        """Keep an unusable body within the store's bounds. Never raises: the sender's
-        answer is its 4xx whether or not the body could be kept."""
+    def quarantine(self, entry: Quarantined) -> None:
+        """Keep an unusable body within the store's bounds, in the background: the 4xx
+        goes out at once, whether or not the body can be kept. At most a few writes
+        wait at a time; past that a body is not kept (a sender posting bad bodies as
+        fast as it can must not queue disk writes, or memory, without end)."""
         bounds = self.config.store
-        if not bounds.quarantine_max:
+        size = len(entry.body)
+        if not bounds.quarantine_max or size > bounds.quarantine_max_bytes:
+            log.info("ingest.quarantine_skipped", error=entry.error, size=size, why="bounds")
             return
+        if len(self._quarantining) >= _QUARANTINE_WRITES:
+            log.warning("ingest.quarantine_skipped", error=entry.error, size=size, why="busy")
+            return
+        keep = self._keep(entry, bounds.quarantine_max, bounds.quarantine_max_bytes)
+        task = asyncio.create_task(keep)
+        self._quarantining.add(task)
+        task.add_done_callback(self._quarantining.discard)
+
+    async def _keep(self, entry: Quarantined, max_entries: int, max_bytes: int) -> None:
         try:
-            await self.store.quarantine(entry, bounds.quarantine_max, bounds.quarantine_max_bytes)
+            await self.store.quarantine(entry, max_entries, max_bytes)
         except Exception:
             log.exception("ingest.quarantine_failed", error=entry.error)
             return
         self.metrics.quarantined.labels(entry.source).inc()
-        log.warning("ingest.quarantined", error=entry.error, size=entry.size)
+        log.warning("ingest.quarantined", error=entry.error, size=len(entry.body))
+
+    async def finish_quarantine(self) -> None:
+        """Wait for the bodies being kept: before the store closes."""
+        await asyncio.gather(*self._quarantining, return_exceptions=True)
 
     async def every_second(self, clock: WallClock | None = None, interval: float = 1.0) -> None:
         """The leader's regular look at what changes without telling it: the sinks'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import os
 import sqlite3
 import time
@@ -70,12 +71,15 @@ CREATE TABLE IF NOT EXISTS sink_state (
 CREATE TABLE IF NOT EXISTS quarantine (
     id           INTEGER PRIMARY KEY,
     source       TEXT NOT NULL,
-    received_at  REAL NOT NULL,
+    digest       TEXT NOT NULL,        -- sha256 of the body: a retried body is kept once
+    received_at  REAL NOT NULL,        -- the latest time it came
+    repeats      INTEGER NOT NULL,     -- how many times it came
     error        TEXT NOT NULL,        -- the answer's error code, e.g. invalid_event
     reason       TEXT NOT NULL,        -- the answer's message
     content_type TEXT NOT NULL,
     size         INTEGER NOT NULL,
-    body         BLOB NOT NULL
+    body         BLOB NOT NULL,
+    UNIQUE (source, digest)
 );
 """
 
@@ -123,14 +127,16 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Quarantined:
-    id: int
     source: str
     received_at: float
     error: str
     reason: str
     content_type: str
-    size: int
     body: bytes
+    # Given by the store.
+    id: int = 0
+    repeats: int = 1
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +171,12 @@ class SinkStats:
     circuit: str = "closed"
     open_until: float = 0.0
     gone: bool = False
+
+
+def _placeholders(ids: Sequence[object]) -> str:
+    if len(ids) > _MAX_VARIABLES:
+        raise ValueError(f"at most {_MAX_VARIABLES} ids at once")
+    return ",".join("?" * len(ids))
 
 
 def _not_in(ids: Collection[int]) -> str:
@@ -568,16 +580,21 @@ class SqliteStore:
     # --- quarantine ----------------------------------------------------------------------
 
     async def quarantine(self, entry: Quarantined, max_entries: int, max_bytes: int) -> None:
-        """Keep an unusable body (its `id` is ignored), then drop the oldest entries
-        beyond `max_entries` or `max_bytes` of bodies in all."""
+        """Keep an unusable body (a body already kept is counted again, not stored
+        twice), then drop the oldest entries beyond `max_entries` or `max_bytes` of
+        bodies in all."""
+        digest = hashlib.sha256(entry.body).hexdigest()
 
         def work() -> None:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO quarantine (source, received_at, error, reason,"
-                    " content_type, size, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO quarantine (source, digest, received_at, repeats, error,"
+                    " reason, content_type, size, body) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (source, digest) DO UPDATE SET"
+                    " received_at = excluded.received_at, repeats = repeats + 1",
                     (
                         entry.source,
+                        digest,
                         entry.received_at,
                         entry.error,
                         entry.reason,
@@ -599,27 +616,32 @@ class SqliteStore:
 
         await self._run(work)
 
-    async def quarantined(self, ids: Sequence[int] = ()) -> list[Quarantined]:
-        """Entries oldest first: all, or those with these ids."""
-        where = f" WHERE id IN ({','.join('?' * len(ids))})" if ids else ""
+    async def quarantined(
+        self, ids: Sequence[int] | None = None, *, with_bodies: bool = True
+    ) -> list[Quarantined]:
+        """Entries oldest first: all (`ids` None), or those with these ids."""
+        ids = None if ids is None else list(ids)
+        where = "" if ids is None else f" WHERE id IN ({_placeholders(ids)})"
+        body = "body" if with_bodies else "x''"
 
-        def query() -> list[Quarantined]:
-            rows = self.db.execute(
-                "SELECT id, source, received_at, error, reason, content_type, size, body"
-                f" FROM quarantine{where} ORDER BY id",
-                list(ids),
+        def query(db: sqlite3.Connection) -> list[Quarantined]:
+            rows = db.execute(
+                "SELECT source, received_at, error, reason, content_type,"
+                f" {body}, id, repeats, size FROM quarantine{where} ORDER BY id",
+                ids or [],
             ).fetchall()
             return [Quarantined(*row) for row in rows]
 
-        return await self._run(query)
+        return await self._read(query)
 
-    async def purge_quarantine(self, ids: Sequence[int] = ()) -> int:
-        """Delete quarantined bodies: those with these ids, or (none given) all."""
-        where = f" WHERE id IN ({','.join('?' * len(ids))})" if ids else ""
+    async def purge_quarantine(self, ids: Sequence[int] | None) -> int:
+        """Delete quarantined bodies: those with these ids, or every one (`ids` None)."""
+        ids = None if ids is None else list(ids)
+        where = "" if ids is None else f" WHERE id IN ({_placeholders(ids)})"
 
         def work() -> int:
             with self._transaction() as db:
-                return db.execute(f"DELETE FROM quarantine{where}", list(ids)).rowcount
+                return db.execute(f"DELETE FROM quarantine{where}", ids or []).rowcount
 
         return await self._run(work)
 
