@@ -3,8 +3,9 @@ snapshot, an operator): monotonic time never does, so the gap between the two mo
 
 Retries and open circuits are scheduled in wall time, since they must survive a
 restart. A step back of an hour would hold each of them an hour longer; once the step
-is seen, the dispatcher moves them back by as much (relay.dispatch). A step forward
-only makes them due early, which costs nothing. No I/O.
+is seen, the dispatcher moves them back by as much (relay.dispatch). A step forward is
+not undone: it makes them due early, and ages deliveries (retry.max_age) and event ids
+(dedupe.window) by the step, as real time passing would. No I/O.
 """
 
 from __future__ import annotations

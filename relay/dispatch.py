@@ -112,9 +112,11 @@ class Dispatcher:
         """Move every retry and open circuit back by the wall clock's step (relay.clock),
         then let the lanes look again."""
         moved = await self.store.move_schedule_back(seconds)
-        for lane in self.lanes.values():
-            if lane.circuit.open_until:
-                lane.circuit.open_until -= seconds
+        now = time.time()
+        # A copy: a reload may add or retire lanes while a state is being saved.
+        for lane in list(self.lanes.values()):
+            if lane.circuit.open_until > now:
+                lane.circuit.open_until = max(lane.circuit.open_until - seconds, now)
                 await self._save_state(lane)
         log.warning("clock.stepped_back", seconds=round(seconds, 3), deliveries=moved)
         self.wake(self.lanes)

@@ -170,13 +170,20 @@ class Runtime:
         """The leader's regular look at what changes without telling it: the sinks'
         queues drain, and the wall clock may step back."""
         clock = clock or WallClock()
+        step = 0.0  # seen, and not yet applied: kept until it is
+        failing = False
         while True:
             try:
-                self.backlog.refresh(await self.store.queued(self.backlog.limits))
-                if step := clock.stepped_back():
+                step += clock.stepped_back()
+                if step:
                     await self.dispatcher.clock_stepped_back(step)
+                    step = 0.0
+                self.backlog.refresh(await self.store.queued(self.backlog.limits))
+                failing = False
             except Exception:
-                log.exception("runtime.look_failed")
+                if not failing:  # once per spell of failures, not every second
+                    log.exception("runtime.look_failed")
+                failing = True
             await asyncio.sleep(interval)
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from relay.app import RUNTIME
+from relay.app import RUNTIME, STORE
 from relay.clock import WallClock
 from relay.store import Settlement
 from tests.conftest import TOKEN, eventually, notifier_body, relay_config
@@ -90,3 +90,26 @@ async def test_an_open_circuit_is_not_held_open_by_a_step_back(tmp_path, start_r
     [step] = [e for e in logs if e["event"] == "clock.stepped_back"]
     assert step["seconds"] == 3599.5
     assert receiver.requests[0]["body"] == receiver.requests[1]["body"]
+
+
+async def test_a_step_that_cannot_be_applied_yet_is_kept_until_it_can(tmp_path, start_relay):
+    client = await start_relay(relay_config(tmp_path))
+    store = client.app[STORE]
+    clocks = Clocks()
+    clock = WallClock(1.0, wall=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    await store._run(lambda: store.db.execute("PRAGMA query_only=ON"))  # writes fail
+    with capture_logs() as logs:
+        looking = asyncio.create_task(client.app[RUNTIME].every_second(clock, interval=0.05))
+        try:
+            clocks.wall += 600  # forward: nothing to move
+            clocks.run(1)
+            await asyncio.sleep(0.2)
+            clocks.wall -= 120
+            await eventually(lambda: any(e["event"] == "runtime.look_failed" for e in logs))
+            await store._run(lambda: store.db.execute("PRAGMA query_only=OFF"))
+            await eventually(lambda: any(e["event"] == "clock.stepped_back" for e in logs))
+        finally:
+            looking.cancel()
+    [step] = [e for e in logs if e["event"] == "clock.stepped_back"]
+    assert step["seconds"] == 120  # the forward step was never counted against it
+    assert sum(e["event"] == "runtime.look_failed" for e in logs) == 1  # once, not a flood
