@@ -35,7 +35,7 @@ class Backlog:
         """Deliveries just committed: counted now, not only at the next refresh."""
         self.counts.update(sinks)
         # On the ingest path: judge again only when one of them reached its bound.
-        if any(self.counts[s] >= self.limits.get(s, self.counts[s] + 1) for s in set(sinks)):
+        if any(s in self.limits and self.counts[s] >= self.limits[s] for s in set(sinks)):
             self._judge()
 
     def blocked(self, events: Sequence[NewEvent]) -> list[NewEvent]:

@@ -164,6 +164,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         # One write per line: workers share the leader's stdout, and print() writes the
         # line and its newline apart when Python runs unbuffered (PYTHONUNBUFFERED=1, as
         # most container images set), so two processes' lines could run into each other.
+        # On a pipe a write is whole up to 4 KiB; a longer line (a traceback) can still
+        # be split by another process's.
         logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )

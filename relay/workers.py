@@ -132,10 +132,12 @@ class LeaderLink:
                 answer = self._waiting.get(key)
                 if answer is None or answer.done():
                     continue
-                if isinstance(error, list) and error[0] == QueueFull.code:
-                    answer.set_exception(QueueFull(str(error[1])))
-                elif error is not None:
-                    answer.set_exception(StoreUnavailable(str(error)))
+                if error is not None:
+                    # [code, message]: a full queue is the sender's 503 queue_full; any
+                    # other failure, the store's.
+                    code, text = error
+                    failure = QueueFull if code == QueueFull.code else StoreUnavailable
+                    answer.set_exception(failure(str(text)))
                 else:
                     answer.set_result(AcceptResult(accepted, duplicates))
         except asyncio.CancelledError:
@@ -174,13 +176,13 @@ async def serve_worker(
         message: list[Any]
         try:
             result: AcceptResult = await accept(events)
-        except StoreUnavailable as exc:
-            message = [key, None, None, str(exc)]
         except QueueFull as exc:
             message = [key, None, None, [exc.code, exc.message]]
+        except StoreUnavailable as exc:
+            message = [key, None, None, ["store_unavailable", str(exc)]]
         except Exception as exc:  # never leave a worker waiting for an answer
             log.exception("worker.accept_failed", worker=slot)
-            message = [key, None, None, f"{exc.__class__.__name__}"]
+            message = [key, None, None, ["store_unavailable", exc.__class__.__name__]]
         else:
             message = [key, result.accepted, result.duplicates, None]
         with suppress(ConnectionError):

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from relay.app import STORE
-from tests.conftest import TOKEN, notifier_body, relay_config
+from relay.app import RUNTIME, STORE
+from tests.conftest import TOKEN, eventually, notifier_body, relay_config
 from tests.processes import RelayProcess
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -129,6 +129,7 @@ async def test_a_body_trickling_past_read_timeout_is_cut_off_with_408(tmp_path, 
     assert time.monotonic() - started < 5
     slow.close()
     assert await client.app[STORE].counts() == {"events": 0}
+    assert client.app[RUNTIME].ingest.in_flight == 0  # the refusal gave its place back
 
 
 async def test_beyond_max_concurrent_a_fast_503_with_retry_after(tmp_path, start_relay):
@@ -152,6 +153,13 @@ async def test_beyond_max_concurrent_a_fast_503_with_retry_after(tmp_path, start
     again = await client.post(HOOK, json=notifier_body("third"))
     assert await again.json() == {"accepted": 1, "duplicates": 0}
     assert (await client.app[STORE].counts())["events"] == 3
+    # Every place is given back, however the request ended: refused, or cut off.
+    assert (await client.post("/hooks/qingstor?token=wrong", json={})).status == 401
+    dropped = await _connect(client)
+    await dropped.start_post(HOOK, bodies[0], sent=5)
+    await asyncio.sleep(0.1)
+    dropped.writer.transport.abort()
+    await eventually(lambda: client.app[RUNTIME].ingest.in_flight == 0)
 
 
 async def test_header_size_and_keepalive_bound_a_real_server(tmp_path: Path, processes):
