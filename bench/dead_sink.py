@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +27,9 @@ from aiohttp import ClientSession
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import ROOT, TOKEN, free_port, rss_mib, wait_listening  # noqa: E402
+from run import TOKEN, free_port, rss_mib, start_relay  # noqa: E402
 
 BATCH = 100  # records per POST
-RELAY = (sys.executable, "-m", "relay", "serve", "--config", "relay.yaml")
 
 
 def notification(n: int) -> dict[str, Any]:
@@ -85,7 +82,8 @@ def main() -> int:
     dead_port = free_port()  # nothing listens here: every send is refused
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        (data / "relay.yaml").write_text(
+        proc, port = start_relay(
+            data,
             "log: {level: warning}\n"
             f"sources: {{qingstor: {{kind: qingstor, token: {TOKEN}}}}}\n"
             "sinks:\n"
@@ -93,17 +91,9 @@ def main() -> int:
             f"  dead: {{kind: http, url: 'http://127.0.0.1:{dead_port}/events',"
             " retry: {max_attempts: 1000000, initial: 100ms, max: 2s},"
             " circuit: {failures: 1000000, cooldown: 1s}}\n"
-            "store: {path: relay.db}\n"
-        )
-        port = free_port()
-        proc = subprocess.Popen(
-            [*RELAY, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=data,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL,
+            "store: {path: relay.db}\n",
         )
         try:
-            wait_listening(port)
             started = time.monotonic()
             acknowledged = asyncio.run(ingest(port, args.events))
             took = time.monotonic() - started

@@ -49,6 +49,27 @@ def wait_listening(port: int, within: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+RELAY = (sys.executable, "-m", "relay", "serve", "--config", "relay.yaml")
+
+
+def start_relay(workdir: Path, config_yaml: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`relay serve` in `workdir` with this config, on a free loopback port, listening."""
+    (workdir / "relay.yaml").write_text(config_yaml)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*RELAY, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, port
+
+
 def rss_mib(pid: int) -> float:
     """RSS of the process and its children (relay's workers), in MiB."""
     total = 0.0

@@ -27,11 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import ROOT, TOKEN, free_port, rss_mib, wait_listening  # noqa: E402
+from run import TOKEN, rss_mib, start_relay  # noqa: E402
 
 ROUND = 30  # seconds of load between two samples
 LUA = HERE / "notifier.lua"
-RELAY = (sys.executable, "-m", "relay", "serve", "--config", "relay.yaml")
 
 
 def main() -> int:
@@ -43,21 +42,14 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        (data / "relay.yaml").write_text(
+        proc, port = start_relay(
+            data,
             "log: {level: warning}\n"
             f"sources: {{qingstor: {{kind: qingstor, token: {TOKEN}}}}}\n"
             "sinks: {archive: {kind: file, path: events.jsonl}}\n"
-            f"store: {{path: relay.db}}\nserver: {{workers: {args.workers}}}\n"
-        )
-        port = free_port()
-        proc = subprocess.Popen(
-            [*RELAY, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=data,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL,
+            f"store: {{path: relay.db}}\nserver: {{workers: {args.workers}}}\n",
         )
         try:
-            wait_listening(port)
             time.sleep(2.0 if args.workers else 0.5)
             return soak(args, data, port, proc.pid)
         finally:
