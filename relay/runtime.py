@@ -142,8 +142,10 @@ class Runtime:
         fast as it can must not queue disk writes, or memory, without end)."""
         bounds = self.config.store
         size = len(entry.body)
-        if not bounds.quarantine_max or size > bounds.quarantine_max_bytes:
-            log.info("ingest.quarantine_skipped", error=entry.error, size=size, why="bounds")
+        if not bounds.quarantine_max:
+            return  # turned off
+        if size > bounds.quarantine_max_bytes:
+            log.info("ingest.quarantine_skipped", error=entry.error, size=size, why="too big")
             return
         if len(self._quarantining) >= _QUARANTINE_WRITES:
             log.warning("ingest.quarantine_skipped", error=entry.error, size=size, why="busy")

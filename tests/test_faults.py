@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -135,10 +136,6 @@ async def test_kill_9_at_random_points_never_loses_an_acknowledged_event(
     total, acked, kills, unanswered, cut = 5000, set[str](), 0, 0, 0
     keys = [f"chaos/{n}" for n in range(total)]
 
-    async def kill_after(delay: float) -> None:
-        await asyncio.sleep(delay)
-        relay.kill(signal.SIGKILL)
-
     async with ClientSession(timeout=ClientTimeout(total=5)) as session:
 
         async def send(key: str) -> None:
@@ -161,12 +158,18 @@ async def test_kill_9_at_random_points_never_loses_an_acknowledged_event(
             # Killed mid-flight: requests being answered, groups being committed,
             # deliveries being sent and settled. Until the kill there is always load:
             # what is not acked yet, else retries of what is (QingStor's duplicates).
-            killer = asyncio.create_task(kill_after(chance.uniform(0.3, 1.5)))
+            kill_at = time.monotonic() + chance.uniform(0.3, 1.5)
             before = unanswered
-            while not killer.done():
+            while True:
                 batch = [k for k in keys if k not in acked][:32] or chance.sample(keys, 32)
-                await asyncio.gather(*(send(k) for k in batch))
-            await killer
+                sending = asyncio.gather(*(send(k) for k in batch))
+                if time.monotonic() >= kill_at:
+                    # A few milliseconds into a batch of 32: requests are in flight.
+                    await asyncio.sleep(chance.uniform(0.0, 0.005))
+                    relay.kill(signal.SIGKILL)
+                    await sending
+                    break
+                await sending
             relay.wait()
             kills += 1
             cut += unanswered > before
