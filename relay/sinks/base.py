@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Literal, Protocol
 
 import aiohttp
@@ -38,41 +39,47 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _url_forms(url: str) -> list[str]:
-    """`url` and its path and query as an answer may quote them: raw, decoded, and
-    JSON-escaped (`http:\\/\\/host\\/...`)."""
+@dataclass(frozen=True, slots=True)
+class _Redaction:
+    """What a sink's answers and errors must never carry, worked out once per sink
+    (`_redaction`), not once per send: webhook URLs carry their credential in the path
+    or query (Slack, Discord, DingTalk), receivers' error pages like to quote them and
+    the credentials sent ("Incorrect API key provided: ..."). Longest first, so that no
+    part of a longer value survives a shorter one's replacement."""
+
+    url_forms: tuple[str, ...]  # the URL and its path and query: raw, decoded, JSON-escaped
+    secrets: tuple[str, ...]
+    spare: int  # bytes read past the KiB kept, so a value across the cut is there whole
+
+    def scrub(self, text: str) -> str:
+        for form in self.url_forms:
+            text = text.replace(form, "<url>")
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def without_partial_tail(self, text: str) -> str:
+        """`text`, cut where it ends with the first part of a URL form or a secret: what
+        was read stopped inside it, so the whole value was never there to be scrubbed."""
+        for value in (*self.url_forms, *self.secrets):
+            for size in range(min(len(value) - 1, len(text)), 0, -1):
+                if text.endswith(value[:size]):
+                    text = text[:-size]
+                    break
+        return text
+
+
+@lru_cache(maxsize=64)
+def _redaction(url: str, secrets: tuple[str, ...]) -> _Redaction:
     parsed = URL(url)
     forms = [url, str(parsed), parsed.raw_path_qs, parsed.path_qs, parsed.raw_path]
     forms = [form for form in forms if form and form != "/"]
-    return [*forms, *(form.replace("/", "\\/") for form in forms)]
-
-
-def scrub_url(text: str, url: str) -> str:
-    """`text` without `url` or its path and query: webhook URLs carry their credential
-    there (Slack, Discord, DingTalk), and errors and answer pages like to quote them."""
-    for form in sorted(_url_forms(url), key=len, reverse=True):
-        text = text.replace(form, "<url>")
-    return text
-
-
-def _without_partial_tail(text: str, values: Sequence[str]) -> str:
-    """`text`, cut where it ends with the first part of any of `values`: what was read
-    stopped inside it, so the whole value was never there to be scrubbed."""
-    for value in values:
-        for size in range(min(len(value) - 1, len(text)), 0, -1):
-            if text.endswith(value[:size]):
-                text = text[:-size]
-                break
-    return text
-
-
-def scrub_values(text: str, values: Sequence[str]) -> str:
-    """`text` without any of `values`: credentials a sink sent, which receivers' error
-    pages like to quote back ("Incorrect API key provided: ..."). Longest first, so
-    that no part of a longer value survives a shorter one's replacement."""
-    for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, "[redacted]")
-    return text
+    forms += [form.replace("/", "\\/") for form in forms]
+    return _Redaction(
+        url_forms=tuple(sorted(forms, key=len, reverse=True)),
+        secrets=tuple(sorted(secrets, key=len, reverse=True)),
+        spare=max(len(value.encode()) for value in (url, *secrets)),
+    )
 
 
 class PostingSink:
@@ -123,17 +130,17 @@ async def post(
 ) -> Answer | Outcome:
     """POST once: the answer to judge, or the Outcome of a request that got none.
     Neither carries the URL or any of `secrets`."""
+    redaction = _redaction(url, tuple(secrets))
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             # Read past the KiB kept by the longest secret, and scrubbed before the cut:
             # a secret straddling it would otherwise leave its first part behind.
-            spare = max(len(s.encode()) for s in (url, *secrets))
-            wanted = ANSWER_KEPT + spare
+            wanted = ANSWER_KEPT + redaction.spare
             raw = await response.content.read(wanted)
-            text = scrub_values(scrub_url(raw.decode("utf-8", "replace"), url), secrets)
+            text = redaction.scrub(raw.decode("utf-8", "replace"))
             if len(raw) == wanted:
                 # More followed: the read itself may have stopped inside a secret.
-                text = _without_partial_tail(text, [*_url_forms(url), *secrets])
+                text = redaction.without_partial_tail(text)
             return Answer(response.status, response.headers.get("Retry-After"), text[:ANSWER_KEPT])
     except aiohttp.InvalidURL:
         # Its message would echo the URL.
@@ -144,8 +151,7 @@ async def post(
         # A malformed answer: its message names the request URL. The status is enough.
         return Outcome("retry", status=exc.status or None, error=exc.__class__.__name__)
     except aiohttp.ClientError as exc:
-        error = scrub_url(f"{exc.__class__.__name__}: {exc}", url)
-        return Outcome("retry", error=scrub_values(error, secrets))
+        return Outcome("retry", error=redaction.scrub(f"{exc.__class__.__name__}: {exc}"))
 
 
 def backoff_ceiling(attempts: int, retry: RetryConfig) -> float:
