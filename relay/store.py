@@ -173,6 +173,14 @@ class SinkStats:
     gone: bool = False
 
 
+def _in_chunks(ids: Sequence[T]) -> Iterator[tuple[Sequence[T], str]]:
+    """`ids` in slices of 500 (well within SQLite's bound-variable limit), each with the
+    placeholders of its `IN (...)`."""
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def _placeholders(ids: Sequence[object]) -> str:
     if len(ids) > _MAX_VARIABLES:
         raise ValueError(f"at most {_MAX_VARIABLES} ids at once")
@@ -366,13 +374,10 @@ class SqliteStore:
         with self._transaction(fault_point=True) as db:
             ids = list({event.id for events, _ in group for event in events})
             claimed: dict[str, float] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for chunk, marks in _in_chunks(ids):
                 claimed.update(
                     db.execute(
-                        "SELECT id, expires_at FROM events"
-                        f" WHERE id IN ({','.join('?' * len(chunk))})",
-                        chunk,
+                        f"SELECT id, expires_at FROM events WHERE id IN ({marks})", chunk
                     ).fetchall()
                 )
             fresh: list[tuple[str, str, str, float, float]] = []
@@ -512,13 +517,12 @@ class SqliteStore:
             alike.setdefault(key, []).append(s.delivery_id)
         with self._transaction() as db:
             for (state, next_at, attempted, status, error), ids in alike.items():
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
+                for chunk, marks in _in_chunks(ids):
                     db.execute(
                         "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
                         " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
                         " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
-                        f" updated_at = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                        f" updated_at = ? WHERE id IN ({marks})",
                         (
                             state,
                             next_at,
@@ -696,11 +700,9 @@ class SqliteStore:
 
         def query(db: sqlite3.Connection) -> set[str]:
             found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for chunk, marks in _in_chunks(ids):
                 rows = db.execute(
-                    f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})"
-                    " AND expires_at > ?",
+                    f"SELECT id FROM events WHERE id IN ({marks}) AND expires_at > ?",
                     (*chunk, at),
                 ).fetchall()
                 found.update(row[0] for row in rows)
