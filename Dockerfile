@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Installed offline from the build stage's wheels; the bind mount keeps them out of
 # the image's layers.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels relay
+    pip install --no-index --find-links=/wheels qingstor-relay
 
 RUN groupadd --system --gid 10001 relay \
  && useradd --system --uid 10001 --gid relay --home-dir /data --no-create-home \
