@@ -13,13 +13,14 @@ import json
 import time
 from collections.abc import Sequence
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from yarl import URL
 
 from relay.config import HttpSinkConfig
-from relay.models import Delivery
+from relay.models import Delivery, isoformat
 from relay.ratelimit import Pacer
 from relay.signatures import standard_webhooks_header, whsec_key
 from relay.sinks.base import DONE, Answer, Outcome, PostingSink, parse_retry_after, post
@@ -45,8 +46,27 @@ def judge_response(status: int, retry_after: str | None, body: str, now: float) 
     return Outcome("retry", status, error, retry_after=wait)
 
 
-# CloudEvents HTTP binding: header values are percent-encoded beyond printable ASCII.
-_CE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '%"')
+# CloudEvents HTTP binding 3.1.3.2: of printable ASCII (U+0021-U+007E) all but `"` and
+# `%` go as is; everything else, the space included, as UTF-8 %XX. An unencoded space
+# is not safe: HTTP strips it at either end of a header value, changing the object key.
+_CE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '%"')
+
+
+def cloudevent_time(value: str) -> str:
+    """`time` as CloudEvents requires it, RFC 3339 with an offset: in UTC, `Z`.
+
+    QingStor's event_time may be any ISO 8601 that fromisoformat reads, naive or dated
+    only; without an offset it is taken as UTC. A value that does not parse (no source
+    stores one, but stored envelopes outlive code) goes as it is rather than fail a send
+    that would fail on every retry.
+    """
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return isoformat(moment)
+    except (TypeError, ValueError, OverflowError):
+        return value
 
 
 def cloudevent_attributes(envelope: dict[str, Any]) -> dict[str, str]:
@@ -56,7 +76,7 @@ def cloudevent_attributes(envelope: dict[str, Any]) -> dict[str, str]:
         "id": envelope["id"],
         "source": envelope["source"],
         "type": envelope["type"],
-        "time": envelope["time"],
+        "time": cloudevent_time(envelope["time"]),
     }
     if envelope.get("subject"):
         attributes["subject"] = envelope["subject"]
