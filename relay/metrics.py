@@ -15,6 +15,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     exposition,
     generate_latest,
     values,
@@ -37,6 +38,13 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
+        # No `*_created` series, as one process or many: MultiProcessCollector keeps no
+        # creation times, so one process alone would expose series that vanish with
+        # `server.workers`. Nothing relies on them: Prometheus sees counter resets as
+        # drops in `_total`, and every other series is untouched. The switch is
+        # process-wide and read at each scrape, so it covers every registry, built
+        # before or after; relay's processes keep no metrics but relay's.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
