@@ -4,6 +4,9 @@ Every write goes through one thread, so SQLite never sees two writers and the ev
 loop never blocks on a disk. Durability: `synchronous=FULL` makes each commit fsync
 the WAL before `accept()` returns, so an acknowledged event survives `kill -9` and
 power loss alike.
+
+The schema's version is SQLite's `PRAGMA user_version`: a new store gets SCHEMA at
+SCHEMA_VERSION; the server brings an older store up to it with MIGRATIONS on open.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
+import structlog
+
 from relay.errors import StoreUnavailable
 from relay.groupcommit import GroupCommit
 from relay.models import Delivery
 
 T = TypeVar("T")
 
+log = structlog.get_logger("relay.store")
+
+# What a new store gets, at SCHEMA_VERSION. Change it together with MIGRATIONS (below).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id          TEXT PRIMARY KEY,
@@ -85,6 +93,106 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
+
+
+class StoreTooNew(StoreUnavailable):
+    """The store's schema is newer than this relay knows: a newer relay wrote it."""
+
+
+class StoreNeedsUpgrade(StoreUnavailable):
+    """The store's schema is older than this relay's, and this open may not migrate it:
+    only the server, holding the store's lock, does."""
+
+
+# The tables and columns relay 0.1.0 wrote. Frozen: SCHEMA moves on, 0.1.0 stores don't.
+_SCHEMA_0_1_0 = {
+    "events": ("id", "source", "envelope", "received_at", "expires_at"),
+    "deliveries": (
+        "id",
+        "event_id",
+        "sink",
+        "state",
+        "attempts",
+        "next_at",
+        "created_at",
+        "updated_at",
+        "last_status",
+        "last_error",
+    ),
+    "receipts": ("source", "minute", "received", "duplicates"),
+    "sink_state": ("sink", "circuit", "open_until", "gone", "updated_at"),
+    "quarantine": (
+        "id",
+        "source",
+        "digest",
+        "received_at",
+        "repeats",
+        "error",
+        "reason",
+        "content_type",
+        "size",
+        "body",
+    ),
+}
+
+
+def _adopt_0_1_0(db: sqlite3.Connection) -> None:
+    """0 -> 1: relay 0.1.0 wrote schema 1 without stamping it. Its tables are checked
+    rather than assumed, so a database that is not relay's is refused, not stamped."""
+    for table, columns in _SCHEMA_0_1_0.items():
+        found = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+        if not found:
+            raise StoreUnavailable(f"it has no table {table}: not a relay store?")
+        if missing := [c for c in columns if c not in found]:
+            raise StoreUnavailable(f"table {table} lacks column(s) {', '.join(missing)}")
+
+
+# MIGRATIONS[n] takes a store from schema version n to n + 1, inside the transaction
+# that also stamps n + 1: a crash or an error part-way leaves the store at n. To change
+# the schema, append a function here and make SCHEMA what it produces
+# (tests/test_store_upgrade.py checks that a migrated store matches a new one).
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: tuple[Migration, ...] = (_adopt_0_1_0,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    [(version,)] = db.execute("PRAGMA user_version").fetchall()
+    return int(version)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of `script` one by one: executescript() would commit the
+    transaction they must run in."""
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            yield current.strip()
+            current = ""
+    if current.strip():
+        yield current  # a statement without its `;` still runs (or fails) rather than vanish
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _tune(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """Settings every connection to a store needs."""
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    # SQLite's temporary files (big sorts, transient indexes, statement journals) stay in
+    # memory: on disk they would go to /tmp or $TMPDIR, outside the store's folder, and a
+    # container with a read-only root filesystem would fail those statements.
+    db.execute("PRAGMA temp_store=MEMORY")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +299,10 @@ def _not_in(ids: Collection[int]) -> str:
     return f" AND d.id NOT IN ({','.join('?' * len(ids))})" if ids else ""
 
 
+def _has_tables(db: sqlite3.Connection) -> bool:
+    return bool(db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall())
+
+
 # Bound variables per statement: SQLite before 3.32 allows 999.
 _MAX_VARIABLES = 999
 
@@ -243,14 +355,27 @@ class SqliteStore:
 
         Two servers on one store would both dispatch the same pending rows, so the
         second one refuses to start. The DLQ commands open without it.
+
+        A new store gets the current schema. An older one is migrated by an exclusive
+        open (logged as `store.migrated`) and refused by others with StoreNeedsUpgrade,
+        since another process may be running an older relay on it; a newer one is refused
+        with StoreTooNew.
         """
         if not create and not self.path.exists():
             # An operator's command on a mistyped path must not answer from a new,
             # empty store as if all were well.
             raise StoreUnavailable(f"no store at {self.path}")
-        await self._run(lambda: self._open(exclusive))
+        migrated_from = await self._run(lambda: self._open(exclusive))
+        if migrated_from is not None:
+            log.info(
+                "store.migrated",
+                path=str(self.path),
+                from_version=migrated_from,
+                to_version=SCHEMA_VERSION,
+            )
 
-    def _open(self, exclusive: bool) -> None:
+    def _open(self, exclusive: bool) -> int | None:
+        """Returns the schema version the store was migrated from, if it was."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if exclusive:
             lock = open(f"{self.path}.lock", "a+b")  # noqa: SIM115 - held until close()
@@ -259,23 +384,70 @@ class SqliteStore:
             except BlockingIOError:
                 lock.close()
                 raise StoreUnavailable(
-                    f"another relay process is serving {self.path} (lock held)"
+                    f"another relay process is serving {self.path} (it holds the store's"
+                    " lock): stop that one, or give this relay a store.path of its own"
                 ) from None
             self._lock = lock
+        db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            _tune(db, self.busy_timeout)
+            # Before anything else touches it: a newer relay's store is not ours to change.
+            self._refuse_newer(schema_version(db))
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            db.executescript(SCHEMA)
+            migrated_from = self._prepare(db, exclusive)
         except BaseException:
+            if db is not None:
+                db.close()
             self._close()
             raise
         self._db = db
+        return migrated_from
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreTooNew(
+                f"the store at {self.path} has schema version {version} but this relay"
+                f" knows up to {SCHEMA_VERSION}: it was written by a newer relay; upgrade"
+                " relay, or restore a backup taken before that upgrade"
+            )
+
+    def _prepare(self, db: sqlite3.Connection, exclusive: bool) -> int | None:
+        """Bring the store to SCHEMA_VERSION: create a new one, migrate an older one."""
+        version = schema_version(db)
+        if version == 0 and not _has_tables(db):
+            with _immediate(db):
+                # Checked again under the write lock: another process may have been first.
+                if schema_version(db) == 0 and not _has_tables(db):
+                    for statement in _statements(SCHEMA):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = schema_version(db)
+        self._refuse_newer(version)
+        if version == SCHEMA_VERSION:
+            return None
+        if not exclusive:
+            raise StoreNeedsUpgrade(
+                f"the store at {self.path} has schema version {version}, older than this"
+                f" relay's {SCHEMA_VERSION}: start `relay serve` on it once to upgrade it"
+                " (`relay backup FILE` first keeps a copy the older relay can still use)"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            try:
+                with _immediate(db):
+                    MIGRATIONS[step](db)
+                    db.execute(f"PRAGMA user_version = {step + 1}")
+            except Exception as exc:
+                raise StoreUnavailable(
+                    f"could not upgrade the store at {self.path} from schema version {step}"
+                    f" to {step + 1} (it is left at {step}): {exc}"
+                ) from exc
+        return version
 
     def _open_reader(self) -> None:
         rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        rdb.execute("PRAGMA busy_timeout=5000")
+        _tune(rdb, 5.0)
         rdb.execute("PRAGMA query_only=ON")
         self._rdb = rdb
 
