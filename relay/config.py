@@ -5,8 +5,7 @@ Loading does the file and environment I/O; the models themselves are plain data.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -28,8 +27,10 @@ from pydantic import (
     model_validator,
 )
 
+from relay import config_problems
 from relay.errors import ConfigError
 from relay.models import normalize_event_type
+from relay.signatures import whsec_key
 from relay.templates import check_template
 
 # --- value types -----------------------------------------------------------------------
@@ -83,9 +84,11 @@ class _Model(BaseModel):
 
 
 class ServerConfig(_Model):
-    host: str = "0.0.0.0"
+    # Loopback unless the operator says otherwise: a tokenless source must never face
+    # the network by default.
+    host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    # Bounds on what one request may cost (README "Limits"). A hostile client meets
+    # Bounds on what one request may cost (docs/operating.md, Limits). A hostile client meets
     # these first; each refusal is a 4xx or a 503 with the documented error body.
     max_body_bytes: int = Field(1_048_576, ge=1)
     max_records: int = Field(1000, ge=1)  # events in one POST
@@ -172,13 +175,7 @@ Rate = Annotated[float, BeforeValidator(parse_rate)]
 
 
 def _check_whsec(value: SecretStr) -> SecretStr:
-    secret = value.get_secret_value()
-    try:
-        decoded = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except (binascii.Error, ValueError):
-        decoded = b""
-    if not decoded:
-        raise ValueError("expected a Standard Webhooks secret: whsec_ followed by base64")
+    whsec_key(value.get_secret_value())  # raises ValueError, worded for the config
     return value
 
 
@@ -393,7 +390,7 @@ class RelayConfig(_Model):
 
 # --- loading ---------------------------------------------------------------------------
 
-# The embedded default (DESIGN.md): a tokenless qingstor source, a file sink, SQLite,
+# The embedded default (docs/configuration.md): a tokenless qingstor source, a file sink, SQLite,
 # all under ./relay-data/, so that a newcomer's first `relay serve` just works.
 DEFAULT_CONFIG: dict[str, Any] = {
     "store": {"backend": "sqlite", "path": "relay-data/relay.db"},
@@ -455,49 +452,104 @@ def _format_error(error: Any) -> str:
             return f"{'.'.join(loc)}: missing (expected one of: {expected})"
         return f"{'.'.join(loc)}: unknown kind {given!r} (expected one of: {expected})"
     if kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind == "missing":
-        message = "required"
-    else:
-        message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{'.'.join(loc) or '(top level)'}: {message}"
+        return _unknown_key(error, loc)
+    return config_problems.describe({**error, "loc": tuple(loc)}, RelayConfig)
 
 
-def _check_references(config: RelayConfig) -> list[str]:
+def _unknown_key(error: Any, shown: list[str]) -> str:
+    # Matched against the keys of the model the location names, tag included (which
+    # kind of sink a typo sits in), then shown without the tag.
+    worded = config_problems.describe(error, RelayConfig)
+    return ".".join(shown) + worded[worded.index(":") :]
+
+
+def _names(data: dict[str, Any], section: str) -> list[str]:
+    value = data.get(section)
+    return [str(name) for name in value] if isinstance(value, dict) else []
+
+
+def _check_references(data: dict[str, Any]) -> list[str]:
+    """Names and what routes refer to, read from the document itself, so that they are
+    reported in the same round as every other problem, even when those fail validation."""
     problems = []
-    for section, names in (("sources", config.sources), ("sinks", config.sinks)):
+    sources, sinks = _names(data, "sources"), _names(data, "sinks")
+    for section, names in (("sources", sources), ("sinks", sinks)):
         for name in names:
             if not _NAME.match(name):
                 problems.append(
                     f"{section}.{name}: names are 1-64 letters, digits, '_', '.' or '-'"
                 )
-    for i, route in enumerate(config.routes or []):
-        for sink in route.to:
-            if sink not in config.sinks:
-                defined = ", ".join(config.sinks) or "none"
-                problems.append(f"routes.{i}.to: undefined sink {sink!r} (defined: {defined})")
-        conditions: list[tuple[str, Conditions | None]] = [("when", route.when)]
-        if route.when is not None:
-            conditions.append(("when.not", route.when.not_))
+    routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        targets = route.get("to")
+        for sink in targets if isinstance(targets, list) else []:
+            if isinstance(sink, str) and sink not in sinks:
+                problems.append(f"routes.{i}.to: undefined sink {sink!r}{_defined(sink, sinks)}")
+        when = route.get("when")
+        conditions = [("when", when)]
+        if isinstance(when, dict):
+            conditions.append(("when.not", when.get("not")))
         for where, condition in conditions:
-            for source in (condition.sources if condition else None) or []:
-                if source not in config.sources:
-                    defined = ", ".join(config.sources) or "none"
+            wanted = condition.get("sources") if isinstance(condition, dict) else None
+            for source in wanted if isinstance(wanted, list) else []:
+                if isinstance(source, str) and source not in sources:
                     problems.append(
                         f"routes.{i}.{where}.sources: undefined source {source!r}"
-                        f" (defined: {defined})"
+                        f"{_defined(source, sources)}"
                     )
     return problems
 
 
-def build_config(data: Any, *, base_dir: Path, env: Mapping[str, str] | None = None) -> RelayConfig:
-    """Validate an already-parsed document; raises ConfigError listing every problem."""
+def _defined(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (defined: {', '.join(names) or 'none'})"
+
+
+def _check_purpose(data: dict[str, Any]) -> list[str]:
+    """A config that can do nothing is a mistake, never what the operator meant."""
+    if not data:
+        return [
+            "(top level): the config is empty: relay needs at least one source and one sink"
+            " (see config/relay.example.yaml)"
+        ]
+    problems = []
+    if not data.get("sources"):
+        problems.append("sources: no source is defined, so relay would accept no events")
+    if not data.get("sinks"):
+        problems.append("sinks: no sink is defined, so relay would deliver no events")
+    if data.get("routes") == []:
+        problems.append(
+            "routes: the list is empty, so no event would reach any sink (leave the key out"
+            " to send every event to every sink)"
+        )
+    return problems
+
+
+def build_config(
+    data: Any,
+    *,
+    base_dir: Path,
+    env: Mapping[str, str] | None = None,
+    complete: bool = False,
+) -> RelayConfig:
+    """Validate an already-parsed document; raises ConfigError listing every problem.
+    `complete`: a whole config to run, refused when it could do nothing (no source, no
+    sink, no route); tests and tools may build partial ones."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of sections"])
     problems: list[str] = []
     data = interpolate(data, os.environ if env is None else env, problems=problems)
+    if complete:
+        problems.extend(_check_purpose(data))
+    # An empty section (`sinks:` with every entry commented out) is an absent one.
+    data = {key: value for key, value in data.items() if value is not None}
+    problems.extend(_check_references(data))
     try:
         config = RelayConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
@@ -507,11 +559,22 @@ def build_config(data: Any, *, base_dir: Path, env: Mapping[str, str] | None = N
             message = _format_error(error)
             if message.split(":", 1)[0] not in reported:
                 problems.append(message)
-        raise ConfigError(problems) from None
-    problems.extend(_check_references(config))
+        raise ConfigError(_in_document_order(problems, data)) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_in_document_order(problems, data))
     return config
+
+
+def _in_document_order(problems: list[str], data: dict[str, Any]) -> list[str]:
+    """Problems sorted by where their section comes in the file, so that one section's
+    problems read together; within a section, the order they were found in."""
+    order = {key: i for i, key in enumerate(data)}
+
+    def section(problem: str) -> int:
+        head = problem.split(":", 1)[0].split(".", 1)[0]
+        return order.get(head, -1 if head == "(top level)" else len(order))
+
+    return sorted(problems, key=section)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RelayConfig:
@@ -531,16 +594,82 @@ def parse_config(
     text: str, name: str, base_dir: Path, env: Mapping[str, str] | None = None
 ) -> RelayConfig:
     """A config from its YAML text; `name` is what problems call it."""
+    return build_config(_parse_yaml(text, name), base_dir=base_dir, env=env, complete=True)
+
+
+def _parse_yaml(text: str, name: str) -> Any:
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         # Never str(exc): it quotes the offending line, which may hold a secret.
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "cannot parse"
         raise ConfigError([f"{name}: invalid YAML{where}: {problem}"]) from None
-    return build_config(data, base_dir=base_dir, env=env)
+
+
+class _StoreSections(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    store: StoreConfig = Field(default_factory=lambda: {}, validate_default=True)
+    dedupe: DedupeConfig = DedupeConfig()
+
+
+class StoreView(_Model):
+    """What the operator commands (`relay status`, `relay dlq`, `relay backup`) need of a
+    config: its store, and the names of its sinks and sources."""
+
+    store: StoreConfig
+    dedupe: DedupeConfig
+    sinks: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    @classmethod
+    def of(cls, config: RelayConfig) -> StoreView:
+        return cls(
+            store=config.store,
+            dedupe=config.dedupe,
+            sinks=tuple(config.sinks),
+            sources=tuple(config.sources),
+        )
+
+
+def load_store_view(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> StoreView:
+    """The store sections of a config file (None: the embedded default's), the rest read
+    for its names only: an operator's shell need not hold the sinks' and sources'
+    secrets, whose `${VAR}`s are never expanded here."""
+    if path is None:
+        data: Any = DEFAULT_CONFIG
+        base_dir, env = Path.cwd(), {}
+    else:
+        file = Path(path)
+        data = _parse_yaml(read_config_text(file), str(file))
+        base_dir = file.resolve().parent
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"])
+    problems: list[str] = []
+    wanted = {k: data[k] for k in ("store", "dedupe") if data.get(k) is not None}
+    wanted = interpolate(wanted, os.environ if env is None else env, problems=problems)
+    try:
+        sections = _StoreSections.model_validate(wanted, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        reported = {p.split(":", 1)[0] for p in problems}
+        problems += [
+            m for m in map(_format_error, exc.errors()) if m.split(":", 1)[0] not in reported
+        ]
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return StoreView(
+        store=sections.store,
+        dedupe=sections.dedupe,
+        sinks=tuple(_names(data, "sinks")),
+        sources=tuple(_names(data, "sources")),
+    )
 
 
 def default_config() -> RelayConfig:
-    return build_config(DEFAULT_CONFIG, base_dir=Path.cwd(), env={})
+    return build_config(DEFAULT_CONFIG, base_dir=Path.cwd(), env={}, complete=True)

@@ -18,8 +18,18 @@ _DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sh
 
 
 def whsec_key(secret: str) -> bytes:
-    """The key bytes of a Standard Webhooks secret (`whsec_` + base64)."""
-    return base64.b64decode(secret.removeprefix("whsec_"))
+    """The key bytes of a Standard Webhooks secret (`whsec_` + base64, its `=` padding
+    optional, as the reference libraries take it). Raises ValueError for anything else:
+    the reference would silently drop characters outside base64 and sign with another key.
+    """
+    text = secret.removeprefix("whsec_").rstrip("=")
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
+        raise ValueError("expected a Standard Webhooks secret: whsec_ followed by base64")
+    return key
 
 
 def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

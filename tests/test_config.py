@@ -15,6 +15,9 @@ from relay.config import (
     parse_duration,
 )
 
+# What a config file needs to be runnable at all: a source and a sink.
+MINIMAL = "sources: {q: {kind: qingstor, token: t}}\nsinks: {a: {kind: file, path: a.jsonl}}\n"
+
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
@@ -54,7 +57,7 @@ def test_interpolation_with_defaults_escapes_and_missing_variables():
 
 def test_environment_supplies_typed_values(tmp_path: Path):
     (tmp_path / "relay.yaml").write_text(
-        "server: {port: '${PORT:-9999}', max_body_bytes: '${LIMIT}'}\n"
+        "server: {port: '${PORT:-9999}', max_body_bytes: '${LIMIT}'}\n" + MINIMAL
     )
     config = load_config(tmp_path / "relay.yaml", env={"LIMIT": "2048"})
     assert (config.server.port, config.server.max_body_bytes) == (9999, 2048)
@@ -65,6 +68,7 @@ def test_relative_paths_follow_the_config_file_not_the_working_directory(tmp_pat
     folder.mkdir()
     (folder / "relay.yaml").write_text(
         "store: {path: data/relay.db}\n"
+        "sources: {q: {kind: qingstor, token: t}}\n"
         "sinks: {a: {kind: file, path: out/a.jsonl}, b: {kind: file, path: /abs/b.jsonl}}\n"
     )
     config = load_config(folder / "relay.yaml", env={})

@@ -165,10 +165,11 @@ async def test_port_changes_are_logged_as_needing_a_restart(tmp_path, aiohttp_cl
     from structlog.testing import capture_logs
 
     path = tmp_path / "relay.yaml"
-    write(path, base(tmp_path))
+    archive = {"kind": "file", "path": str(tmp_path / "a.jsonl")}
+    write(path, base(tmp_path, archive=archive))
     app = create_app(load_config(path), path)
     await aiohttp_client(app)
-    write(path, {**base(tmp_path), "server": {"port": 9999}})
+    write(path, {**base(tmp_path, archive=archive), "server": {"port": 9999}})
     with capture_logs() as logs:
         assert await app[RUNTIME].reload("test")
     [warning] = [e for e in logs if e["event"] == "config.restart_required"]

@@ -182,6 +182,7 @@ sinks:
 def test_check_config_rejects_routes_to_undefined_sinks(tmp_path):
     path = tmp_path / "routes.yaml"
     path.write_text(
+        "sources: {qingstor: {kind: qingstor, token: t}}\n"
         "sinks: {archive: {kind: file, path: e.jsonl}}\n"
         "routes: [{to: [archive, nowhere]}, {when: {sources: [ghost]}, to: [archive]}]\n"
     )
@@ -189,7 +190,7 @@ def test_check_config_rejects_routes_to_undefined_sinks(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "routes.0.to: undefined sink 'nowhere' (defined: archive)",
-        "routes.1.when.sources: undefined source 'ghost' (defined: none)",
+        "routes.1.when.sources: undefined source 'ghost' (defined: qingstor)",
     ]
 
 

@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.app import STORE
 from relay.config import GenericSourceConfig, HmacSourceConfig, StandardWebhooksSourceConfig
-from relay.errors import Forbidden, InvalidBody, Unauthorized
+from relay.errors import ConfigError, Forbidden, InvalidBody, Unauthorized
 from relay.models import Envelope, canonical_json
 from relay.signatures import (
     standard_webhooks_header,
@@ -38,7 +38,7 @@ from relay.sources.hmac_header import HmacSource
 from relay.sources.standard_webhooks import StandardWebhooksSource
 from tests.conftest import eventually, read_lines, relay_config
 
-# The Standard Webhooks test vector (SINKS.md).
+# The Standard Webhooks test vector, from the specification.
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 VECTOR_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
 VECTOR_TS = 1614265330
@@ -860,3 +860,29 @@ def test_allow_ips_applies_to_every_kind(kind, extra):
     # A mapped IPv4 peer passes the address check; the signed kinds then want a signature.
     with pytest.raises(Unauthorized) if kind != "generic" else nullcontext():
         source.authenticate(inside)
+
+
+# A secret as some senders hand it out: whsec_ and base64 without its `=` padding. The
+# reference library takes it; so must relay, deriving the same key.
+UNPADDED_SECRET = "whsec_" + base64.b64encode(b"an unpadded secret!").decode().rstrip("=")
+
+
+async def test_an_unpadded_standard_webhooks_secret_verifies_as_the_reference_signs(
+    tmp_path, start_relay
+):
+    assert not UNPADDED_SECRET.endswith("=") and len(UNPADDED_SECRET[6:]) % 4
+    client = await start_relay(sw_config(tmp_path, secrets=[UNPADDED_SECRET]))
+    body = {"type": "padding.check"}
+    signed = await client.post("/hooks/vendor", **sw_request(body, secret=UNPADDED_SECRET))
+    assert (signed.status, await signed.json()) == (200, {"accepted": 1, "duplicates": 0})
+    other = await client.post("/hooks/vendor", **sw_request(body, secret=VECTOR_SECRET))
+    assert (other.status, (await other.json())["error"]) == (401, "invalid_signature")
+
+
+def test_a_secret_the_reference_would_mangle_is_refused_by_name(tmp_path):
+    # The reference drops characters outside base64 silently and signs with another key.
+    with pytest.raises(ConfigError) as caught:
+        sw_config(tmp_path, secrets=["whsec_not-base64_at*all"])
+    [problem] = caught.value.problems
+    assert problem.startswith("sources.vendor.secrets.0: expected a Standard Webhooks secret")
+    assert "not-base64" not in problem
