@@ -16,7 +16,8 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from aiohttp import web
 from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
-from relay.errors import IngestError, StoreUnavailable
+from relay.errors import IngestError, ListenError, StoreUnavailable
+from relay.exposure import exposure_warnings, is_loopback, listen_url, trial_note
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
@@ -126,6 +128,34 @@ def _log_request(level: int, request: web.Request, status: int, started: float) 
 
 async def hook(request: web.Request) -> web.StreamResponse:
     return await request.app[RUNTIME].ingest.handle(request)
+
+
+async def hook_expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: answer now what the head already settles (unknown source,
+    no or a wrong token, an address not allowed, a body over the limit), so the sender
+    never uploads a body relay would refuse; otherwise invite the body. aiohttp calls
+    this before the middleware, so a refusal goes through it here: the same JSON error,
+    request id, log line and count as any other answer."""
+    ingest = request.app[RUNTIME].ingest
+    if ingest.refusal(request) is None:
+        structlog.contextvars.clear_contextvars()
+        expect = request.headers.get("Expect", "")
+        if request.version < (1, 1) or expect.lower() != "100-continue":
+            return None  # nothing asked of an HTTP/1.0 sender; read the body as sent
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is no part of the answer
+        return None
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        refusal = ingest.refusal(request)  # again: the middleware's context is fresh
+        if refusal is None:  # a reload in between let it through after all
+            return await hook(request)
+        raise refusal
+
+    response = await request_context(request, refuse)
+    # The body was not read and may still come: this connection cannot carry another.
+    response.force_close()
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -253,7 +283,7 @@ def create_app(
     app[RUNTIME] = runtime
     app[STORE] = runtime.store
     app[DISPATCHER] = runtime.dispatcher
-    app.router.add_post("/hooks/{source}", hook)
+    app.router.add_post("/hooks/{source}", hook, expect_handler=hook_expect)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -331,7 +361,8 @@ async def serve(
         await runner.setup()
         if leads:
             assert metrics_dir is not None
-            reserved = reserve_port(config.server.host, config.server.port)
+            with _listening(config.server.host, config.server.port):
+                reserved = reserve_port(config.server.host, config.server.port)
             host, port = reserved.getsockname()[:2]
             supervisor = Supervisor(
                 workers,
@@ -355,7 +386,8 @@ async def serve(
                 # connections across them.
                 reuse_port=worker is not None,
             )
-            await site.start()
+            with _listening(config.server.host, config.server.port):
+                await site.start()
             host, port = runner.addresses[0][:2]
             if link is not None:
                 await link.listening()
@@ -366,8 +398,12 @@ async def serve(
             # the handler: catch up now.
             runtime.request_reload("snapshot")
         _tune_gc()
-        event = "relay.listening" if worker is None else "worker.listening"
-        log.info(event, host=host, port=port, workers=workers, config=config.summary())
+        if worker is None:
+            _announce(config, host, port, workers, embedded=config_path is None)
+        else:
+            log.info(
+                "worker.listening", host=host, port=port, workers=workers, config=config.summary()
+            )
         await stop.wait()
         log.info("relay.stopping", signal=received[0] if received else None)
     finally:
@@ -386,6 +422,42 @@ async def serve(
         if leads and metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("relay.stopped")
+
+
+@contextmanager
+def _listening(host: str, port: int) -> Iterator[None]:
+    """A failure to bind, as the ListenError the command line words for an operator."""
+    try:
+        yield
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            detail = f"cannot resolve the host name ({detail})"
+        raise ListenError(host, port, exc.errno, detail) from exc
+
+
+def _announce(config: RelayConfig, host: str, port: int, workers: int, embedded: bool) -> None:
+    """The start-up line: where relay listens, and who can post to it."""
+    url = listen_url(host, port)
+    parts = [f"listening on {url}"]
+    if is_loopback(host):
+        parts.append("loopback only: set server.host: 0.0.0.0 to take events from elsewhere")
+    if embedded:
+        parts.append("running the embedded default config (no --config, no RELAY_CONFIG)")
+    note = trial_note(config, host)
+    if note:
+        parts.append(note)
+    log.info(
+        "relay.listening",
+        message="; ".join(parts),
+        url=url,
+        host=host,
+        port=port,
+        workers=workers,
+        config=config.summary(),
+    )
+    for warning in exposure_warnings(config, host, port):
+        log.warning("relay.open_source", message=warning)
 
 
 async def _start_workers(supervisor: Supervisor, stop: asyncio.Event) -> None:

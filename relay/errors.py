@@ -101,5 +101,13 @@ class UnsupportedMediaType(IngestError):
     code = "unsupported_media_type"
 
 
+class ListenError(RelayError):
+    """relay could not listen where it was told to; `reason` is the OS's errno, if any."""
+
+    def __init__(self, host: str, port: int, reason: int | None, detail: str) -> None:
+        self.host, self.port, self.reason = host, port, reason
+        super().__init__(f"cannot listen on {host}:{port}: {detail}")
+
+
 class StoreUnavailable(RelayError):
     """The store could not persist; ingest answers 503 so the sender retries."""

@@ -59,17 +59,40 @@ class Ingest:
 
     async def handle(self, request: web.Request) -> web.Response:
         # Refused before any work: under a flood, answering fast is what keeps relay up.
-        if self.in_flight >= self.limits.max_concurrent:
-            raise Overloaded(
-                f"relay is answering {self.in_flight} hooks already; retry in a moment"
-            )
+        self._check_capacity()
         self.in_flight += 1
         try:
             return await self._handle(request)
         finally:
             self.in_flight -= 1
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    def _check_capacity(self) -> None:
+        if self.in_flight >= self.limits.max_concurrent:
+            raise Overloaded(
+                f"relay is answering {self.in_flight} hooks already; retry in a moment"
+            )
+
+    def refusal(self, request: web.Request) -> IngestError | None:
+        """What the headers alone already say to refuse, for a sender waiting on
+        `Expect: 100-continue`: it then never uploads a body relay would not read."""
+        try:
+            self._check_capacity()
+            self._admit(request)
+            if (
+                request.content_length is not None
+                and request.content_length > self.limits.max_body_bytes
+            ):
+                raise BodyTooLarge(
+                    f"body is {request.content_length} bytes;"
+                    f" the limit is {self.limits.max_body_bytes}"
+                )
+        except IngestError as exc:
+            return exc
+        return None
+
+    def _admit(self, request: web.Request) -> tuple[str, Source, RequestMeta]:
+        """The source and the sender's address, checked against it (allow_ips, token,
+        the signature headers' presence): all of it from the request head."""
         limits = self.limits
         name = request.match_info["source"]
         source = self.sources.get(name)
@@ -85,6 +108,11 @@ class Ingest:
             structlog.contextvars.bind_contextvars(client=remote)
         meta = RequestMeta(headers=request.headers, query=request.query, remote=remote)
         source.authenticate(meta)
+        return name, source, meta
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        limits = self.limits
+        name, source, meta = self._admit(request)
 
         if request.content.is_eof():
             # All here already (a notifier batch comes in one packet): no timer to set.
@@ -243,6 +271,12 @@ def decode_json(body: bytes, content_type: str) -> Any:
         raise InvalidBody("the body is empty; expected a JSON object", code="invalid_json")
     try:
         return jsoncodec.loads(body)
+    except jsoncodec.LoneSurrogate:
+        raise InvalidBody(
+            "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its"
+            " pair), which is no Unicode text",
+            code="invalid_json",
+        ) from None
     # ValueError covers bad UTF-8, bad JSON, and integers too long to convert.
     except (ValueError, RecursionError) as exc:
         declared = content_type.lower()

@@ -127,6 +127,15 @@ def _add_tags(
     return event_dict
 
 
+def _message_first(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    message = event_dict.pop("message", None)
+    if isinstance(message, str):
+        event_dict["event"] = f"{event_dict.get('event', '')}: {message}"
+    return event_dict
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     global _threshold
     out = stream or sys.stdout
@@ -137,6 +146,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    # On a terminal a person reads the line: its sentence goes first, not among the keys.
+    readable = [] if as_json else [_message_first]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _add_tags,
@@ -151,7 +162,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *readable,
+                renderer,
+            ],
         )
     )
     handler.addFilter(_QuietParserErrors())
@@ -159,7 +174,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.handlers = [handler]
     root.setLevel(level.upper())
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, *readable, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_threshold),
         # One write per line: workers share the leader's stdout, and print() writes the
         # line and its newline apart when Python runs unbuffered (PYTHONUNBUFFERED=1, as

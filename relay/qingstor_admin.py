@@ -4,7 +4,7 @@ QingStor keeps a bucket's notification rules as ONE list, and `PUT /<bucket>?not
 replaces the whole list. So every change here reads the list first (`get_notification`),
 adds, replaces or removes only the rule with our id, and writes the rest back untouched.
 
-The official qingstor-sdk (the optional extra `relay[qingstor]`) builds and signs the
+The official qingstor-sdk (the optional extra `qingstor-relay[qingstor]`) builds and signs the
 requests. It is imported only when one of these commands runs, so relay itself works
 without it. The SDK is untyped: everything that comes from it is `Any`, kept inside the
 few functions below.
@@ -24,19 +24,20 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
+from relay.exposure import ANYONE
 from relay.logs import redact_text
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 EVENT_TYPES = ("create_object", "delete_object", "abort_multipart", "complete_multipart")
-# Notifier records spell the multipart events differently from rules (see DESIGN.md).
+# Notifier records spell the multipart events differently from rules (docs/sources.md).
 _RECORD_SPELLINGS = {"complete_upload": "complete_multipart", "abort_upload": "abort_multipart"}
 DEFAULT_ID = "relay"
 ENV_ACCESS_KEY_ID = "QINGSTOR_ACCESS_KEY_ID"
 ENV_SECRET_ACCESS_KEY = "QINGSTOR_SECRET_ACCESS_KEY"
-INSTALL_HINT = "pip install 'relay[qingstor]'"
+INSTALL_HINT = "pip install 'qingstor-relay[qingstor]'"
 REDACTED = "[redacted]"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # bucket names and zone ids
@@ -258,10 +259,11 @@ def _notify_url(url: str) -> str:
         parts = SplitResult("", "", "", "", "")
     if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in url):
         raise _usage(f"--notify-url {redact_url(url)!r}: give an http(s) URL")
-    if not parts.query:
+    if "token" not in parse_qs(parts.query):
         print(
-            "warning: --notify-url carries no ?token=: anyone who learns the URL can post "
-            "events, unless the source has an IP allow-list",
+            f"warning: --notify-url carries no ?token=: {ANYONE} Give the source a token"
+            " (sources.<name>.token) and add it to the URL as ?token=..., unless its"
+            " allow_ips admits QingStor alone.",
             file=sys.stderr,
         )
     elif parts.scheme == "http":

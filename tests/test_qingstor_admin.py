@@ -564,7 +564,7 @@ async def test_without_the_sdk_it_says_how_to_install_it(relay_qingstor, monkeyp
     result = await relay_qingstor("show", "--bucket", "media")
 
     assert result.code == 1
-    assert "pip install 'relay[qingstor]'" in result.err
+    assert "pip install 'qingstor-relay[qingstor]'" in result.err
     assert qingstor.requests == []
 
 
@@ -624,3 +624,22 @@ async def test_the_relay_command_as_a_process(qingstor):
     no_key = {**env, qingstor_admin.ENV_SECRET_ACCESS_KEY: ""}
     refused = await asyncio.to_thread(cli, "show", env=no_key)
     assert refused.returncode == 2
+
+
+@pytest.mark.usefixtures("credentials")
+async def test_a_notify_url_without_a_token_is_warned_of_in_relays_words(qingstor, relay_qingstor):
+    from relay.exposure import ANYONE
+
+    for url in ("https://relay.example.com/hooks/qingstor", "https://r.example.com/h/q?x=1"):
+        result = await relay_qingstor(
+            "register", "--bucket", "media", "--zone", "pek3b", "--notify-url", url
+        )
+        assert result.code == 0, result.err
+        [warning] = result.err.splitlines()
+        assert warning.startswith("warning: --notify-url carries no ?token=: ")
+        # The same consequence check-config and serve name for an open source.
+        assert ANYONE in warning and "sources.<name>.token" in warning
+    quiet = await relay_qingstor(
+        "register", "--bucket", "media", "--zone", "pek3b", "--notify-url", NOTIFY_URL
+    )
+    assert quiet.err == ""
