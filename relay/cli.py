@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
 from relay import __version__, dlq, logs, qingstor_admin, sendtest, status
 from relay.app import run
-from relay.config import RelayConfig, default_config, load_config
-from relay.errors import ConfigError
+from relay.backup import backup_store
+from relay.config import RelayConfig, StoreView, default_config, load_config, load_store_view
+from relay.errors import ConfigError, StoreUnavailable
+from relay.exposure import exposure_warnings
+from relay.failures import explain_failure
 from relay.logs import configure
 from relay.snapshot import ConfigSnapshot
 from relay.store import Selection
@@ -24,11 +28,17 @@ from relay.workers import WorkerRole
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def _worker_count(text: str) -> int:
-    count = int(text)
-    if not 0 <= count <= 64:
-        raise argparse.ArgumentTypeError("must be between 0 and 64")
-    return count
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,18 +56,28 @@ def _parser() -> argparse.ArgumentParser:
         help="YAML config (default: $RELAY_CONFIG, else the embedded default)",
     )
     serve.add_argument("--host", help="override server.host")
-    serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+    serve.add_argument(
+        "--port", type=_bounded(0, 65535), help="override server.port (0 picks a free port)"
+    )
     serve.add_argument("--watch", action="store_true", help="reload when the config file changes")
     serve.add_argument(
-        "--workers", type=_worker_count, help="override server.workers (worker processes, 0-64)"
+        "--workers",
+        type=_bounded(0, 64),
+        help="override server.workers (worker processes, 0-64)",
     )
     # Set by a leader on the workers it starts; not for people.
     serve.add_argument("--worker-number", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-link-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-metrics-dir", type=Path, help=argparse.SUPPRESS)
 
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config: FILE, else --config FILE, else $RELAY_CONFIG, else"
+        " the embedded default. Exit 0 when it is valid (warnings may be printed), 2 if not.",
+    )
+    check.add_argument("file", metavar="FILE", nargs="?")
+    check.add_argument("--config", metavar="FILE", help="the same as FILE")
 
     report = commands.add_parser(
         "status", help="queues, dead letters, circuits and recent traffic, from the store"
@@ -66,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
     )
     report.add_argument("--json", action="store_true", help="as JSON")
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the store consistently, while relay runs",
+        description="Copy the SQLite store to FILE (a new file) with SQLite's online backup:"
+        " safe beside a running relay, and holding every event it had acknowledged.",
+    )
+    backup.add_argument("destination", metavar="FILE", help="where the copy goes (must not exist)")
+    backup.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
+    )
 
     sendtest.add_parser(commands)
     qingstor_admin.add_parser(commands)
@@ -106,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
+def _dlq(args: argparse.Namespace, config: StoreView) -> int:
     if getattr(args, "quarantine", False):
         return _quarantine(args, config)
     if args.action == "show":
@@ -122,7 +153,7 @@ def _dlq(args: argparse.Namespace, config: RelayConfig) -> int:
     return asyncio.run(command(config, selection))
 
 
-def _quarantine(args: argparse.Namespace, config: RelayConfig) -> int:
+def _quarantine(args: argparse.Namespace, config: StoreView) -> int:
     def usage(problem: str) -> int:
         print(f"relay dlq {args.action} --quarantine: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -158,23 +189,84 @@ def _print_problems(problems: Sequence[str]) -> None:
         print(problem, file=sys.stderr)
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    file = _config_path(args.file or args.config)
+    name = "embedded default" if file is None else str(file)
+    try:
+        config = default_config() if file is None else load_config(file)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    for warning in exposure_warnings(config, config.server.host, config.server.port):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{name}: OK: {config.summary()}")
+    return EXIT_OK
+
+
+def _operate(args: argparse.Namespace) -> int:
+    """`status`, `dlq` and `backup`: the store alone, so a shell without the service's
+    other secrets can run them."""
+    try:
+        view = load_store_view(_config_path(args.config))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    try:
+        if args.command == "status":
+            return asyncio.run(status.show(view, as_json=args.json))
+        if args.command == "backup":
+            return _backup(view, Path(args.destination))
+        return _dlq(args, view)
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): main() ends quietly
+    except StoreUnavailable as exc:  # no store there, locked, or needing an upgrade
+        print(f"relay {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the store is unreadable...
+        print(f"relay {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _backup(view: StoreView, destination: Path) -> int:
+    try:
+        copy = asyncio.run(backup_store(view, destination))
+    except FileExistsError:
+        print(f"relay backup: {destination} exists; give a new file name", file=sys.stderr)
+        return EXIT_FAILURE
+    except FileNotFoundError:
+        print(f"relay backup: no folder {destination.parent}; create it first", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"copied {view.store.path} to {copy.path} ({copy.bytes} bytes in {copy.seconds:.2f} s):"
+        f" {copy.events} events, {copy.pending} pending, {copy.dead} dead,"
+        f" {copy.quarantined} quarantined; schema version {copy.schema_version}"
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `relay dlq show ID | head`: the reader has gone, and that is no error. Point
+        # stdout at /dev/null so the interpreter's final flush cannot raise it again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
 
     if args.command == "check-config":
-        try:
-            config = load_config(args.file)
-        except ConfigError as exc:
-            _print_problems(exc.problems)
-            return EXIT_USAGE
-        print(f"{args.file}: OK: {config.summary()}")
-        return EXIT_OK
-
+        return _check_config(args)
     # These talk to a URL or to QingStor's API; they need no relay config.
     if args.command == "send-test":
         return sendtest.run(args)
     if args.command == "qingstor":
         return qingstor_admin.run(args)
+    if args.command in ("dlq", "status", "backup"):
+        return _operate(args)
 
     # A worker's --config is its leader's snapshot (relay.snapshot), not a config file.
     snapshot = (
@@ -187,14 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
-    if args.command in ("dlq", "status"):
-        try:
-            if args.command == "status":
-                return asyncio.run(status.show(config, as_json=args.json))
-            return _dlq(args, config)
-        except Exception as exc:  # the store is missing, locked, unreadable...
-            print(f"relay {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
     flags = (
         ("host", args.host),
         ("port", args.port),
@@ -214,10 +298,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(config.log.level, config.log.format)
     try:
         run(config, _config_path(args.config), overrides, worker)
-    except Exception:
-        structlog.get_logger("relay").exception("relay.failed")
+    except Exception as exc:
+        _failed(exc, config.store.path)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _failed(exc: BaseException, store_path: Path) -> None:
+    """One line naming the cause and the fix; the traceback only at log level debug."""
+    message = explain_failure(exc, store_path)
+    log = structlog.get_logger("relay")
+    trace = exc if logs.enabled(logging.DEBUG) else None
+    if message is None:
+        message = f"unexpected {exc.__class__.__name__}: {exc}" + (
+            "" if trace else " (set log.level: debug to see where)"
+        )
+    log.error("relay.failed", message=message, error=exc.__class__.__name__, exc_info=trace)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,10 +12,11 @@ import base64
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TextIO, TypeVar
 
-from relay.config import RelayConfig
+from relay.config import StoreView
 from relay.logs import redact_text
 from relay.store import DeadLetter, Quarantined, Selection, SqliteStore
 from relay.tables import table
@@ -73,14 +74,14 @@ def _record(letter: DeadLetter) -> dict[str, object]:
     }
 
 
-async def _with_store(config: RelayConfig) -> SqliteStore:
+async def _with_store(config: StoreView) -> SqliteStore:
     store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
     await store.open(create=False)
     return store
 
 
 async def list_letters(
-    config: RelayConfig, selection: Selection, *, as_json: bool, out: TextIO = sys.stdout
+    config: StoreView, selection: Selection, *, as_json: bool, out: TextIO = sys.stdout
 ) -> int:
     letters = await _change(config, lambda store: store.dead_letters(selection))
     if as_json:
@@ -93,7 +94,7 @@ async def list_letters(
     return 0
 
 
-async def show(config: RelayConfig, event_id: str, out: TextIO = sys.stdout) -> int:
+async def show(config: StoreView, event_id: str, out: TextIO = sys.stdout) -> int:
     selection = Selection(event_ids=(event_id,))
     letters = await _change(config, lambda store: store.dead_letters(selection))
     if not letters:
@@ -105,16 +106,60 @@ async def show(config: RelayConfig, event_id: str, out: TextIO = sys.stdout) -> 
     return 0
 
 
-async def replay(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
-    count = await _change(config, lambda store: store.replay(selection))
-    print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
-    return 0
+async def replay(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
+    async def work(store: SqliteStore) -> tuple[int, list[str]]:
+        selection_, problems = await _existing(store, config, selection)
+        return (0 if selection_ is None else await store.replay(selection_)), problems
+
+    count, problems = await _change(config, work)
+    if count or not problems:
+        print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
+    return _report(problems)
 
 
-async def purge(config: RelayConfig, selection: Selection, out: TextIO = sys.stdout) -> int:
-    count = await _change(config, lambda store: store.purge(selection))
-    print(f"purged {count} dead letter(s)", file=out)
-    return 0
+async def purge(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
+    async def work(store: SqliteStore) -> tuple[int, list[str]]:
+        selection_, problems = await _existing(store, config, selection)
+        return (0 if selection_ is None else await store.purge(selection_)), problems
+
+    count, problems = await _change(config, work)
+    if count or not problems:
+        print(f"purged {count} dead letter(s)", file=out)
+    return _report(problems)
+
+
+async def _existing(
+    store: SqliteStore, config: StoreView, selection: Selection
+) -> tuple[Selection | None, list[str]]:
+    """`selection` narrowed to what exists, and a problem for each part that does not: a
+    mistyped sink or event id is said, never silently "0 replayed". Like `rm a b` with b
+    missing, the ids that exist are still acted on."""
+    problems: list[str] = []
+    if selection.sink is not None and selection.sink not in config.sinks:
+        known = sorted({*config.sinks, *await store.sink_stats()})
+        if selection.sink not in known:
+            shown = ", ".join(known) or "none"
+            return None, [f"unknown sink {selection.sink!r} (known: {shown})"]
+    if not selection.event_ids:
+        return selection, problems
+    found = {letter.event_id for letter in await store.dead_letters(selection)}
+    where = f" at sink {selection.sink}" if selection.sink else ""
+    problems += [
+        f"no dead letter for event {event_id}{where}"
+        for event_id in dict.fromkeys(selection.event_ids)
+        if event_id not in found
+    ]
+    if not found:
+        return None, problems
+    return replace(selection, event_ids=tuple(i for i in selection.event_ids if i in found)), (
+        problems
+    )
+
+
+def _report(problems: Sequence[str]) -> int:
+    for problem in problems:
+        print(f"relay dlq: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 # --- quarantine --------------------------------------------------------------------------
@@ -139,7 +184,7 @@ def _quarantine_record(entry: Quarantined, with_body: bool = False) -> dict[str,
     return record
 
 
-async def list_quarantine(config: RelayConfig, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+async def list_quarantine(config: StoreView, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     entries = await _change(config, lambda store: store.quarantined(with_bodies=False))
     if as_json:
         for entry in entries:
@@ -164,7 +209,7 @@ async def list_quarantine(config: RelayConfig, *, as_json: bool, out: TextIO = s
     return 0
 
 
-async def show_quarantined(config: RelayConfig, entry_id: int, out: TextIO = sys.stdout) -> int:
+async def show_quarantined(config: StoreView, entry_id: int, out: TextIO = sys.stdout) -> int:
     entries = await _change(config, lambda store: store.quarantined([entry_id]))
     if not entries:
         print(f"nothing in quarantine with id {entry_id}", file=sys.stderr)
@@ -175,7 +220,7 @@ async def show_quarantined(config: RelayConfig, entry_id: int, out: TextIO = sys
 
 
 async def purge_quarantine(
-    config: RelayConfig, entry_ids: Sequence[int] | None, out: TextIO = sys.stdout
+    config: StoreView, entry_ids: Sequence[int] | None, out: TextIO = sys.stdout
 ) -> int:
     """Delete these entries, or every one (`entry_ids` None)."""
     count = await _change(config, lambda store: store.purge_quarantine(entry_ids))
@@ -183,7 +228,7 @@ async def purge_quarantine(
     return 0
 
 
-async def _change(config: RelayConfig, change: Callable[[SqliteStore], Awaitable[T]]) -> T:
+async def _change(config: StoreView, change: Callable[[SqliteStore], Awaitable[T]]) -> T:
     store = await _with_store(config)
     try:
         return await change(store)

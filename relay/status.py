@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from relay.config import RelayConfig
+from relay.config import StoreView
 from relay.store import SinkStats, SqliteStore
 from relay.tables import table
 
@@ -27,7 +27,7 @@ def _age(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-async def gather(config: RelayConfig, now: float | None = None) -> dict[str, Any]:
+async def gather(config: StoreView, now: float | None = None) -> dict[str, Any]:
     at = time.time() if now is None else now
     store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
     await store.open(create=False)
@@ -81,7 +81,7 @@ def render(report: dict[str, Any]) -> str:
     )
 
 
-async def show(config: RelayConfig, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+async def show(config: StoreView, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     report = await gather(config)
     print(json.dumps(report, indent=2) if as_json else render(report), file=out)
     return 0
