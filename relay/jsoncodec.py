@@ -32,15 +32,43 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class LoneSurrogate(ValueError):
+    """A `\\udXXX` escape without its pair: valid JSON syntax, but no Unicode text, so
+    no envelope could carry it and no sink could be sent it."""
+
+
 def loads(body: bytes) -> Any:
     """Strict JSON (no NaN, no Infinity, no float that overflows), integers kept exact.
-    Raises ValueError (bad JSON or UTF-8) or RecursionError (nesting), as `json.loads`."""
+    Raises ValueError (bad JSON or UTF-8; LoneSurrogate) or RecursionError (nesting), as
+    `json.loads`."""
     if _LONG_NUMBER not in body.translate(_DIGITS):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass  # the standard library decides, and words the error
-    return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    # orjson refuses lone surrogates; the standard library takes them. Looked for only
+    # here, off the usual path, and in any string, key or value, wherever it sits.
+    if b"\\u" in body and _has_lone_surrogate(value):
+        raise LoneSurrogate("the body holds an unpaired UTF-16 surrogate escape")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def dumps(value: Any) -> str:

@@ -444,3 +444,25 @@ async def test_one_log_line_per_request_with_its_request_id(tmp_path, start_rela
     assert second["request_id"] != "req-1" and "accepted" not in second
     assert second["error"] == "invalid_token" and "error" not in first
     assert all("wrong" not in str(value) for e in logs for value in e.values())
+
+
+@pytest.mark.parametrize(
+    "escape",
+    ["\\ud800", "\\udfff", "x\\udc00y", "\\ude00\\ud83d"],  # alone, or in wrong order
+)
+async def test_a_lone_surrogate_escape_in_an_object_name_is_invalid_json(
+    tmp_path, start_relay, escape
+):
+    client = await start_relay(relay_config(tmp_path))
+    record = json.dumps(sample()["events"][0]).replace("abc/5.mp4", f"abc/{escape}.mp4")
+    body = '{"events": [' + record + "]}"
+    response = await client.post(HOOK, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    answer = await response.json()
+    assert answer["error"] == "invalid_json"
+    assert "surrogate" in answer["message"]
+    assert await client.app[STORE].counts() == {"events": 0}
+    # A proper pair is an ordinary character, kept exactly.
+    paired = record.replace(f"abc/{escape}.mp4", "abc/\\ud83d\\ude00.mp4")
+    ok = await client.post(HOOK, data='{"events": [' + paired + "]}")
+    assert (await ok.json()) == {"accepted": 1, "duplicates": 0}
