@@ -20,7 +20,7 @@ from tests.processes import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-RELAY_YAML = DEPLOY / "relay.yaml"
+RELAY_YAML = DEPLOY / "config" / "relay.yaml"
 COMPOSE = DEPLOY / "docker-compose.yaml"
 KUBERNETES = DEPLOY / "kubernetes" / "relay-sidecar.yaml"
 
@@ -174,10 +174,12 @@ def test_relay_probes_use_the_right_paths_and_port():
 
 def test_compose_mounts_the_config_and_outlasts_the_drain():
     relay = documents(COMPOSE)[0]["services"]["relay"]
-    assert "./relay.yaml:/etc/relay/relay.yaml:ro" in relay["volumes"]
+    # The folder, so that an edit saved by rename reaches the container (watch_config).
+    assert "./config:/etc/relay:ro" in relay["volumes"]
+    assert sorted(p.name for p in (DEPLOY / "config").iterdir()) == ["relay.yaml"]
     assert any(v.startswith("relay-data:/data") for v in relay["volumes"])
     assert parse_duration(relay["stop_grace_period"]) > config().server.drain_timeout
     assert relay["read_only"] is True
-    assert "/tmp" in relay["tmpfs"]
+    assert "tmpfs" not in relay  # relay writes nothing outside /data
     for name in ENV:
         assert relay["environment"][name].startswith(f"${{{name}:?")
