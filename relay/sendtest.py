@@ -42,7 +42,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 Kind = Literal["notifier", "tupu-porn"]
 KINDS: tuple[Kind, ...] = ("notifier", "tupu-porn")
 
-# QingStor's sender behaviour (see DESIGN.md): the defaults must stay these values.
+# QingStor's sender behaviour (docs/sources.md): the defaults must stay these values.
 TIMEOUT = 5.0  # seconds per attempt, connect to last byte of the answer
 NOTIFIER_INTERVAL = 1.0  # seconds between a timed-out attempt and its retry
 NOTIFIER_ATTEMPTS = 5  # QingStor documents no bound; ours: the first try and 4 retries
