@@ -79,34 +79,32 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE", nargs="?")
     check.add_argument("--config", metavar="FILE", help="the same as FILE")
 
-    report = commands.add_parser(
-        "status", help="queues, dead letters, circuits and recent traffic, from the store"
-    )
-    report.add_argument(
+    # The operator's commands read the config for its store alone.
+    config_flag = argparse.ArgumentParser(add_help=False)
+    config_flag.add_argument(
         "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
+    )
+    report = commands.add_parser(
+        "status",
+        parents=[config_flag],
+        help="queues, dead letters, circuits and recent traffic, from the store",
     )
     report.add_argument("--json", action="store_true", help="as JSON")
 
     backup = commands.add_parser(
         "backup",
+        parents=[config_flag],
         help="copy the store consistently, while relay runs",
         description="Copy the SQLite store to FILE (a new file) with SQLite's online backup:"
         " safe beside a running relay, and holding every event it had acknowledged.",
     )
     backup.add_argument("destination", metavar="FILE", help="where the copy goes (must not exist)")
-    backup.add_argument(
-        "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
-    )
 
     sendtest.add_parser(commands)
     qingstor_admin.add_parser(commands)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    config_flag = argparse.ArgumentParser(add_help=False)
-    config_flag.add_argument(
-        "--config", metavar="FILE", help="YAML config (default: $RELAY_CONFIG, else default)"
-    )
     quarantine_flag = argparse.ArgumentParser(add_help=False)
     quarantine_flag.add_argument(
         "--quarantine",

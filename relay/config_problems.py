@@ -40,6 +40,23 @@ def _quote_hint(value: Any) -> str:
     return ""
 
 
+_MAPPING = "a mapping (indented `key: value` lines)"
+# What a value of the wrong type should have been, by pydantic's error type.
+_EXPECTED = {
+    "model_type": _MAPPING,
+    "model_attributes_type": _MAPPING,
+    "dict_type": _MAPPING,
+    "list_type": "a list (`[a, b]` or `- item` lines)",
+    "string_type": "text",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+
 def describe(error: Mapping[str, Any], root: type[BaseModel]) -> str:
     """One line, `path: what is wrong`, for one pydantic error."""
     loc = [str(part) for part in error["loc"]]
@@ -49,20 +66,11 @@ def describe(error: Mapping[str, Any], root: type[BaseModel]) -> str:
         return f"{path}: unknown key{_suggestion(root, error['loc'])}"
     if kind == "missing":
         return f"{path}: required"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{path}: expected a mapping (indented `key: value` lines), got {_kind_of(given)}"
-    if kind == "list_type":
-        return f"{path}: expected a list (`[a, b]` or `- item` lines), got {_kind_of(given)}"
-    if kind == "string_type":
-        return f"{path}: expected text, got {_kind_of(given)}{_quote_hint(given)}"
     if kind == "int_from_float":
         return f"{path}: expected a whole number, got a fraction"
-    if kind in ("int_type", "int_parsing"):
-        return f"{path}: expected a whole number, got {_kind_of(given)}"
-    if kind in ("float_type", "float_parsing"):
-        return f"{path}: expected a number, got {_kind_of(given)}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"{path}: expected true or false, got {_kind_of(given)}"
+    if kind in _EXPECTED:
+        hint = _quote_hint(given) if kind == "string_type" else ""
+        return f"{path}: expected {_EXPECTED[kind]}, got {_kind_of(given)}{hint}"
     bound = {
         "greater_than_equal": ("at least", "ge"),
         "greater_than": ("more than", "gt"),

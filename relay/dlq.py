@@ -107,25 +107,31 @@ async def show(config: StoreView, event_id: str, out: TextIO = sys.stdout) -> in
 
 
 async def replay(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
-    async def work(store: SqliteStore) -> tuple[int, list[str]]:
-        selection_, problems = await _existing(store, config, selection)
-        return (0 if selection_ is None else await store.replay(selection_)), problems
-
-    count, problems = await _change(config, work)
+    count, problems = await _act(config, selection, SqliteStore.replay)
     if count or not problems:
         print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
     return _report(problems)
 
 
 async def purge(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
-    async def work(store: SqliteStore) -> tuple[int, list[str]]:
-        selection_, problems = await _existing(store, config, selection)
-        return (0 if selection_ is None else await store.purge(selection_)), problems
-
-    count, problems = await _change(config, work)
+    count, problems = await _act(config, selection, SqliteStore.purge)
     if count or not problems:
         print(f"purged {count} dead letter(s)", file=out)
     return _report(problems)
+
+
+async def _act(
+    config: StoreView,
+    selection: Selection,
+    action: Callable[[SqliteStore, Selection], Awaitable[int]],
+) -> tuple[int, list[str]]:
+    """`action` on what of `selection` exists; how many it changed, and what was not found."""
+
+    async def work(store: SqliteStore) -> tuple[int, list[str]]:
+        existing, problems = await _existing(store, config, selection)
+        return (0 if existing is None else await action(store, existing)), problems
+
+    return await _change(config, work)
 
 
 async def _existing(
