@@ -68,6 +68,16 @@ class UndecodableBody(InvalidBody):
     closes_connection = True
 
 
+class SenderGone(IngestError):
+    """The sender closed the connection before its body was all there: nobody is left
+    to answer, and nothing was stored. Its own code, so it is counted apart from the
+    senders that wait for their 400."""
+
+    status = 400
+    code = "incomplete_body"
+    closes_connection = True
+
+
 class RequestTimeout(IngestError):
     status = 408
     code = "request_timeout"

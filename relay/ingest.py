@@ -23,6 +23,7 @@ from relay.errors import (
     InvalidBody,
     Overloaded,
     RequestTimeout,
+    SenderGone,
     TooManyRecords,
     UndecodableBody,
     UnknownSource,
@@ -83,8 +84,8 @@ class Ingest:
                 and request.content_length > self.limits.max_body_bytes
             ):
                 raise BodyTooLarge(
-                    f"body is {request.content_length} bytes;"
-                    f" the limit is {self.limits.max_body_bytes}"
+                    f"body is {request.content_length} bytes; the limit is"
+                    f" {self.limits.max_body_bytes} (server.max_body_bytes)"
                 )
         except IngestError as exc:
             return exc
@@ -220,7 +221,9 @@ class Ingest:
 async def read_limited(request: web.Request, limit: int) -> bytes:
     """Read at most `limit` bytes; refuse early on Content-Length, else once past it."""
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
+        raise BodyTooLarge(
+            f"body is {request.content_length} bytes; the limit is {limit} (server.max_body_bytes)"
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -233,11 +236,15 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
             raise UndecodableBody(
                 "the body could not be decoded as its Content-Encoding says"
             ) from None
+        except ConnectionResetError:
+            # A sender that gave up half-way (it timed out, or its process died): an
+            # everyday event on the internet, not a bug of relay's.
+            raise SenderGone(f"the connection closed after {size} bytes of the body") from None
         if not chunk:
             break
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes (server.max_body_bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
 
