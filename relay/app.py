@@ -29,7 +29,7 @@ from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, ListenError, StoreUnavailable
-from relay.exposure import exposure_warnings, is_loopback, listen_url, trial_note
+from relay.exposure import exposure_warnings, listen_url, reachable_from_elsewhere, trial_note
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
@@ -137,7 +137,8 @@ async def hook_expect(request: web.Request) -> web.StreamResponse | None:
     this before the middleware, so a refusal goes through it here: the same JSON error,
     request id, log line and count as any other answer."""
     ingest = request.app[RUNTIME].ingest
-    if ingest.refusal(request) is None:
+    refusal = ingest.refusal(request)
+    if refusal is None:
         structlog.contextvars.clear_contextvars()
         expect = request.headers.get("Expect", "")
         if request.version < (1, 1) or expect.lower() != "100-continue":
@@ -147,10 +148,9 @@ async def hook_expect(request: web.Request) -> web.StreamResponse | None:
         return None
 
     async def refuse(request: web.Request) -> web.StreamResponse:
-        refusal = ingest.refusal(request)  # again: the middleware's context is fresh
-        if refusal is None:  # a reload in between let it through after all
-            return await hook(request)
-        raise refusal
+        # Judged again only to bind the source to the middleware's fresh log context;
+        # nothing awaited in between, so the verdict stands.
+        raise ingest.refusal(request) or refusal
 
     response = await request_context(request, refuse)
     # The body was not read and may still come: this connection cannot carry another.
@@ -364,6 +364,7 @@ async def serve(
             with _listening(config.server.host, config.server.port):
                 reserved = reserve_port(config.server.host, config.server.port)
             host, port = reserved.getsockname()[:2]
+            addresses = [host]
             supervisor = Supervisor(
                 workers,
                 worker_argv(snapshot, config.server.host, port, metrics_dir),
@@ -389,6 +390,8 @@ async def serve(
             with _listening(config.server.host, config.server.port):
                 await site.start()
             host, port = runner.addresses[0][:2]
+            # A name may resolve to several addresses, each bound.
+            addresses = [str(address[0]) for address in runner.addresses]
             if link is not None:
                 await link.listening()
         # Only now: a reload before the sinks have started would race their start.
@@ -399,7 +402,7 @@ async def serve(
             runtime.request_reload("snapshot")
         _tune_gc()
         if worker is None:
-            _announce(config, host, port, workers, embedded=config_path is None)
+            _announce(config, addresses, port, workers, embedded=config_path is None)
         else:
             log.info(
                 "worker.listening", host=host, port=port, workers=workers, config=config.summary()
@@ -407,21 +410,39 @@ async def serve(
         await stop.wait()
         log.info("relay.stopping", signal=received[0] if received else None)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        if supervisor is not None:
-            # The workers drain first: what they still hold needs this store. The sinks
-            # start draining meanwhile.
-            runtime.begin_drain()
-            await supervisor.stop(config.server.drain_timeout + 5.0)
-        await runner.cleanup()
-        if link is not None:
-            await link.close()
-        if reserved is not None:
-            reserved.close()
-        if leads and metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        loop.remove_signal_handler(signal.SIGHUP)
+        bound = config.server.drain_timeout
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # A second Ctrl-C while draining is answered, not obeyed: the drain is
+            # bounded already, and cutting it short is what SIGKILL is for.
+            loop.add_signal_handler(sig, _already_stopping, sig, bound)
+        try:
+            if supervisor is not None:
+                # The workers drain first: what they still hold needs this store. The
+                # sinks start draining meanwhile.
+                runtime.begin_drain()
+                await supervisor.stop(bound + 5.0)
+            await runner.cleanup()
+            if link is not None:
+                await link.close()
+            if reserved is not None:
+                reserved.close()
+            if leads and metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     log.info("relay.stopped")
+
+
+def _already_stopping(sig: signal.Signals, bound: float) -> None:
+    log.warning(
+        "relay.already_stopping",
+        signal=sig.name,
+        message=f"already stopping: in-flight work drains within {bound:g} s"
+        " (server.drain_timeout); SIGKILL stops at once, and what it cuts off is sent again"
+        " after the next start",
+    )
 
 
 @contextmanager
@@ -436,15 +457,23 @@ def _listening(host: str, port: int) -> Iterator[None]:
         raise ListenError(host, port, exc.errno, detail) from exc
 
 
-def _announce(config: RelayConfig, host: str, port: int, workers: int, embedded: bool) -> None:
+def _announce(
+    config: RelayConfig,
+    addresses: list[str],
+    port: int,
+    workers: int,
+    embedded: bool,
+) -> None:
     """The start-up line: where relay listens, and who can post to it."""
+    host = addresses[0]
     url = listen_url(host, port)
+    exposed = reachable_from_elsewhere(config, addresses)
     parts = [f"listening on {url}"]
-    if is_loopback(host):
+    if not exposed:
         parts.append("loopback only: set server.host: 0.0.0.0 to take events from elsewhere")
     if embedded:
         parts.append("running the embedded default config (no --config, no RELAY_CONFIG)")
-    note = trial_note(config, host)
+    note = trial_note(config, exposed)
     if note:
         parts.append(note)
     log.info(
@@ -456,7 +485,10 @@ def _announce(config: RelayConfig, host: str, port: int, workers: int, embedded:
         workers=workers,
         config=config.summary(),
     )
-    for warning in exposure_warnings(config, host, port):
+    where = ", ".join(listen_url(a, port) for a in addresses)
+    if config.server.trusted_proxies:
+        where += " behind the proxies of server.trusted_proxies"
+    for warning in exposure_warnings(config, where, exposed):
         log.warning("relay.open_source", message=warning)
 
 

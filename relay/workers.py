@@ -337,6 +337,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
     real one to hand them, and no other program takes it in between. A socket that does
     not listen is never given connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        # SO_REUSEPORT would let this relay share a port another relay's workers hold
+        # (splitting the events between two stores) without a word: a bind without it
+        # fails on any socket already there, as a single process's does.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

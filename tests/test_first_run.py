@@ -119,6 +119,13 @@ def test_which_sources_check_config_names(tmp_path):
         (config_with(host="localhost"), False),
         (config_with(host="::"), True),
         (config_with(host=""), True),
+        (config_with(host="[::1]"), False),
+        (config_with(host="::ffff:127.0.0.1"), False),
+        (config_with(host="0.0.0.0", allow_ips=["0.0.0.0/1", "128.0.0.0/1"]), True),
+        (config_with(host="::", allow_ips=["::ffff:0:0/96"]), True),  # every IPv4 sender
+        (config_with(host="::", allow_ips=["::ffff:10.0.0.0/104"]), False),
+        # A proxy of the operator's in front: the loopback listener faces the world.
+        (config_with(host="127.0.0.1") | {"server": {"trusted_proxies": ["127.0.0.1/32"]}}, True),
     ]
     for i, (config, named) in enumerate(cases):
         path = write(tmp_path / f"c{i}.yaml", config)
@@ -225,3 +232,45 @@ async def test_the_open_source_warning_is_not_repeated_by_workers(tmp_path, proc
     await eventually(lambda: [e for e in relay.logs() if e.get("event") == "worker.listening"])
     warnings = [e for e in relay.logs() if e.get("event") == "relay.open_source"]
     assert len(warnings) == 1
+
+
+async def test_a_second_relay_with_workers_cannot_share_the_port(tmp_path, processes):
+    # SO_REUSEPORT lets workers share their port; it must not let another relay in.
+    port = free_port()
+    first = write(tmp_path / "a.yaml", config_with(token=TOKEN) | {"server": {"workers": 1}})
+    relay = processes(tmp_path, None)
+    relay.args = serve_args("--port", str(port), "--config", str(first))
+    await relay.start()
+    other = tmp_path / "other"
+    other.mkdir()
+    second = write(other / "b.yaml", config_with(token=TOKEN) | {"server": {"workers": 1}})
+    result = await asyncio.to_thread(run_cli, "serve", "--config", str(second), "--port", str(port))
+    assert result.returncode == 1
+    [failed] = failure_lines(result.stdout)
+    assert "already in use" in failed["message"]
+
+
+async def test_a_second_ctrl_c_while_draining_is_answered_not_a_traceback(
+    tmp_path, processes, receiver
+):
+    import signal
+
+    receiver.hang = True  # the send stays in flight: shutdown has something to drain
+    config = config_with(token=TOKEN) | {
+        "server": {"drain_timeout": "2s"},
+        "sinks": {"app": {"kind": "http", "url": receiver.url, "timeout": "30s"}},
+    }
+    path = write(tmp_path / "relay.yaml", config)
+    relay = processes(tmp_path, None)
+    relay.args = serve_args("--port", "0", "--config", str(path))
+    await relay.start()
+    body = yaml.safe_load((FIXTURES / "notifier-create_object.json").read_text())
+    assert (await post(relay.url(f"/hooks/qingstor?token={TOKEN}"), body))[0] == 200
+    await eventually(lambda: receiver.requests)
+    relay.kill(signal.SIGINT)
+    await eventually(lambda: [e for e in relay.logs() if e.get("event") == "relay.stopping"])
+    relay.kill(signal.SIGINT)
+    assert await asyncio.to_thread(relay.wait, 20) == 0
+    events = [e.get("event") for e in relay.logs()]
+    assert "relay.already_stopping" in events and events[-1] == "relay.stopped"
+    assert "Traceback" not in relay.log_path.read_text()
