@@ -18,7 +18,7 @@ from relay.app import run
 from relay.backup import backup_store
 from relay.config import RelayConfig, StoreView, default_config, load_config, load_store_view
 from relay.errors import ConfigError, StoreUnavailable
-from relay.exposure import exposure_warnings
+from relay.exposure import exposure_of, exposure_warnings
 from relay.failures import explain_failure
 from relay.logs import configure
 from relay.snapshot import ConfigSnapshot
@@ -188,6 +188,9 @@ def _print_problems(problems: Sequence[str]) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if args.file and args.config and args.file != args.config:
+        print("relay check-config: give FILE or --config FILE, not both", file=sys.stderr)
+        return EXIT_USAGE
     file = _config_path(args.file or args.config)
     name = "embedded default" if file is None else str(file)
     try:
@@ -195,7 +198,8 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
-    for warning in exposure_warnings(config, config.server.host, config.server.port):
+    where, exposed = exposure_of(config, config.server.host, config.server.port)
+    for warning in exposure_warnings(config, where, exposed):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{name}: OK: {config.summary()}")
     return EXIT_OK

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from relay import config_problems
 from relay.errors import ConfigError
@@ -51,7 +52,8 @@ def parse_duration(value: object) -> float:
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError(f"expected a duration like 500ms, 5s, 10m or 24h, got {value!r}")
+    # The value is not quoted back: a secret misplaced here must not be printed.
+    raise ValueError("expected a duration like 500ms, 5s, 10m or 24h")
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -111,6 +113,13 @@ class ServerConfig(_Model):
     # stores what they receive and runs the sinks. 0: one process does everything.
     workers: int = Field(0, ge=0, le=64)
 
+    @field_validator("host")
+    @classmethod
+    def _unbracketed(cls, value: str) -> str:
+        # `[::1]` is how a URL writes an IPv6 address; a socket wants it bare.
+        value = value.strip()
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
 
 class StoreConfig(_Model):
     backend: Literal["sqlite"] = "sqlite"
@@ -167,7 +176,7 @@ def parse_rate(value: object) -> float:
         match = _RATE.match(value)
         if match and float(match.group(1)) > 0:
             return float(match.group(1)) / _UNIT_SECONDS[match.group(2)]
-    raise ValueError(f"expected a rate like 10/s, 600/m or 1000/h, got {value!r}")
+    raise ValueError("expected a rate like 10/s, 600/m or 1000/h")
 
 
 Rate = Annotated[float, BeforeValidator(parse_rate)]
@@ -279,6 +288,15 @@ class FileSinkConfig(_SinkBase):
 def _check_http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError("url must start with http:// or https://")
+    try:
+        # What the sink's client will make of it, checked now rather than at start.
+        parsed = URL(value)
+        valid = bool(parsed.host) and parsed.port is not None
+    except (ValueError, UnicodeError):
+        valid = False
+    if not valid:
+        # Not quoted back: the URL is a secret (robot and webhook URLs carry tokens).
+        raise ValueError("url is not a valid http(s) URL (check its host and port)")
     return value
 
 
@@ -399,7 +417,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "routes": [{"to": ["archive"]}],
 }
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}"
+    # Spellings that look like a variable and would silently stay text: `$NAME` as the
+    # shell writes it, and a `${` that is not a whole ${NAME} or ${NAME:-default}.
+    r"|\$([A-Za-z_][A-Za-z0-9_]*)|\$\{"
+)
 
 
 def interpolate(
@@ -421,6 +444,19 @@ def interpolate(
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group(3) is not None:
+            bare = match.group(3)
+            problems.append(
+                f"{path}: ${bare} is not expanded: write ${{{bare}}} for the variable"
+                f" (or $${bare} for a literal $)"
+            )
+            return match.group(0)
+        if match.group(1) is None:
+            problems.append(
+                f"{path}: a ${{ without its closing }} or with an invalid name: write"
+                " ${VAR} or ${VAR:-default} (or $$ for a literal $)"
+            )
+            return match.group(0)
         name, default = match.group(1), match.group(2)
         # As in the shell: `:-` takes the default when the variable is unset or empty.
         if env.get(name):
@@ -503,7 +539,7 @@ def _check_references(data: dict[str, Any]) -> list[str]:
 
 
 def _defined(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
     if close:
         return f" (did you mean {close[0]!r}?)"
     return f" (defined: {', '.join(names) or 'none'})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import types
 from collections.abc import Mapping, Sequence
+from datetime import date
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ from pydantic import BaseModel
 def _kind_of(value: Any) -> str:
     if value is None:
         return "nothing (an empty value)"
+    if isinstance(value, date):
+        return "a date"
     if isinstance(value, bool):
         return "true/false"
     if isinstance(value, int | float):
@@ -31,6 +34,8 @@ def _kind_of(value: Any) -> str:
 
 
 def _quote_hint(value: Any) -> str:
+    if isinstance(value, date):
+        return ': YAML read the value as a date; put it in quotes (key: "...") to keep it as text'
     if isinstance(value, bool | int | float):
         # YAML reads `token: 0123` as the number 83, `on` as true: quoting keeps the text.
         return (
@@ -98,7 +103,7 @@ def _suggestion(root: type[BaseModel], loc: Sequence[Any]) -> str:
     keys = keys_at(root, loc[:-1])
     if not keys:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.75)
     if close:
         return f" (did you mean {close[0]!r}?)"
     # A short list helps; the twenty keys of `server` would bury the line.

@@ -98,7 +98,7 @@ async def show(config: StoreView, event_id: str, out: TextIO = sys.stdout) -> in
     selection = Selection(event_ids=(event_id,))
     letters = await _change(config, lambda store: store.dead_letters(selection))
     if not letters:
-        print(f"no dead letter for event {event_id}", file=sys.stderr)
+        print(f"relay dlq: no dead letter for event {event_id}", file=sys.stderr)
         return 1
     for letter in letters:
         detail = {**_record(letter), "envelope": json.loads(letter.envelope)}

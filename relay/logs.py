@@ -17,7 +17,7 @@ _SECRET_KEYS = re.compile(r"token|secret|password|authorization|signature|api[_-
 _URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
 # The same outside a full URL, e.g. a raw request line quoted by the HTTP parser.
 _QUERY_SECRET = re.compile(
-    r"(?i)([?&](?:token|access_token|key|sign|sig|signature|secret|password)=)[^&\s\"'\\]*"
+    r"(?i)([?&](?:token|access_token|key|sign|sig|signature|secret|password)=)[^&\s\"'\\]+"
 )
 # As a header line, and as a mapping prints it (`"Authorization": "Bearer ..."`).
 _HEADER_SECRET = re.compile(

@@ -256,3 +256,40 @@ async def test_output_piped_into_head_ends_quietly(tmp_path, processes, receiver
     ]
     assert "status=0" in piped.stdout
     assert piped.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+
+
+def test_shell_habits_that_would_keep_a_variable_as_text_are_errors(tmp_path):
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "sources:\n"
+        "  qingstor: {kind: qingstor, token: $RELAY_QINGSTOR_TOKEN}\n"
+        "  other: {kind: qingstor, token: '${RELAY_OTHER_TOKEN'}\n"
+        "  dated: {kind: qingstor, token: 2026-12-01}\n"
+        "sinks:\n"
+        "  archive: {kind: file, path: 'cost$$5.jsonl'}\n"
+        "  app: {kind: http, url: 'https://u:p@example.com:99999/x'}\n"
+    )
+    result = check(path, env={"RELAY_QINGSTOR_TOKEN": "real-token-value"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "sources.qingstor.token: $RELAY_QINGSTOR_TOKEN is not expanded: write"
+        " ${RELAY_QINGSTOR_TOKEN} for the variable (or $$RELAY_QINGSTOR_TOKEN for a literal $)",
+        "sources.other.token: a ${ without its closing } or with an invalid name: write"
+        " ${VAR} or ${VAR:-default} (or $$ for a literal $)",
+        "sources.dated.token: expected text, got a date: YAML read the value as a date;"
+        ' put it in quotes (key: "...") to keep it as text',
+        "sinks.app.url: url is not a valid http(s) URL (check its host and port)",
+    ]
+    assert "real-token-value" not in result.stderr and "u:p@" not in result.stderr
+
+
+def test_file_and_a_different_config_flag_are_a_usage_error(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for path in (a, b):
+        path.write_text(
+            "sources: {q: {kind: qingstor, token: t}}\nsinks: {a: {kind: file, path: a}}\n"
+        )
+    result = run_cli("check-config", str(a), "--config", str(b))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "relay check-config: give FILE or --config FILE, not both"
+    assert run_cli("check-config", str(a), "--config", str(a)).returncode == 0
