@@ -68,14 +68,12 @@ def backup_file(source: Path, destination: Path) -> BackupResult:
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(folder))
     # Written under another name and linked into place when complete: a backup cut short
     # (a full disk, a kill) never looks like a finished one.
-    partial = folder / f".{destination.name}.partial-{os.getpid()}"
+    partial = folder / f".{destination.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         contents = _copy(source, partial)
         _fsync(partial)
-        # link() refuses an existing name where rename() would replace it: a file that
-        # appeared at `destination` meanwhile is kept, and this fails instead.
-        os.link(partial, destination)
+        _publish(partial, destination)
         _fsync(folder)
     finally:
         partial.unlink(missing_ok=True)
@@ -90,6 +88,23 @@ def backup_file(source: Path, destination: Path) -> BackupResult:
         quarantined=contents.quarantined,
         seconds=time.monotonic() - started,
     )
+
+
+# What filesystems without hard links (vfat, SMB shares, bucket mounts) answer link().
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _publish(partial: Path, destination: Path) -> None:
+    """Give the finished copy its name, never over a file that appeared there meanwhile:
+    link() refuses an existing name where rename() would replace it. Where the
+    filesystem has no links, the name is claimed empty first (O_EXCL), then replaced."""
+    try:
+        os.link(partial, destination)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        os.close(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(partial, destination)
 
 
 class _Contents(NamedTuple):

@@ -34,8 +34,9 @@ T = TypeVar("T")
 
 log = structlog.get_logger("relay.store")
 
-# What a new store gets, at SCHEMA_VERSION. Change it together with MIGRATIONS (below).
-SCHEMA = """
+# Schema version 1, as relay 0.1.0 created it (unstamped) and 0.2.0 stamps it. Frozen:
+# the 0 -> 1 migration completes a store with it.
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS events (
     id          TEXT PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -91,6 +92,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+# What a new store gets, at SCHEMA_VERSION: version 1's until a migration changes it,
+# then its own text (tests/test_store_upgrade.py checks a migrated store matches it).
+SCHEMA = _SCHEMA_1
+
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
 
@@ -137,12 +142,16 @@ _SCHEMA_0_1_0 = {
 
 
 def _adopt_0_1_0(db: sqlite3.Connection) -> None:
-    """0 -> 1: relay 0.1.0 wrote schema 1 without stamping it. Its tables are checked
-    rather than assumed, so a database that is not relay's is refused, not stamped."""
+    """0 -> 1: relay 0.1.0 wrote schema 1 without stamping it. A database without its
+    first table is not relay's and is refused, not stamped. 0.1.0 created its tables
+    one statement at a time, so a crash could leave the later ones missing: they are
+    made here (its statements were all IF NOT EXISTS), then every column is checked."""
+    if not db.execute("PRAGMA table_info(events)").fetchall():
+        raise StoreUnavailable("it has no table events: not a relay store?")
+    for statement in _statements(_SCHEMA_1):
+        db.execute(statement)
     for table, columns in _SCHEMA_0_1_0.items():
         found = {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
-        if not found:
-            raise StoreUnavailable(f"it has no table {table}: not a relay store?")
         if missing := [c for c in columns if c not in found]:
             raise StoreUnavailable(f"table {table} lacks column(s) {', '.join(missing)}")
 
@@ -364,7 +373,10 @@ class SqliteStore:
         if not create and not self.path.exists():
             # An operator's command on a mistyped path must not answer from a new,
             # empty store as if all were well.
-            raise StoreUnavailable(f"no store at {self.path}")
+            raise StoreUnavailable(
+                f"no store at {self.path} (is --config, or RELAY_CONFIG, the service's"
+                " config file?)"
+            )
         migrated_from = await self._run(lambda: self._open(exclusive))
         if migrated_from is not None:
             log.info(
