@@ -274,3 +274,12 @@ async def test_a_second_ctrl_c_while_draining_is_answered_not_a_traceback(
     events = [e.get("event") for e in relay.logs()]
     assert "relay.already_stopping" in events and events[-1] == "relay.stopped"
     assert "Traceback" not in relay.log_path.read_text()
+
+
+def test_usage_errors_are_one_line_naming_the_argument():
+    result = run_cli("serve", "--port", "99999")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay serve: error: argument --port: must be between 0 and 65535, not 99999"
+        " (see `relay serve --help`)"
+    ]
