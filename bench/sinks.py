@@ -25,7 +25,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.store import NewEvent, SqliteStore  # noqa: E402
+from relay.store import NewEvent  # noqa: E402
+from relay.store.sqlite import SqliteStore  # noqa: E402
 
 ENVELOPE = (
     '{{"id":"{id}","source":"qingstor","type":"create_object","time":"2021-08-31T06:25:46Z",'

@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay.models import event_id
-from relay.store import NewEvent, SqliteStore
+from relay.store import NewEvent
+from relay.store.sqlite import SqliteStore
 
 # Ids as relay makes them (hashes): random keys cost SQLite more than sequential ones,
 # since each lands on another index page.

@@ -33,13 +33,13 @@ from relay.exposure import exposure_warnings, listen_url, reachable_from_elsewhe
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
-from relay.store import SqliteStore
+from relay.store import Store
 from relay.workers import LeaderLink, Supervisor, WorkerRole, reserve_port, worker_argv
 
 log = structlog.get_logger("relay.app")
 
 RUNTIME = web.AppKey("runtime", Runtime)
-STORE = web.AppKey("store", SqliteStore)
+STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 HOUSEKEEPER = web.AppKey("housekeeper", asyncio.Task[None])
 WATCHER = web.AppKey("watcher", asyncio.Task[None])
@@ -179,19 +179,9 @@ async def readyz(request: web.Request) -> web.Response:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
     if problems := runtime.backlog.problems(counts):
         return error_response(503, "not_ready", "; ".join(problems))
-    free = await asyncio.to_thread(_free_bytes, runtime.store.path)
-    if free is not None and free < runtime.config.store.min_free_bytes:
-        return error_response(
-            503, "not_ready", f"the store's disk is nearly full ({free} bytes free)"
-        )
+    if problem := await runtime.store.health(runtime.config.store.min_free_bytes):
+        return error_response(503, "not_ready", problem)
     return web.json_response({"status": "ready"})
-
-
-def _free_bytes(path: Path) -> int | None:
-    try:
-        return shutil.disk_usage(path.parent).free
-    except OSError:
-        return None
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -16,7 +16,6 @@ import structlog
 
 from relay import __version__, dlq, logs, qingstor_admin, sendtest, status
 from relay.app import run
-from relay.backup import backup_store
 from relay.config import RelayConfig, StoreView, default_config, load_config, load_store_view
 from relay.errors import ConfigError, StoreUnavailable
 from relay.exposure import exposure_of, exposure_warnings
@@ -24,6 +23,7 @@ from relay.failures import explain_failure
 from relay.logs import configure
 from relay.snapshot import ConfigSnapshot
 from relay.store import Selection
+from relay.store.backup import backup_store
 from relay.workers import WorkerRole
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

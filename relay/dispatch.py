@@ -24,7 +24,7 @@ from relay.metrics import Metrics
 from relay.models import Delivery
 from relay.sinks import Outcome, Sink
 from relay.sinks.base import backoff_ceiling
-from relay.store import Settlement, SqliteStore
+from relay.store import Deliveries, Settlement
 
 log = structlog.get_logger("relay.dispatch")
 
@@ -82,7 +82,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Deliveries,
         metrics: Metrics | None = None,
         *,
         idle_poll: float = 1.0,

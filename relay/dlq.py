@@ -18,7 +18,7 @@ from typing import TextIO, TypeVar
 
 from relay.config import StoreView
 from relay.logs import redact_text
-from relay.store import DeadLetter, Quarantined, Selection, SqliteStore
+from relay.store import DeadLetter, Quarantined, Selection, Store, open_store
 from relay.tables import table
 
 T = TypeVar("T")
@@ -74,8 +74,8 @@ def _record(letter: DeadLetter) -> dict[str, object]:
     }
 
 
-async def _with_store(config: StoreView) -> SqliteStore:
-    store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
+async def _with_store(config: StoreView) -> Store:
+    store = open_store(config.store, dedupe_window=config.dedupe.window)
     await store.open(create=False)
     return store
 
@@ -107,27 +107,35 @@ async def show(config: StoreView, event_id: str, out: TextIO = sys.stdout) -> in
 
 
 async def replay(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
-    count, problems = await _act(config, selection, SqliteStore.replay)
+    count, problems = await _act(config, selection, _replay)
     if count or not problems:
         print(f"replayed {count} dead letter(s); a running relay delivers them shortly", file=out)
     return _report(problems)
 
 
 async def purge(config: StoreView, selection: Selection, out: TextIO = sys.stdout) -> int:
-    count, problems = await _act(config, selection, SqliteStore.purge)
+    count, problems = await _act(config, selection, _purge)
     if count or not problems:
         print(f"purged {count} dead letter(s)", file=out)
     return _report(problems)
 
 
+def _replay(store: Store, selection: Selection) -> Awaitable[int]:
+    return store.replay(selection)
+
+
+def _purge(store: Store, selection: Selection) -> Awaitable[int]:
+    return store.purge(selection)
+
+
 async def _act(
     config: StoreView,
     selection: Selection,
-    action: Callable[[SqliteStore, Selection], Awaitable[int]],
+    action: Callable[[Store, Selection], Awaitable[int]],
 ) -> tuple[int, list[str]]:
     """`action` on what of `selection` exists; how many it changed, and what was not found."""
 
-    async def work(store: SqliteStore) -> tuple[int, list[str]]:
+    async def work(store: Store) -> tuple[int, list[str]]:
         existing, problems = await _existing(store, config, selection)
         return (0 if existing is None else await action(store, existing)), problems
 
@@ -135,7 +143,7 @@ async def _act(
 
 
 async def _existing(
-    store: SqliteStore, config: StoreView, selection: Selection
+    store: Store, config: StoreView, selection: Selection
 ) -> tuple[Selection | None, list[str]]:
     """`selection` narrowed to what exists, and a problem for each part that does not: a
     mistyped sink or event id is said, never silently "0 replayed". Like `rm a b` with b
@@ -234,7 +242,7 @@ async def purge_quarantine(
     return 0
 
 
-async def _change(config: StoreView, change: Callable[[SqliteStore], Awaitable[T]]) -> T:
+async def _change(config: StoreView, change: Callable[[Store], Awaitable[T]]) -> T:
     store = await _with_store(config)
     try:
         return await change(store)

@@ -121,3 +121,12 @@ class ListenError(RelayError):
 
 class StoreUnavailable(RelayError):
     """The store could not persist; ingest answers 503 so the sender retries."""
+
+
+class StoreTooNew(StoreUnavailable):
+    """The store's schema is newer than this relay knows: a newer relay wrote it."""
+
+
+class StoreNeedsUpgrade(StoreUnavailable):
+    """The store's schema is older than this relay's, and this open may not migrate it:
+    only the server, holding the store's lock, does."""

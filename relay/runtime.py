@@ -30,7 +30,7 @@ from relay.metrics import Metrics
 from relay.routing import Router
 from relay.sinks import Sink, build_sink
 from relay.sources import build_source
-from relay.store import AcceptResult, NewEvent, Quarantined, SqliteStore
+from relay.store import AcceptResult, NewEvent, Quarantined, Store, open_store
 
 log = structlog.get_logger("relay.runtime")
 
@@ -99,7 +99,7 @@ class Runtime:
         self.on_reloaded: list[Callable[[], None]] = []
         config = self.config
         self.metrics = Metrics(metrics_dir)
-        self.store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
+        self.store: Store = open_store(config.store, dedupe_window=config.dedupe.window)
         self.dispatcher = Dispatcher(self.store, self.metrics)
         self.sinks: dict[str, Sink] = {}
         self.ingest = Ingest(

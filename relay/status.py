@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 from relay.config import StoreView
-from relay.store import SinkStats, SqliteStore
+from relay.store import SinkStats, open_store
 from relay.tables import table
 
 LOOKBACK = 3600.0  # the "last hour" of per-source figures
@@ -29,7 +29,7 @@ def _age(seconds: float) -> str:
 
 async def gather(config: StoreView, now: float | None = None) -> dict[str, Any]:
     at = time.time() if now is None else now
-    store = SqliteStore(config.store.path, dedupe_window=config.dedupe.window)
+    store = open_store(config.store, dedupe_window=config.dedupe.window)
     await store.open(create=False)
     try:
         stats = await store.sink_stats(at)

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from relay.backup import backup_store
 from relay.config import load_config
 from relay.errors import StoreUnavailable
-from relay.store import SCHEMA_VERSION, SqliteStore
+from relay.store.backup import backup_store
+from relay.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.conftest import TOKEN, eventually, notifier_body
 from tests.processes import run_cli
 from tests.test_store_upgrade import store_0_1_0

@@ -14,7 +14,7 @@ from relay.config import RetryConfig
 from relay.dispatch import backoff, judge
 from relay.models import Delivery
 from relay.sinks import Outcome
-from relay.store import SqliteStore
+from relay.store.sqlite import SqliteStore
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"

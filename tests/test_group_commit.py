@@ -14,8 +14,9 @@ from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
-from relay.groupcommit import GroupCommit
-from relay.store import NewEvent, SqliteStore
+from relay.store import NewEvent
+from relay.store.groupcommit import GroupCommit
+from relay.store.sqlite import SqliteStore
 from tests.conftest import TOKEN, notifier_body
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from relay.errors import StoreUnavailable
-from relay.store import NewEvent, Settlement, SqliteStore
+from relay.store import NewEvent, Settlement
+from relay.store.sqlite import SqliteStore
 
 
 def event(i: int, sinks=("a", "b")) -> NewEvent:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.errors import StoreUnavailable
-from relay.store import SCHEMA_VERSION, SqliteStore, StoreNeedsUpgrade, StoreTooNew
+from relay.errors import StoreNeedsUpgrade, StoreTooNew, StoreUnavailable
+from relay.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.conftest import FIXTURES, TOKEN, eventually, notifier_body, read_lines
 from tests.processes import free_port, post, run_cli
 

@@ -15,20 +15,32 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
-from relay.errors import StoreUnavailable
-from relay.groupcommit import GroupCommit
+from relay.config import StoreConfig
+from relay.errors import StoreNeedsUpgrade, StoreTooNew, StoreUnavailable
 from relay.models import Delivery
+from relay.store.contract import Store
+from relay.store.groupcommit import GroupCommit
+from relay.store.types import (
+    AcceptResult,
+    DeadLetter,
+    NewEvent,
+    Quarantined,
+    Selection,
+    Settlement,
+    SinkStats,
+)
 
 T = TypeVar("T")
 
@@ -98,15 +110,6 @@ SCHEMA = _SCHEMA_1
 
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
-
-
-class StoreTooNew(StoreUnavailable):
-    """The store's schema is newer than this relay knows: a newer relay wrote it."""
-
-
-class StoreNeedsUpgrade(StoreUnavailable):
-    """The store's schema is older than this relay's, and this open may not migrate it:
-    only the server, holding the store's lock, does."""
 
 
 # The tables and columns relay 0.1.0 wrote. Frozen: SCHEMA moves on, 0.1.0 stores don't.
@@ -204,90 +207,28 @@ def _tune(db: sqlite3.Connection, busy_timeout: float) -> None:
     db.execute("PRAGMA temp_store=MEMORY")
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    id: str
-    source: str
-    envelope: str  # the envelope's JSON, stored and sent as is
-    sinks: tuple[str, ...]
+def _where(selection: Selection, table: str = "") -> tuple[str, list[object]]:
+    """SQL condition and parameters over `deliveries` for a dead-letter selection,
+    columns prefixed by `table`."""
+    t = f"{table}." if table else ""
+    clauses: list[str] = [f"{t}state = 'dead'"]
+    params: list[object] = []
+    if selection.sink is not None:
+        clauses.append(f"{t}sink = ?")
+        params.append(selection.sink)
+    if selection.event_ids:
+        clauses.append(f"{t}event_id IN ({','.join('?' * len(selection.event_ids))})")
+        params.extend(selection.event_ids)
+    if not selection.everything and len(clauses) == 1:
+        raise ValueError("select --all, a sink, or event ids")
+    return " AND ".join(clauses), params
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptResult:
-    accepted: list[str]
-    duplicates: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """What became of one delivery attempt."""
-
-    delivery_id: int
-    state: Literal["done", "pending", "dead"]
-    next_at: float
-    status: int | None
-    error: str | None
-    attempted: bool = True  # False: the sink held it back; the attempt is not counted
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    delivery_id: int
-    event_id: str
-    sink: str
-    attempts: int
-    last_status: int | None
-    last_error: str | None
-    dead_since: float
-    envelope: str
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantined:
-    source: str
-    received_at: float
-    error: str
-    reason: str
-    content_type: str
-    body: bytes
-    # Given by the store.
-    id: int = 0
-    repeats: int = 1
-    size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which dead letters a DLQ command acts on: all, or those of a sink and/or events."""
-
-    everything: bool = False
-    sink: str | None = None
-    event_ids: tuple[str, ...] = ()
-
-    def where(self, table: str = "") -> tuple[str, list[object]]:
-        """SQL condition and parameters over `deliveries`, columns prefixed by `table`."""
-        t = f"{table}." if table else ""
-        clauses: list[str] = [f"{t}state = 'dead'"]
-        params: list[object] = []
-        if self.sink is not None:
-            clauses.append(f"{t}sink = ?")
-            params.append(self.sink)
-        if self.event_ids:
-            clauses.append(f"{t}event_id IN ({','.join('?' * len(self.event_ids))})")
-            params.extend(self.event_ids)
-        if not self.everything and len(clauses) == 1:
-            raise ValueError("select --all, a sink, or event ids")
-        return " AND ".join(clauses), params
-
-
-@dataclass(frozen=True, slots=True)
-class SinkStats:
-    pending: int = 0
-    oldest_pending_s: float = 0.0
-    dead: int = 0
-    circuit: str = "closed"
-    open_until: float = 0.0
-    gone: bool = False
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
 
 
 def _in_chunks(ids: Sequence[T]) -> Iterator[tuple[Sequence[T], str]]:
@@ -333,6 +274,10 @@ def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ..
 
 
 class SqliteStore:
+    @classmethod
+    def from_config(cls, config: StoreConfig, *, dedupe_window: float) -> SqliteStore:
+        return cls(config.path, dedupe_window=dedupe_window)
+
     def __init__(self, path: Path, *, dedupe_window: float) -> None:
         self.path = path
         self.dedupe_window = dedupe_window
@@ -723,7 +668,7 @@ class SqliteStore:
     # --- dead letters ------------------------------------------------------------------
 
     async def dead_letters(self, selection: Selection) -> list[DeadLetter]:
-        where, params = selection.where("d")
+        where, params = _where(selection, "d")
 
         def query() -> list[DeadLetter]:
             rows = self.db.execute(
@@ -743,7 +688,7 @@ class SqliteStore:
         A running `relay serve` on the same database picks them up on its next look.
         """
         at = time.time() if now is None else now
-        where, params = selection.where()
+        where, params = _where(selection)
 
         def work() -> int:
             with self._transaction() as db:
@@ -757,7 +702,7 @@ class SqliteStore:
 
     async def purge(self, selection: Selection) -> int:
         """Delete dead letters; their events go with the next prune once unreferenced."""
-        where, params = selection.where()
+        where, params = _where(selection)
 
         def work() -> int:
             with self._transaction() as db:
@@ -988,6 +933,13 @@ class SqliteStore:
 
         return await self._run(work)
 
+    async def health(self, min_free_bytes: int) -> str | None:
+        # A sender is better told to wait before a full disk turns every ingest into a 503.
+        free = await asyncio.to_thread(_free_bytes, self.path)
+        if free is not None and free < min_free_bytes:
+            return f"the store's disk is nearly full ({free} bytes free)"
+        return None
+
     async def ping(self) -> None:
         await self._run(lambda: self.db.execute("SELECT 1 FROM events LIMIT 1").fetchall())
 
@@ -1004,3 +956,7 @@ class SqliteStore:
             return result
 
         return await self._run(query)
+
+
+def _meets_the_contract(store: SqliteStore) -> Store:
+    return store  # mypy checks here that SqliteStore implements every protocol of Store

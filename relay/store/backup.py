@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 from relay.config import StoreConfig
 from relay.errors import StoreUnavailable
-from relay.store import schema_version
+from relay.store.sqlite import schema_version
 
 
 class _HasStore(Protocol):

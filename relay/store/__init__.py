@@ -1,0 +1,60 @@
+"""The store: where events are claimed, deliveries queued and dead letters kept.
+
+Callers see the value types (`types`) and the protocols (`contract`), and get a store
+from `open_store(config)`, which picks the backend the config names. No module outside
+this package imports a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from relay.config import StoreConfig
+from relay.store.contract import (
+    Accepting,
+    DeadLetters,
+    Deliveries,
+    Housekeeping,
+    Observations,
+    QuarantineKeeper,
+    Store,
+)
+from relay.store.types import (
+    AcceptResult,
+    DeadLetter,
+    NewEvent,
+    Quarantined,
+    Selection,
+    Settlement,
+    SinkStats,
+)
+
+# `backend` in the config -> the class implementing it, imported only when chosen.
+BACKENDS = {"sqlite": "relay.store.sqlite:SqliteStore"}
+
+
+def open_store(config: StoreConfig, *, dedupe_window: float) -> Store:
+    """The store the config names, built but not yet opened (`await store.open()`)."""
+    module, _, name = BACKENDS[config.backend].partition(":")
+    backend = getattr(importlib.import_module(module), name)
+    store: Store = backend.from_config(config, dedupe_window=dedupe_window)
+    return store
+
+
+__all__ = [
+    "AcceptResult",
+    "Accepting",
+    "DeadLetter",
+    "DeadLetters",
+    "Deliveries",
+    "Housekeeping",
+    "NewEvent",
+    "Observations",
+    "QuarantineKeeper",
+    "Quarantined",
+    "Selection",
+    "Settlement",
+    "SinkStats",
+    "Store",
+    "open_store",
+]

@@ -1,0 +1,105 @@
+"""What callers need of a store, one narrow protocol per concern, so that each caller
+asks for what it uses and a backend shows what it must provide. Every backend
+implements `Store`, the sum of them. No I/O here, and no backend's vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from relay.models import Delivery
+from relay.store.types import (
+    AcceptResult,
+    DeadLetter,
+    NewEvent,
+    Quarantined,
+    Selection,
+    Settlement,
+    SinkStats,
+)
+
+
+class Accepting(Protocol):
+    """Ingest: claim event ids for the dedupe window and enqueue their deliveries in one
+    durable step; and what the backlog bounds need."""
+
+    dedupe_window: float
+
+    async def accept(
+        self, events: Sequence[NewEvent], now: float | None = None
+    ) -> AcceptResult: ...
+
+    async def seen(self, ids: Sequence[str], now: float | None = None) -> set[str]: ...
+
+    async def queued(self, sinks: Collection[str]) -> dict[str, int]: ...
+
+
+class Deliveries(Protocol):
+    """The dispatcher's side: take due work for a sink, settle what became of it."""
+
+    async def due(
+        self, sink: str, limit: int, exclude: Collection[int] = (), now: float | None = None
+    ) -> list[Delivery]: ...
+
+    async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None: ...
+
+    async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None: ...
+
+    async def save_sink_state(
+        self, sink: str, circuit: str, open_until: float, gone: bool, now: float | None = None
+    ) -> None: ...
+
+    async def move_schedule_back(self, seconds: float, now: float | None = None) -> int: ...
+
+
+class DeadLetters(Protocol):
+    async def dead_letters(self, selection: Selection) -> list[DeadLetter]: ...
+
+    async def replay(self, selection: Selection, now: float | None = None) -> int: ...
+
+    async def purge(self, selection: Selection) -> int: ...
+
+
+class QuarantineKeeper(Protocol):
+    async def quarantine(self, entry: Quarantined, max_entries: int, max_bytes: int) -> None: ...
+
+    async def quarantined(
+        self, ids: Sequence[int] | None = None, *, with_bodies: bool = True
+    ) -> list[Quarantined]: ...
+
+    async def purge_quarantine(self, ids: Sequence[int] | None) -> int: ...
+
+
+class Observations(Protocol):
+    """What `relay status`, `/metrics` and `/readyz` read."""
+
+    async def sink_stats(self, now: float | None = None) -> dict[str, SinkStats]: ...
+
+    async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]: ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def ping(self) -> None: ...
+
+    async def health(self, min_free_bytes: int) -> str | None:
+        """What keeps the backend from taking events soon (for SQLite: a nearly full
+        disk), or None."""
+
+
+class Housekeeping(Protocol):
+    async def prune(self, keep_done: float, now: float | None = None) -> tuple[int, int]: ...
+
+    async def retire_sinks(self, keep: Collection[str], now: float | None = None) -> int: ...
+
+
+class Store(
+    Accepting, Deliveries, DeadLetters, QuarantineKeeper, Observations, Housekeeping, Protocol
+):
+    """A whole store, as `open_store` hands it out."""
+
+    async def open(self, *, exclusive: bool = False, create: bool = True) -> None:
+        """`exclusive`: the serving process, which alone may migrate and dispatch;
+        `create=False`: an operator's command, which must not make a store where there
+        was none."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,82 @@
+"""The store's value types, the same whatever the backend: what callers hand it and
+what it hands back. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    id: str
+    source: str
+    envelope: str  # the envelope's JSON, stored and sent as is
+    sinks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    accepted: list[str]
+    duplicates: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What became of one delivery attempt."""
+
+    delivery_id: int
+    state: Literal["done", "pending", "dead"]
+    next_at: float
+    status: int | None
+    error: str | None
+    attempted: bool = True  # False: the sink held it back; the attempt is not counted
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    delivery_id: int
+    event_id: str
+    sink: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    dead_since: float
+    envelope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    source: str
+    received_at: float
+    error: str
+    reason: str
+    content_type: str
+    body: bytes
+    # Given by the store.
+    id: int = 0
+    repeats: int = 1
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters a DLQ command acts on: all, or those of a sink and/or events."""
+
+    everything: bool = False
+    sink: str | None = None
+    event_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.everything or self.sink is not None or self.event_ids):
+            raise ValueError("select --all, a sink, or event ids")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    pending: int = 0
+    oldest_pending_s: float = 0.0
+    dead: int = 0
+    circuit: str = "closed"
+    open_until: float = 0.0
+    gone: bool = False
