@@ -28,6 +28,11 @@ from relay.store import Deliveries, Settlement
 
 log = structlog.get_logger("relay.dispatch")
 
+# How long a claim holds a delivery: far longer than one send (bounded by its sink's
+# timeout) and its settlement, since claims are given back as each send ends. It only
+# runs out when its holder died, and then the delivery is anyone's again.
+CLAIM_LEASE = 900.0
+
 
 def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
     """Full jitter: anywhere in [0, min(max, initial * 2**(attempts-1))].
@@ -68,7 +73,6 @@ class Lane:
         self.stop = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.sending: set[asyncio.Task[None]] = set()
-        self.in_flight: set[int] = set()
         self.caught_up = True  # the last look found less than it could take
 
     @property
@@ -156,7 +160,9 @@ class Dispatcher:
 
         def finished(ids: list[int], task: asyncio.Task[None]) -> None:
             lane.sending.discard(task)
-            lane.in_flight.difference_update(ids)
+            # Settled ones were released by settle(); these were not (cancelled by a
+            # drain, or the settlement failed): due again now, as before the claim.
+            self.store.release(ids)
             lane.wake.set()
 
         while not lane.stop.is_set():
@@ -184,20 +190,21 @@ class Dispatcher:
                 try:
                     # Enough for every free slot in one look: a sink of single sends
                     # (HTTP) fills its connections without a query per delivery.
-                    due = await self.store.due(name, limit * free, exclude=lane.in_flight)
+                    due = await self.store.claim(name, limit * free, lease=CLAIM_LEASE)
                     if lane.stop.is_set():
-                        break  # taken while stopping: left pending for the next start
+                        # Taken while stopping: left pending for the next start.
+                        self.store.release([d.id for d in due])
+                        break
                     lane.caught_up = len(due) < limit * free
                     if due:
                         for start in range(0, len(due), limit):
                             batch = due[start : start + limit]
                             ids = [d.id for d in batch]
-                            lane.in_flight.update(ids)
                             task = asyncio.create_task(self._deliver(lane, batch))
                             lane.sending.add(task)
                             task.add_done_callback(partial(finished, ids))
                         continue
-                    next_at = await self.store.next_due_at(name, exclude=lane.in_flight)
+                    next_at = await self.store.next_due_at(name)
                 except Exception:
                     log.exception("dispatch.store_error", sink=name)
             if lane.stop.is_set():
@@ -264,7 +271,7 @@ class Dispatcher:
                 await asyncio.shield(settling)
             except asyncio.CancelledError:
                 # A drain cancelled us mid-settle: the write goes on in the store's
-                # thread; these ids may leave in_flight only once it is done.
+                # thread; the claims may go back only once it is done.
                 await asyncio.wait({settling})
                 raise
         except Exception:

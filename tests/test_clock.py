@@ -45,7 +45,7 @@ async def test_the_store_moves_later_retries_back_and_no_earlier_than_now(tmp_pa
     store = await open_store(tmp_path / "r.db")
     try:
         await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
-        first, second = await store.due("a", limit=10, now=1000.0)
+        first, second = await store.claim("a", limit=10, lease=60.0, now=1000.0)
         await store.settle(
             [
                 Settlement(first.id, "pending", 1000.0 + 3610, 503, "busy"),
@@ -56,8 +56,9 @@ async def test_the_store_moves_later_retries_back_and_no_earlier_than_now(tmp_pa
         assert await store.move_schedule_back(3600, now=1000.0) == 2
         # The first was due 10 s after the step; the second is due at once, not before.
         assert await store.next_due_at("a") == 1000.0
-        assert [d.id for d in await store.due("a", 10, now=1000.0)] == [second.id]
-        assert [d.id for d in await store.due("a", 10, now=1010.0)] == [second.id, first.id]
+        assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1000.0)] == [second.id]
+        # The second is claimed by now; the first has come due.
+        assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1010.0)] == [first.id]
     finally:
         await store.close()
 

@@ -33,7 +33,7 @@ async def test_accept_claims_and_enqueues_in_one_commit_that_survives_reopen(tmp
         assert await store.counts() == {"events": 2, "pending": 4}
         again = await store.accept([event(2)], now=1050.0)
         assert again.duplicates == ["evt_2"]
-        due = await store.due("a", limit=10, now=1000.0)
+        due = await store.claim("a", limit=10, lease=60.0, now=1000.0)
         assert [d.event_id for d in due] == ["evt_1", "evt_2"]
         assert due[0].envelope == '{"id": "evt_1"}'
     finally:
@@ -50,14 +50,41 @@ async def test_after_the_window_a_repeat_is_a_new_event(tmp_path):
         await store.close()
 
 
-async def test_due_respects_time_exclusions_and_settlement(tmp_path):
+async def test_claims_hold_deliveries_until_settled_released_or_their_lease_ends(tmp_path):
     store = await open_store(tmp_path / "r.db")
     try:
         await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
-        first, second = await store.due("a", limit=10, now=1000.0)
-        assert [d.id for d in await store.due("a", 10, exclude={first.id}, now=1000.0)] == [
-            second.id
-        ]
+        [first] = await store.claim("a", limit=1, lease=60.0, now=1000.0)
+        # Claimed: nobody else gets it, while the rest is still there to claim.
+        [second] = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+        assert (first.event_id, second.event_id) == ("evt_1", "evt_2")
+        assert await store.claim("a", limit=10, lease=60.0, now=1001.0) == []
+        # Given back (a send cancelled by a drain): due again at once.
+        store.release([second.id])
+        assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1002.0)] == [second.id]
+        # A holder that died never gives back: the lease running out does.
+        [again] = await store.claim("a", limit=10, lease=60.0, now=1060.5)
+        assert again.id == first.id
+    finally:
+        await store.close()
+
+
+async def test_claims_of_one_sink_leave_anothers_alone(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    try:
+        await store.accept([event(1)], now=1000.0)
+        [a] = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+        [b] = await store.claim("b", limit=10, lease=60.0, now=1000.0)
+        assert a.id != b.id and a.event_id == b.event_id == "evt_1"
+    finally:
+        await store.close()
+
+
+async def test_due_respects_time_claims_and_settlement(tmp_path):
+    store = await open_store(tmp_path / "r.db")
+    try:
+        await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+        first, second = await store.claim("a", limit=10, lease=60.0, now=1000.0)
         await store.settle(
             [
                 Settlement(first.id, "pending", 1100.0, 503, "busy"),
@@ -65,9 +92,10 @@ async def test_due_respects_time_exclusions_and_settlement(tmp_path):
             ],
             now=1000.0,
         )
-        assert await store.due("a", limit=10, now=1050.0) == []
+        # Settled: the claims are over, the retry is the schedule's.
+        assert await store.claim("a", limit=10, lease=60.0, now=1050.0) == []
         assert await store.next_due_at("a") == 1100.0
-        [again] = await store.due("a", limit=10, now=1100.0)
+        [again] = await store.claim("a", limit=10, lease=60.0, now=1100.0)
         assert (again.id, again.attempts) == (first.id, 1)
     finally:
         await store.close()
@@ -77,7 +105,7 @@ async def test_prune_drops_old_done_deliveries_then_expired_unreferenced_events(
     store = await open_store(tmp_path / "r.db", window=100.0)
     try:
         await store.accept([event(1, ("a",)), event(2, ("a",)), event(3, ())], now=1000.0)
-        one, two = await store.due("a", limit=10, now=1000.0)
+        one, two = await store.claim("a", limit=10, lease=60.0, now=1000.0)
         await store.settle([Settlement(one.id, "done", 1000.0, 200, None)], now=1000.0)
         await store.settle([Settlement(two.id, "dead", 1000.0, 400, "bad")], now=1000.0)
         # Inside the window nothing goes, whatever its state: dedupe must hold.
@@ -129,7 +157,7 @@ async def test_a_big_group_is_stored_whole_across_several_multi_row_inserts(tmp_
         assert result.accepted == [e.id for e in batch]
         assert result.duplicates == ["evt_3"]
         assert await store.counts() == {"events": 700, "pending": 1400}
-        due = await store.due("b", limit=1000, now=1000.0)
+        due = await store.claim("b", limit=1000, lease=60.0, now=1000.0)
         assert [d.event_id for d in due] == [e.id for e in batch]
         assert [d.envelope for d in due[:2]] == ['{"id": "evt_0"}', '{"id": "evt_1"}']
     finally:

@@ -35,13 +35,22 @@ class Accepting(Protocol):
 
 
 class Deliveries(Protocol):
-    """The dispatcher's side: take due work for a sink, settle what became of it."""
+    """The dispatcher's side: claim due work for a sink, send it, settle what became of
+    it; the store, not the dispatcher, knows what is taken."""
 
-    async def due(
-        self, sink: str, limit: int, exclude: Collection[int] = (), now: float | None = None
-    ) -> list[Delivery]: ...
+    async def claim(
+        self, sink: str, limit: int, lease: float, now: float | None = None
+    ) -> list[Delivery]:
+        """Up to `limit` of `sink`'s due deliveries, held for `lease` seconds: nobody
+        else gets them until they are settled or released, or the lease runs out (their
+        holder died), after which anyone may claim them again."""
 
-    async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None: ...
+    def release(self, ids: Collection[int]) -> None:
+        """Give back claims that will not be settled; a backend whose leases are shared
+        may instead let them run out."""
+
+    async def next_due_at(self, sink: str) -> float | None:
+        """When `sink`'s next unclaimed pending delivery is due, if it has one."""
 
     async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None: ...
 

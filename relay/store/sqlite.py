@@ -298,6 +298,9 @@ class SqliteStore:
             self._executor.submit, self._settle_group
         )
         self._closed = False
+        # Claimed deliveries: id -> (sink, lease end). See claim().
+        self._claims: dict[int, tuple[str, float]] = {}
+        self._claiming: dict[str, asyncio.Lock] = {}
         self._commits = 0
         # RELAY_FAULT_CRASH_AT_COMMIT=N: exit at the Nth ingest commit (tests only).
         self._crash_at_commit = int(os.environ.get("RELAY_FAULT_CRASH_AT_COMMIT", "0") or 0)
@@ -578,31 +581,49 @@ class SqliteStore:
 
     # --- dispatch ----------------------------------------------------------------------
 
-    async def due(
-        self, sink: str, limit: int, exclude: Collection[int] = (), now: float | None = None
+    async def claim(
+        self, sink: str, limit: int, lease: float, now: float | None = None
     ) -> list[Delivery]:
-        """Pending deliveries for `sink` due by now, oldest first, skipping `exclude`
-        (those already in flight)."""
+        """Up to `limit` of `sink`'s due deliveries, oldest first, held for `lease`
+        seconds: no other claim gets them until they are settled or released, or the
+        lease runs out. The claims live here, in this process: the store's lock keeps
+        every other server off the file, and a restart begins with none."""
         at = time.time() if now is None else now
-        # A snapshot: the caller's set changes while the query waits for the thread.
-        exclude = tuple(exclude)
-        skip = _not_in(exclude)
+        async with self._claiming.setdefault(sink, asyncio.Lock()):
+            held = self._held(sink, at)
+            skip = _not_in(held)
 
-        def query(db: sqlite3.Connection) -> list[Delivery]:
-            rows = db.execute(
-                "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
-                " FROM deliveries d JOIN events e ON e.id = d.event_id"
-                f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
-                " ORDER BY d.next_at, d.id LIMIT ?",
-                (sink, at, *exclude, limit),
-            ).fetchall()
-            return [Delivery(*row) for row in rows]
+            def query(db: sqlite3.Connection) -> list[Delivery]:
+                rows = db.execute(
+                    "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
+                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                    f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
+                    " ORDER BY d.next_at, d.id LIMIT ?",
+                    (sink, at, *held, limit),
+                ).fetchall()
+                return [Delivery(*row) for row in rows]
 
-        return await self._read(query)
+            taken = await self._read(query)
+            for delivery in taken:
+                self._claims[delivery.id] = (sink, at + lease)
+        return taken
 
-    async def next_due_at(self, sink: str, exclude: Collection[int] = ()) -> float | None:
-        exclude = tuple(exclude)  # a snapshot, as in due()
-        skip = _not_in(exclude)
+    def _held(self, sink: str, now: float) -> tuple[int, ...]:
+        """The ids of `sink` under a live claim; claims past their lease are dropped."""
+        for expired in [i for i, (_, until) in self._claims.items() if until <= now]:
+            del self._claims[expired]
+        return tuple(i for i, (name, _) in self._claims.items() if name == sink)
+
+    def release(self, ids: Collection[int]) -> None:
+        """Give back claims that will not be settled (a send cancelled by a drain, or
+        whose settlement failed): their deliveries are due again at once."""
+        for delivery_id in ids:
+            self._claims.pop(delivery_id, None)
+
+    async def next_due_at(self, sink: str) -> float | None:
+        """When `sink`'s next unclaimed pending delivery is due, if it has one."""
+        held = self._held(sink, time.time())
+        skip = _not_in(held)
 
         def query(db: sqlite3.Connection) -> float | None:
             # fetchall, not fetchone: a statement left un-stepped keeps its read
@@ -610,7 +631,7 @@ class SqliteStore:
             [(earliest,)] = db.execute(
                 "SELECT MIN(d.next_at) FROM deliveries d"
                 f" WHERE d.sink = ? AND d.state = 'pending'{skip}",
-                (sink, *exclude),
+                (sink, *held),
             ).fetchall()
             return float(earliest) if earliest is not None else None
 
@@ -622,6 +643,8 @@ class SqliteStore:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         await self._settles.submit((settlements, time.time() if now is None else now))
+        # Recorded: whatever comes of them next is the store's, not the claim's.
+        self.release([s.delivery_id for s in settlements])
 
     def _settle_group(self, group: Sequence[tuple[Sequence[Settlement], float]]) -> list[None]:
         # A delivery's outcome is committed without waiting for the disk (the next
