@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import structlog
 
-from relay import __version__, dlq, logs, qingstor_admin, sendtest, status
+from relay import __version__, dlq, events, logs, qingstor_admin, sendtest, status
 from relay.app import run
 from relay.config import RelayConfig, StoreView, default_config, load_config, load_store_view
 from relay.errors import ConfigError, StoreUnavailable
@@ -99,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
         help="queues, dead letters, circuits and recent traffic, from the store",
     )
     report.add_argument("--json", action="store_true", help="as JSON")
+
+    event = commands.add_parser(
+        "event",
+        parents=[config_flag],
+        help="what happened to one event: its envelope and each sink's delivery",
+    )
+    event.add_argument("event_id", metavar="EVENT_ID", help="an event id (evt_...)")
+    event.add_argument("--json", action="store_true", help="as JSON")
 
     backup = commands.add_parser(
         "backup",
@@ -215,7 +223,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _operate(args: argparse.Namespace) -> int:
-    """`status`, `dlq` and `backup`: the store alone, so a shell without the service's
+    """`status`, `dlq`, `event` and `backup`: the store alone, so a shell without the service's
     other secrets can run them."""
     try:
         view = load_store_view(_config_path(args.config))
@@ -227,6 +235,8 @@ def _operate(args: argparse.Namespace) -> int:
             return asyncio.run(status.show(view, as_json=args.json))
         if args.command == "backup":
             return _backup(view, Path(args.destination))
+        if args.command == "event":
+            return asyncio.run(events.show(view, args.event_id, as_json=args.json))
         return _dlq(args, view)
     except BrokenPipeError:
         raise  # the reader left (`| head`): main() ends quietly
@@ -276,7 +286,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return sendtest.run(args)
     if args.command == "qingstor":
         return qingstor_admin.run(args)
-    if args.command in ("dlq", "status", "backup"):
+    if args.command in ("dlq", "status", "backup", "event"):
         return _operate(args)
 
     # A worker's --config is its leader's snapshot (relay.snapshot), not a config file.

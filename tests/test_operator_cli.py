@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import TOKEN, eventually, notifier_body
+from tests.conftest import TOKEN, eventually, notifier_body, read_lines
 from tests.processes import post, run_cli
 
 LIBRARY_WORDS = ("Input should", "valid dictionary", "instance of", "pydantic", "Field required")
@@ -293,3 +294,56 @@ def test_file_and_a_different_config_flag_are_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "relay check-config: give FILE or --config FILE, not both"
     assert run_cli("check-config", str(a), "--config", str(a)).returncode == 0
+
+
+async def test_relay_event_shows_what_became_of_an_event_at_each_sink(
+    tmp_path, processes, receiver
+):
+    receiver.statuses = [(503, {"Retry-After": "3600"})]  # the app asks to be left alone
+    config = {
+        "store": {"path": "data/relay.db"},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {
+            "archive": {"kind": "file", "path": "data/events.jsonl"},
+            "app": {"kind": "http", "url": receiver.url},
+            "team": {"kind": "http", "url": receiver.url},
+        },
+        "routes": [{"to": ["archive", "app"]}, {"when": {"buckets": ["none"]}, "to": ["team"]}],
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    relay = processes(tmp_path, None)
+    relay.args += ["--config", str(path)]
+    await relay.start()
+    hook = relay.url(f"/hooks/qingstor?token={TOKEN}")
+    assert (await post(hook, notifier_body("photos/cat.jpg")))[0] == 200
+    await eventually(lambda: receiver.requests)
+    [line] = await eventually(lambda: read_lines(tmp_path / "data/events.jsonl"))
+    event_id = line["id"]
+
+    async def settled():
+        shown = await cli("event", event_id, "--json", "--config", str(path))
+        assert shown.returncode == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        states = {d["sink"]: d["state"] for d in data["deliveries"]}
+        app = next(d for d in data["deliveries"] if d["sink"] == "app")
+        return data if states.get("archive") == "done" and app["attempts"] == 1 else None
+
+    data = await eventually(settled)
+    assert data["envelope"]["key"] == "photos/cat.jpg" and data["source"] == "qingstor"
+    app = next(d for d in data["deliveries"] if d["sink"] == "app")
+    assert (app["state"], app["last_status"]) == ("pending", 503)
+    assert 3500 < app["due_in_s"] <= 3600
+    assert data["no_record_for"] == ["team"]
+
+    table = await cli("event", event_id, "--config", str(path))
+    assert table.returncode == 0
+    text = table.stdout
+    assert f"event {event_id}: create_object" in text and "photos/cat.jpg" in text
+    assert re.search(r"app\s+pending\s+1\s+503\s+HTTP 503", text)
+    assert re.search(r"archive\s+done\s+1", text)
+    assert "no delivery record for team" in text
+
+    missing = await cli("event", "evt_" + "0" * 32, "--config", str(path))
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("relay event: no event evt_")

@@ -22,6 +22,8 @@ from relay.store.contract import (
 from relay.store.types import (
     AcceptResult,
     DeadLetter,
+    DeliveryRecord,
+    EventRecord,
     NewEvent,
     Quarantined,
     Selection,
@@ -47,6 +49,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetters",
     "Deliveries",
+    "DeliveryRecord",
+    "EventRecord",
     "Housekeeping",
     "NewEvent",
     "Observations",

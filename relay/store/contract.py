@@ -11,6 +11,7 @@ from relay.models import Delivery
 from relay.store.types import (
     AcceptResult,
     DeadLetter,
+    EventRecord,
     NewEvent,
     Quarantined,
     Selection,
@@ -87,6 +88,9 @@ class Observations(Protocol):
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]: ...
 
     async def counts(self) -> dict[str, int]: ...
+
+    async def event(self, event_id: str) -> EventRecord | None:
+        """One event and what became of it at each sink, or None if not held."""
 
     async def ping(self) -> None: ...
 

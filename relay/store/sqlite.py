@@ -35,6 +35,8 @@ from relay.store.groupcommit import GroupCommit
 from relay.store.types import (
     AcceptResult,
     DeadLetter,
+    DeliveryRecord,
+    EventRecord,
     NewEvent,
     Quarantined,
     Selection,
@@ -965,6 +967,29 @@ class SqliteStore:
 
     async def ping(self) -> None:
         await self._run(lambda: self.db.execute("SELECT 1 FROM events LIMIT 1").fetchall())
+
+    async def event(self, event_id: str) -> EventRecord | None:
+        """The event with this id and each of its deliveries, or None if the store does
+        not hold it (never received, or pruned after its dedupe window)."""
+
+        def query(db: sqlite3.Connection) -> EventRecord | None:
+            found = db.execute(
+                "SELECT id, source, envelope, received_at FROM events WHERE id = ?",
+                (event_id,),
+            ).fetchall()
+            if not found:
+                return None
+            rows = db.execute(
+                "SELECT sink, state, attempts, last_status, last_error, created_at,"
+                " updated_at, next_at FROM deliveries WHERE event_id = ? ORDER BY sink, id",
+                (event_id,),
+            ).fetchall()
+            [(found_id, source, envelope, received_at)] = found
+            return EventRecord(
+                found_id, source, envelope, received_at, tuple(DeliveryRecord(*r) for r in rows)
+            )
+
+        return await self._read(query)
 
     async def counts(self) -> dict[str, int]:
         """Events and deliveries by state: for readiness detail, status and tests."""

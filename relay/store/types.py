@@ -80,3 +80,29 @@ class SinkStats:
     circuit: str = "closed"
     open_until: float = 0.0
     gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One delivery of an event to one sink, as the store has it now."""
+
+    sink: str
+    state: Literal["pending", "done", "dead"]
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    next_at: float  # for a pending delivery: when it is due
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """An event and what became of it: its envelope, when it came, and a delivery per
+    sink it was routed to (a delivered one only for as long as `store.keep_done`)."""
+
+    id: str
+    source: str
+    envelope: str
+    received_at: float
+    deliveries: tuple[DeliveryRecord, ...]
