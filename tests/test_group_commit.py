@@ -20,8 +20,17 @@ from relay.store.sqlite import SqliteStore
 from tests.conftest import TOKEN, notifier_body
 
 
+class CountingStore(SqliteStore):
+    """The store, counting its acknowledging commits at the seam tests compose faults at."""
+
+    commits = 0
+
+    def _before_acknowledging_commit(self) -> None:
+        self.commits += 1
+
+
 async def test_concurrent_accepts_share_commits_and_each_gets_its_own_answer(tmp_path: Path):
-    store = SqliteStore(tmp_path / "r.db", dedupe_window=60)
+    store = CountingStore(tmp_path / "r.db", dedupe_window=60)
     await store.open()
     try:
 
@@ -32,7 +41,7 @@ async def test_concurrent_accepts_share_commits_and_each_gets_its_own_answer(tmp
         results = await asyncio.gather(*(store.accept([event(i % 150)]) for i in range(200)))
         assert sum(len(r.accepted) for r in results) == 150
         assert sum(len(r.duplicates) for r in results) == 50
-        assert store._commits < 200  # grouped: fewer commits than callers
+        assert 0 < store.commits < 200  # grouped: fewer commits than callers
         assert await store.counts() == {"events": 150, "pending": 150}
     finally:
         await store.close()
@@ -63,7 +72,10 @@ async def test_a_crash_before_the_commit_acknowledges_nothing_it_held(tmp_path, 
         "sinks": {"archive": {"kind": "file", "path": "data/events.jsonl"}},
     }
     relay = processes(tmp_path, config)
-    relay.env["RELAY_FAULT_CRASH_AT_COMMIT"] = "4"  # die at the 4th ingest commit
+    # relay with a store composed to die at its 4th ingest commit (tests/crashing_relay.py).
+    relay.args[2] = "tests.crashing_relay"
+    relay.env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+    relay.env["RELAY_TEST_CRASH_AT_COMMIT"] = "4"
     await relay.start()
     url = relay.url(f"/hooks/qingstor?token={TOKEN}")
     acked: list[str] = []

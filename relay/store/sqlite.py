@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import os
 import shutil
 import sqlite3
 import time
@@ -303,9 +302,6 @@ class SqliteStore:
         # Claimed deliveries: id -> (sink, lease end). See claim().
         self._claims: dict[int, tuple[str, float]] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
-        self._commits = 0
-        # RELAY_FAULT_CRASH_AT_COMMIT=N: exit at the Nth ingest commit (tests only).
-        self._crash_at_commit = int(os.environ.get("RELAY_FAULT_CRASH_AT_COMMIT", "0") or 0)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -463,20 +459,21 @@ class SqliteStore:
             raise StoreUnavailable("store is not open")
         return self._db
 
+    def _before_acknowledging_commit(self) -> None:
+        """Called with an ingest group's writes done and not yet committed: a seam for
+        fault injection, which the tests compose around the store (tests/crashing_relay.py);
+        nothing happens here in relay itself."""
+
     @contextmanager
-    def _transaction(self, fault_point: bool = False) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, acknowledging: bool = False) -> Iterator[sqlite3.Connection]:
         db = self.db
         # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
         # for want of it.
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
-            if fault_point:
-                self._commits += 1
-                if self._crash_at_commit == self._commits:
-                    # Fault injection for the tests: die as a power cut would, after
-                    # the group's writes and before their commit reaches the disk.
-                    os._exit(86)
+            if acknowledging:
+                self._before_acknowledging_commit()
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -505,7 +502,7 @@ class SqliteStore:
         bulk statements rather than several per event."""
         # Whatever a failed settlement left behind, an acknowledging commit fsyncs.
         self.db.execute("PRAGMA synchronous=FULL")
-        with self._transaction(fault_point=True) as db:
+        with self._transaction(acknowledging=True) as db:
             ids = list({event.id for events, _ in group for event in events})
             claimed: dict[str, float] = {}
             for chunk, marks in _in_chunks(ids):
