@@ -8,9 +8,7 @@ from structlog.testing import capture_logs
 
 from relay.app import RUNTIME, STORE
 from relay.clock import WallClock
-from relay.store import Settlement
 from tests.conftest import TOKEN, eventually, notifier_body, relay_config
-from tests.test_store import event, open_store
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
 
@@ -41,26 +39,7 @@ def test_only_a_step_back_beyond_the_tolerance_counts():
     assert clock.stepped_back() == 0.0  # seen once
 
 
-async def test_the_store_moves_later_retries_back_and_no_earlier_than_now(tmp_path):
-    store = await open_store(tmp_path / "r.db")
-    try:
-        await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
-        first, second = await store.claim("a", limit=10, lease=60.0, now=1000.0)
-        await store.settle(
-            [
-                Settlement(first.id, "pending", 1000.0 + 3610, 503, "busy"),
-                Settlement(second.id, "pending", 1000.0 + 30, 503, "busy"),
-            ],
-            now=1000.0,
-        )
-        assert await store.move_schedule_back(3600, now=1000.0) == 2
-        # The first was due 10 s after the step; the second is due at once, not before.
-        assert await store.next_due_at("a") == 1000.0
-        assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1000.0)] == [second.id]
-        # The second is claimed by now; the first has come due.
-        assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1010.0)] == [first.id]
-    finally:
-        await store.close()
+# The store's side of a step back is in the contract suite (tests/test_store_contract.py).
 
 
 async def test_an_open_circuit_is_not_held_open_by_a_step_back(tmp_path, start_relay, receiver):

@@ -299,6 +299,7 @@ class SqliteStore:
             self._executor.submit, self._settle_group
         )
         self._closed = False
+        self._shut_down = False
         # Claimed deliveries: id -> (sink, lease end). See claim().
         self._claims: dict[int, tuple[str, float]] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
@@ -431,6 +432,8 @@ class SqliteStore:
         return await loop.run_in_executor(self._reader, run)
 
     async def close(self) -> None:
+        if self._shut_down:  # closed already: closing again changes nothing
+            return
         self._closed = True
         # Whoever is waiting for a commit gets its answer before the store goes.
         await self._accepts.finish()
@@ -441,6 +444,7 @@ class SqliteStore:
         finally:
             self._reader.shutdown(wait=True)
             self._executor.shutdown(wait=True)
+            self._shut_down = True
 
     def _close(self) -> None:
         if self._db is not None:

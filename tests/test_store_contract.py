@@ -1,0 +1,237 @@
+"""The store contract, one suite every backend must pass: through `open_store` and the
+store's own API only, never a backend's insides. The `stores` fixture runs each test on
+every backend in relay.store.BACKENDS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from relay.config import StoreConfig
+from relay.errors import StoreUnavailable
+from relay.store import BACKENDS, NewEvent, Quarantined, Selection, Settlement, Store, open_store
+
+OpenStore = Callable[..., Awaitable[Store]]
+
+
+def event(i: int, sinks: tuple[str, ...] = ("a", "b"), key: str | None = None) -> NewEvent:
+    envelope = {"id": f"evt_{i}", "key": key or f"k{i}"}
+    return NewEvent(f"evt_{i}", "qingstor", json.dumps(envelope), sinks)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens stores of one backend on one location: again after close, to see what a
+    restart sees."""
+    config = StoreConfig.model_validate(
+        {"backend": request.param, "path": "r.db"}, context={"base_dir": tmp_path}
+    )
+    opened: list[Store] = []
+
+    async def make(window: float = 100.0, *, exclusive: bool = True) -> Store:
+        store = open_store(config, dedupe_window=window)
+        await store.open(exclusive=exclusive)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def test_accept_claims_and_enqueues_in_one_step_that_survives_reopen(stores: OpenStore):
+    store = await stores()
+    result = await store.accept([event(1), event(2), event(1)], now=1000.0)
+    assert (result.accepted, result.duplicates) == (["evt_1", "evt_2"], ["evt_1"])
+    await store.close()
+
+    store = await stores()
+    assert await store.counts() == {"events": 2, "pending": 4}
+    assert (await store.accept([event(2)], now=1050.0)).duplicates == ["evt_2"]
+    assert await store.seen(["evt_1", "evt_2", "evt_3"], now=1050.0) == {"evt_1", "evt_2"}
+    due = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    assert [d.event_id for d in due] == ["evt_1", "evt_2"]
+    assert json.loads(due[0].envelope) == {"id": "evt_1", "key": "k1"}
+    assert await store.queued(["a", "b", "c"]) == {"a": 2, "b": 2, "c": 0}
+
+
+async def test_after_the_window_a_repeat_is_a_new_event(stores: OpenStore):
+    store = await stores(window=60.0)
+    await store.accept([event(1, sinks=())], now=1000.0)
+    assert (await store.accept([event(1, sinks=())], now=1059.0)).duplicates == ["evt_1"]
+    assert (await store.accept([event(1, sinks=())], now=1061.0)).accepted == ["evt_1"]
+
+
+async def test_a_reclaimed_event_does_not_queue_a_second_pending_delivery(stores: OpenStore):
+    store = await stores(window=10.0)
+    await store.accept([event(1, ("a",))], now=1000.0)
+    assert (await store.accept([event(1, ("a",))], now=1100.0)).accepted == ["evt_1"]
+    assert await store.counts() == {"events": 1, "pending": 1}
+
+
+async def test_claims_hold_deliveries_until_settled_released_or_their_lease_ends(
+    stores: OpenStore,
+):
+    store = await stores()
+    await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+    [first] = await store.claim("a", limit=1, lease=60.0, now=1000.0)
+    [second] = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    assert (first.event_id, second.event_id) == ("evt_1", "evt_2")
+    assert await store.claim("a", limit=10, lease=60.0, now=1001.0) == []
+    store.release([second.id])  # a send cancelled by a drain: due again at once
+    assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1002.0)] == [second.id]
+    # A holder that died never gives back: the lease running out does.
+    [again] = await store.claim("a", limit=10, lease=60.0, now=1060.5)
+    assert again.id == first.id
+
+
+async def test_claims_of_one_sink_leave_anothers_alone(stores: OpenStore):
+    store = await stores()
+    await store.accept([event(1)], now=1000.0)
+    [a] = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    [b] = await store.claim("b", limit=10, lease=60.0, now=1000.0)
+    assert a.id != b.id and a.event_id == b.event_id == "evt_1"
+
+
+async def test_settlements_schedule_count_attempts_and_end_claims(stores: OpenStore):
+    store = await stores()
+    await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+    first, second = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    await store.settle(
+        [
+            Settlement(first.id, "pending", 1100.0, 503, "busy"),
+            Settlement(second.id, "done", 1000.0, 200, None),
+        ],
+        now=1000.0,
+    )
+    assert await store.claim("a", limit=10, lease=60.0, now=1050.0) == []
+    assert await store.next_due_at("a") == 1100.0
+    [again] = await store.claim("a", limit=10, lease=60.0, now=1100.0)
+    assert (again.id, again.attempts) == (first.id, 1)
+    # Held back by the sink (a 429 to an earlier message): not an attempt.
+    await store.settle([Settlement(again.id, "pending", 1200.0, None, None, attempted=False)])
+    [later] = await store.claim("a", limit=10, lease=60.0, now=1200.0)
+    assert later.attempts == 1
+    record = await store.event("evt_1")
+    assert record is not None
+    [delivery] = record.deliveries
+    assert (delivery.sink, delivery.state, delivery.last_status) == ("a", "pending", 503)
+    assert await store.event("evt_404") is None
+
+
+async def test_dead_letters_list_replay_and_purge_by_selection(stores: OpenStore):
+    store = await stores()
+    await store.accept([event(1), event(2)], now=1000.0)
+    for sink in ("a", "b"):
+        claimed = await store.claim(sink, limit=10, lease=60.0, now=1000.0)
+        await store.settle([Settlement(d.id, "dead", 1000.0, 400, "bad") for d in claimed])
+    everything = Selection(everything=True)
+    assert len(await store.dead_letters(everything)) == 4
+    letters = await store.dead_letters(Selection(sink="a", event_ids=("evt_2",)))
+    assert [(x.sink, x.event_id, x.last_error) for x in letters] == [("a", "evt_2", "bad")]
+    assert await store.replay(Selection(sink="a"), now=2000.0) == 2
+    replayed = await store.claim("a", limit=10, lease=60.0, now=2000.0)
+    assert [(d.event_id, d.attempts) for d in replayed] == [("evt_1", 0), ("evt_2", 0)]
+    assert await store.purge(Selection(event_ids=("evt_1",))) == 1  # b's; a's is pending
+    assert [x.event_id for x in await store.dead_letters(everything)] == ["evt_2"]
+    stats = await store.sink_stats(now=2000.0)
+    assert (stats["a"].pending, stats["a"].dead, stats["b"].dead) == (2, 0, 1)
+    with pytest.raises(ValueError, match="select"):
+        Selection()
+
+
+async def test_quarantine_keeps_a_body_once_and_within_its_bounds(stores: OpenStore):
+    store = await stores()
+
+    def body(i: int, size: int = 10) -> Quarantined:
+        return Quarantined(
+            "qingstor", 1000.0 + i, "invalid_event", "why", "text/plain", b"x" * size + bytes([i])
+        )
+
+    await store.quarantine(body(1), max_entries=3, max_bytes=1000)
+    await store.quarantine(body(1), max_entries=3, max_bytes=1000)  # the sender's retry
+    [kept] = await store.quarantined()
+    assert (kept.repeats, kept.size, kept.body) == (2, 11, b"x" * 10 + b"\x01")
+    for i in range(2, 6):
+        await store.quarantine(body(i), max_entries=3, max_bytes=1000)
+    assert [e.body[-1] for e in await store.quarantined()] == [3, 4, 5]  # newest 3
+    # 991 bytes alone: with any older body the total would pass max_bytes.
+    await store.quarantine(body(6, size=990), max_entries=3, max_bytes=1000)
+    assert [e.size for e in await store.quarantined(with_bodies=False)] == [991]
+    assert await store.purge_quarantine(None) == 1
+    assert await store.quarantined() == []
+
+
+async def test_sink_state_receipts_and_retirement(stores: OpenStore):
+    store = await stores()
+    await store.accept([event(1), event(2)], now=1000.0)
+    await store.save_sink_state("a", "open", 1030.0, gone=True, now=1000.0)
+    stats = await store.sink_stats(now=1000.0)
+    assert (stats["a"].circuit, stats["a"].open_until, stats["a"].gone) == ("open", 1030.0, True)
+    assert stats["b"].pending == 2 and stats["b"].oldest_pending_s == 0.0
+    assert (await store.receipts_since(940.0))["qingstor"] == (2, 0)
+    # A sink gone from the config: its queue is dead-lettered, never dropped.
+    assert await store.retire_sinks(["b"], now=1010.0) == 2
+    letters = await store.dead_letters(Selection(sink="a"))
+    assert {x.last_error for x in letters} == {"sink removed"}
+    assert "a" not in {s for s, st in (await store.sink_stats()).items() if st.circuit == "open"}
+
+
+async def test_pruning_keeps_what_dedupe_and_dead_letters_need(stores: OpenStore):
+    store = await stores(window=100.0)
+    await store.accept([event(1, ("a",)), event(2, ("a",)), event(3, ())], now=1000.0)
+    one, two = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    await store.settle([Settlement(one.id, "done", 1000.0, 200, None)], now=1000.0)
+    await store.settle([Settlement(two.id, "dead", 1000.0, 400, "bad")], now=1000.0)
+    assert await store.prune(keep_done=10.0, now=1050.0) == (1, 0)
+    assert (await store.accept([event(3, ())], now=1050.0)).duplicates == ["evt_3"]
+    assert await store.prune(keep_done=10.0, now=1200.0) == (0, 2)
+    assert await store.counts() == {"events": 1, "dead": 1}
+
+
+async def test_a_clock_step_back_moves_later_work_no_earlier_than_now(stores: OpenStore):
+    store = await stores()
+    await store.accept([event(1, ("a",)), event(2, ("a",))], now=1000.0)
+    first, second = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+    await store.settle(
+        [
+            Settlement(first.id, "pending", 1000.0 + 3610, 503, "busy"),
+            Settlement(second.id, "pending", 1000.0 + 30, 503, "busy"),
+        ],
+        now=1000.0,
+    )
+    assert await store.move_schedule_back(3600, now=1000.0) == 2
+    assert await store.next_due_at("a") == 1000.0
+    assert [d.id for d in await store.claim("a", 10, lease=60.0, now=1000.0)] == [second.id]
+
+
+async def test_a_big_group_is_stored_whole_and_in_order(stores: OpenStore):
+    store = await stores()
+    batch = [event(i) for i in range(700)]
+    result = await store.accept([*batch, event(3)], now=1000.0)
+    assert result.accepted == [e.id for e in batch] and result.duplicates == ["evt_3"]
+    assert await store.counts() == {"events": 700, "pending": 1400}
+    due = await store.claim("b", limit=1000, lease=60.0, now=1000.0)
+    assert [d.event_id for d in due] == [e.id for e in batch]
+
+
+async def test_operators_open_without_creating_and_health_is_reported(
+    stores: OpenStore, tmp_path: Path
+):
+    store = await stores()
+    await store.ping()
+    assert await store.health(min_free_bytes=0) is None
+    assert "nearly full" in (await store.health(min_free_bytes=2**62) or "")
+    # An operator's command beside the server, on the same store.
+    beside = await stores(exclusive=False)
+    assert await beside.counts() == {"events": 0}
+    elsewhere = open_store(
+        StoreConfig.model_validate({"path": "nowhere/r.db"}, context={"base_dir": tmp_path}),
+        dedupe_window=60.0,
+    )
+    with pytest.raises(StoreUnavailable, match="no store at"):
+        await elsewhere.open(create=False)
+    await elsewhere.close()
