@@ -23,6 +23,8 @@ pytest_plugins = ("tests.processes",)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN = "s3cr3t-token-for-tests"
+# The event id of the documented notifier sample (fixtures/notifier-create_object.json).
+SAMPLE_ID = "evt_97a2d896bb44dbb1b9d5d028077a5ceb"
 
 
 def sample(name: str = "notifier-create_object.json") -> dict[str, Any]:

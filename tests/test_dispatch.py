@@ -14,6 +14,7 @@ from relay.config import RetryConfig
 from relay.dispatch import backoff, judge
 from relay.models import Delivery
 from relay.sinks import Outcome
+from relay.store import Selection
 from relay.store.sqlite import SqliteStore
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
 
@@ -60,13 +61,8 @@ async def test_attempts_run_out_into_a_dead_letter_with_the_last_error(
         # The log line follows the commit: wait for it, not just for the row.
         await eventually(lambda: [e for e in logs if e["event"] == "delivery.dead"])
     assert len(receiver.requests) == 5
-    store = client.app[STORE]
-    row = await store._run(
-        lambda: store.db.execute(
-            "SELECT attempts, last_status, last_error FROM deliveries"
-        ).fetchone()
-    )
-    assert row == (5, 500, "HTTP 500: nope")
+    [letter] = await client.app[STORE].dead_letters(Selection(everything=True))
+    assert (letter.attempts, letter.last_status, letter.last_error) == (5, 500, "HTTP 500: nope")
     dead = [e for e in logs if e["event"] == "delivery.dead"]
     assert len(dead) == 1 and dead[0]["sink"] == "app" and dead[0]["attempt"] == 5
     retries = [e for e in logs if e["event"] == "delivery.retry"]

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 from relay.app import STORE
 from relay.sinks.base import parse_retry_after
 from relay.sinks.http import encode, judge_response
-from tests.conftest import TOKEN, eventually, notifier_body, relay_config, sample
+from relay.store import Selection
+from tests.conftest import SAMPLE_ID, TOKEN, eventually, notifier_body, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
 SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -352,11 +353,8 @@ async def test_max_age_dead_letters_an_old_delivery_at_its_next_failure(
     await client.post(HOOK, json=sample())
     await eventually(lambda: counts_when(client.app[STORE], lambda c: c.get("dead") == 1))
     assert time.monotonic() - started < 5
-    store = client.app[STORE]
-    [(error,)] = await store._run(
-        lambda: store.db.execute("SELECT last_error FROM deliveries").fetchall()
-    )
-    assert "max_age" in error
+    [letter] = await client.app[STORE].dead_letters(Selection(everything=True))
+    assert "max_age" in (letter.last_error or "")
 
 
 async def test_retry_after_holds_the_whole_sink_not_just_one_delivery(
@@ -419,12 +417,9 @@ async def test_a_malformed_answer_never_puts_the_url_in_the_stored_error(tmp_pat
         store = client.app[STORE]
 
         async def stored_error():
-            rows = await store._run(
-                lambda: store.db.execute(
-                    "SELECT last_error FROM deliveries WHERE last_error IS NOT NULL"
-                ).fetchall()
-            )
-            return rows[0][0] if rows else None
+            record = await store.event(SAMPLE_ID)
+            errors = [d.last_error for d in record.deliveries if d.last_error] if record else []
+            return errors[0] if errors else None
 
         error = await eventually(stored_error)
         assert secret not in error
