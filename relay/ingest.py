@@ -128,8 +128,9 @@ class Ingest:
                 ) from None
         received_at = datetime.now(UTC)
         source.verify(meta, body, received_at.timestamp())
+        content_type = declared_type(request)
         try:
-            events = self._decode(name, source, meta, body, request.content_type, received_at)
+            events = self._decode(name, source, meta, body, content_type, received_at)
         except IngestError as exc:
             if source.authenticates:
                 # The sender proved who it is, so this is no scanner: likely an upstream
@@ -140,7 +141,7 @@ class Ingest:
                         received_at=received_at.timestamp(),
                         error=exc.code,
                         reason=exc.message,
-                        content_type=request.content_type,
+                        content_type=content_type,
                         body=body,
                     )
                 )
@@ -268,6 +269,17 @@ def _exceeds(container: dict[str, Any] | list[Any], levels: int) -> bool:
         if (kind is dict or kind is list) and _exceeds(child, levels - 1):
             return True
     return False
+
+
+def declared_type(request: web.Request) -> str:
+    """The media type the sender declared, lower-cased, without parameters. aiohttp
+    parses the header with the standard library's email parser, which raises on some
+    malformed parameters (`;0*`): a sender's garbage must not cost a 500."""
+    try:
+        return request.content_type
+    except Exception:
+        raw = request.headers.get("Content-Type", "")
+        return raw.split(";", 1)[0].strip().lower() or "application/octet-stream"
 
 
 def decode_json(body: bytes, content_type: str) -> Any:

@@ -466,3 +466,17 @@ async def test_a_lone_surrogate_escape_in_an_object_name_is_invalid_json(
     paired = record.replace(f"abc/{escape}.mp4", "abc/\\ud83d\\ude00.mp4")
     ok = await client.post(HOOK, data='{"events": [' + paired + "]}")
     assert (await ok.json()) == {"accepted": 1, "duplicates": 0}
+
+
+@pytest.mark.parametrize("declared", [";0*", "application/json; charset*", ";", "text/plain;a*"])
+async def test_a_content_type_the_standard_library_cannot_parse_costs_no_500(
+    tmp_path, start_relay, declared
+):
+    # aiohttp reads Content-Type with the email package, which raises on these (found
+    # by hypothesis): the answer is as for any other label.
+    client = await start_relay(relay_config(tmp_path))
+    empty = await client.post(HOOK, data=b"", headers={"Content-Type": declared})
+    assert (empty.status, (await empty.json())["error"]) == (400, "invalid_json")
+    body = json.dumps(sample()).encode()
+    taken = await client.post(HOOK, data=body, headers={"Content-Type": declared})
+    assert (taken.status, await taken.json()) == (200, {"accepted": 1, "duplicates": 0})
