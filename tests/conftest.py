@@ -19,7 +19,7 @@ from relay.app import create_app
 from relay.config import RelayConfig, build_config
 
 # The `processes` fixture: relay as a real subprocess.
-pytest_plugins = ("tests.processes",)
+pytest_plugins = ("tests.processes", "tests.redis_server")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN = "s3cr3t-token-for-tests"
