@@ -179,7 +179,13 @@ async def readyz(request: web.Request) -> web.Response:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
     if problems := runtime.backlog.problems(counts):
         return error_response(503, "not_ready", "; ".join(problems))
-    if problem := await runtime.store.health(runtime.config.store.min_free_bytes):
+    try:
+        problem = await asyncio.wait_for(
+            runtime.store.health(runtime.config.store.min_free_bytes), timeout=2.0
+        )
+    except Exception as exc:
+        problem = f"store unreachable: {exc.__class__.__name__}"
+    if problem:
         return error_response(503, "not_ready", problem)
     return web.json_response({"status": "ready"})
 

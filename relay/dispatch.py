@@ -28,9 +28,10 @@ from relay.store import Deliveries, Settlement
 
 log = structlog.get_logger("relay.dispatch")
 
-# How long a claim holds a delivery: far longer than one send (bounded by its sink's
-# timeout) and its settlement, since claims are given back as each send ends. It only
-# runs out when its holder died, and then the delivery is anyone's again.
+# How long a claim holds a delivery where claims are shared between processes: it only
+# runs out when its holder died, and then the delivery is anyone's again. A send may
+# outlast it (a Retry-After parks a sink for hours): before a shared backend serves,
+# the lanes must renew the claims of their sends in flight. SQLite's never run out.
 CLAIM_LEASE = 900.0
 
 

@@ -258,3 +258,43 @@ def test_judge_turns_outcomes_into_states():
     later = judge(fresh, Outcome("retry", 503, "busy", retry_after=30), retry, 100.0)
     assert (later.state, later.next_at) == ("pending", 130.0)
     assert judge(last, Outcome("retry", 500, "x"), retry, 100.0).state == "dead"
+
+
+async def test_a_send_that_outlasts_its_claims_lease_is_never_handed_out_twice(
+    tmp_path, start_relay, aiohttp_server, monkeypatch
+):
+    # A Retry-After can park a sink's sends for hours, far past CLAIM_LEASE: while one
+    # goes on, a free slot must not take the same delivery again (found in review).
+    from aiohttp import web
+
+    import relay.dispatch
+
+    monkeypatch.setattr(relay.dispatch, "CLAIM_LEASE", 0.1)  # stands for 15 minutes
+    active: dict[str, int] = {}
+    seen: list[str] = []
+    overlaps: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        event_id = request.headers["webhook-id"]
+        seen.append(event_id)
+        if active.get(event_id):
+            overlaps.append(event_id)
+        active[event_id] = active.get(event_id, 0) + 1
+        # The first answers at once; the others are held well past the lease.
+        await asyncio.sleep(0.05 if len(seen) == 1 else 1.0)
+        active[event_id] -= 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/events", handle)
+    server = await aiohttp_server(app)
+    client = await start_relay(
+        relay_config(
+            tmp_path, sinks={"app": http_sink(str(server.make_url("/events")), concurrency=2)}
+        )
+    )
+    await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    await eventually(lambda: len(set(seen)) == 3, within=10)
+    await asyncio.sleep(1.2)  # any second copy would have started by now
+    assert overlaps == []
+    assert sorted(seen) == sorted(set(seen))

@@ -42,9 +42,11 @@ class Deliveries(Protocol):
     async def claim(
         self, sink: str, limit: int, lease: float, now: float | None = None
     ) -> list[Delivery]:
-        """Up to `limit` of `sink`'s due deliveries, held for `lease` seconds: nobody
-        else gets them until they are settled or released, or the lease runs out (their
-        holder died), after which anyone may claim them again."""
+        """Up to `limit` of `sink`'s due deliveries: nobody else gets them until they
+        are settled or released. Where claims are shared between processes (Redis),
+        they are held for `lease` seconds, after which a holder that died is presumed
+        dead and anyone may claim them again; a backend whose claims live and die with
+        their one process (SQLite) never lets them run out."""
 
     def release(self, ids: Collection[int]) -> None:
         """Give back claims that will not be settled; a backend whose leases are shared

@@ -300,8 +300,8 @@ class SqliteStore:
         )
         self._closed = False
         self._shut_down = False
-        # Claimed deliveries: id -> (sink, lease end). See claim().
-        self._claims: dict[int, tuple[str, float]] = {}
+        # Claimed deliveries: id -> sink. See claim().
+        self._claims: dict[int, str] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -587,13 +587,15 @@ class SqliteStore:
     async def claim(
         self, sink: str, limit: int, lease: float, now: float | None = None
     ) -> list[Delivery]:
-        """Up to `limit` of `sink`'s due deliveries, oldest first, held for `lease`
-        seconds: no other claim gets them until they are settled or released, or the
-        lease runs out. The claims live here, in this process: the store's lock keeps
-        every other server off the file, and a restart begins with none."""
+        """Up to `limit` of `sink`'s due deliveries, oldest first: no other claim gets
+        them until they are settled or released. The claims live here, in this process:
+        the store's lock keeps every other server off the file, so their only holder is
+        this process, which cannot die and keep them (a restart begins with none). So
+        `lease` never runs out here: a send that outlasts it (parked for hours by a
+        Retry-After, say) must not be handed out a second time while it goes on."""
         at = time.time() if now is None else now
         async with self._claiming.setdefault(sink, asyncio.Lock()):
-            held = self._held(sink, at)
+            held = self._held(sink)
             skip = _not_in(held)
 
             def query(db: sqlite3.Connection) -> list[Delivery]:
@@ -608,14 +610,12 @@ class SqliteStore:
 
             taken = await self._read(query)
             for delivery in taken:
-                self._claims[delivery.id] = (sink, at + lease)
+                self._claims[delivery.id] = sink
         return taken
 
-    def _held(self, sink: str, now: float) -> tuple[int, ...]:
-        """The ids of `sink` under a live claim; claims past their lease are dropped."""
-        for expired in [i for i, (_, until) in self._claims.items() if until <= now]:
-            del self._claims[expired]
-        return tuple(i for i, (name, _) in self._claims.items() if name == sink)
+    def _held(self, sink: str) -> tuple[int, ...]:
+        """The ids of `sink` under a claim."""
+        return tuple(i for i, name in self._claims.items() if name == sink)
 
     def release(self, ids: Collection[int]) -> None:
         """Give back claims that will not be settled (a send cancelled by a drain, or
@@ -625,7 +625,7 @@ class SqliteStore:
 
     async def next_due_at(self, sink: str) -> float | None:
         """When `sink`'s next unclaimed pending delivery is due, if it has one."""
-        held = self._held(sink, time.time())
+        held = self._held(sink)
         skip = _not_in(held)
 
         def query(db: sqlite3.Connection) -> float | None:
