@@ -119,15 +119,17 @@ def _opt_int(value: list[bytes]) -> int | None:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit(parts._replace(netloc=user + host))
+    """The URL as messages and logs may show it: scheme, host, port and database only.
+    A password travels in the user info or in a `?password=` query, both dropped."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return f"{url.partition(':')[0]}://[unparseable url]"
+    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
 # --- scripts ---------------------------------------------------------------------------
@@ -192,6 +194,9 @@ end
 """
 
 _WRITES = "#!lua\n" + _COMMON
+# Writes that never grow the store (they move, end or delete): still allowed when Redis
+# is at maxmemory, or relay could neither deliver nor free memory until an operator came.
+_SHRINKS = "#!lua flags=allow-oom\n" + _COMMON
 _READS = "#!lua flags=no-writes\n" + _COMMON
 
 # ARGV: now, expires_at, source, minute, n, then per event: id, source, envelope,
@@ -252,7 +257,7 @@ return out
 
 # ARGV: sink, now, lease end, limit, n releases, releases...
 _CLAIM = (
-    _WRITES
+    _SHRINKS
     + """
 local sink, now, lease_end = ARGV[1], ARGV[2], ARGV[3]
 release_claims(6, tonumber(ARGV[5]))
@@ -272,7 +277,7 @@ return out
 
 # ARGV: n releases, releases... (applied alone, e.g. at close).
 _RELEASE = (
-    _WRITES
+    _SHRINKS
     + """
 release_claims(2, tonumber(ARGV[1]))
 return 0
@@ -281,7 +286,7 @@ return 0
 
 # ARGV: sink, now, n releases, releases...
 _NEXT_DUE = (
-    _WRITES
+    _SHRINKS
     + """
 release_claims(4, tonumber(ARGV[3]))
 expire_claims(ARGV[1], ARGV[2])
@@ -293,7 +298,7 @@ return first[2]
 # ARGV: now, n releases, releases..., then per settlement: <d>, state, next_at,
 # attempted, has_status, status, has_error, error.
 _SETTLE = (
-    _WRITES
+    _SHRINKS
     + """
 local now = ARGV[1]
 local i = release_claims(3, tonumber(ARGV[2]))
@@ -368,7 +373,7 @@ return #picked
 
 # ARGV: selection.
 _PURGE = (
-    _WRITES
+    _SHRINKS
     + """
 local picked = selected(1)
 for _, pick in ipairs(picked) do
@@ -455,7 +460,7 @@ return out
 
 # ARGV: all ('1'|'0'), <q>...
 _PURGE_QUARANTINE = (
-    _WRITES
+    _SHRINKS
     + _QUARANTINE_COMMON
     + """
 local count = 0
@@ -536,7 +541,7 @@ return {e[1], e[2], e[3], out}
 
 # ARGV: now, n, sinks to keep...
 _RETIRE = (
-    _WRITES
+    _SHRINKS
     + """
 local now, keep, count = ARGV[1], {}, 0
 for j = 3, 2 + tonumber(ARGV[2]) do keep[ARGV[j]] = true end
@@ -563,7 +568,7 @@ return count
 
 # ARGV: done before, now, first minute kept.
 _PRUNE = (
-    _WRITES
+    _SHRINKS
     + """
 local deliveries, events = 0, 0
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. ARGV[1])) do
@@ -598,7 +603,7 @@ return {deliveries, events}
 
 # ARGV: seconds, now.
 _MOVE_BACK = (
-    _WRITES
+    _SHRINKS
     + """
 local seconds, at, count = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
 local function moved(m)

@@ -1,0 +1,63 @@
+"""What only the Redis backend does: keep working at maxmemory for everything that frees
+or moves, and never show a password. Against the session's real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis.asyncio import Redis
+
+from relay.errors import StoreUnavailable
+from relay.store import NewEvent, Settlement
+from relay.store.redis import RedisStore
+from tests.processes import free_port
+from tests.redis_server import fresh_prefix
+
+
+def event(i: int) -> NewEvent:
+    return NewEvent(
+        f"evt_{i}", "qingstor", json.dumps({"id": f"evt_{i}", "pad": "x" * 2000}), ("a",)
+    )
+
+
+async def test_at_maxmemory_new_events_are_refused_but_work_still_drains(redis_url: str):
+    store = RedisStore(redis_url, prefix=fresh_prefix(), dedupe_window=10.0)
+    await store.open(exclusive=True)
+    admin = Redis.from_url(redis_url)
+    used = int((await admin.info("memory"))["used_memory"])
+    try:
+        await admin.config_set("maxmemory", str(used + 2_000_000))
+        accepted = 0
+        with pytest.raises(StoreUnavailable):
+            for i in range(10_000):
+                await store.accept([event(i)], now=1000.0)
+                accepted += 1
+        assert accepted > 0
+        # Full: nothing new comes in, but what is queued still goes out and is settled,
+        # and pruning frees room, so relay recovers without an operator.
+        claimed = await store.claim("a", limit=accepted, lease=60.0, now=1000.0)
+        assert len(claimed) == accepted
+        await store.settle(
+            [Settlement(d.id, "done", 1000.0, 200, None) for d in claimed], now=1000.0
+        )
+        assert await store.prune(keep_done=0.0, now=5000.0) == (accepted, accepted)
+        await store.accept([event(10_001)], now=5000.0)
+    finally:
+        await admin.config_set("maxmemory", "1gb")
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_password_in_the_url_never_reaches_a_message():
+    port = free_port()  # nothing listens there
+    for url in (
+        f"redis://user:pa55word-secret@127.0.0.1:{port}/0",
+        f"redis://127.0.0.1:{port}/0?password=pa55word-secret",
+    ):
+        store = RedisStore(url, prefix=fresh_prefix(), dedupe_window=10.0, connect_timeout=0.5)
+        with pytest.raises(StoreUnavailable) as failed:
+            await store.open(exclusive=True)
+        await store.close()
+        assert "pa55word-secret" not in str(failed.value)
+        assert f"127.0.0.1:{port}" in str(failed.value)
