@@ -29,7 +29,7 @@ from relay import logs
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, ListenError, StoreUnavailable
-from relay.exposure import exposure_warnings, listen_url, reachable_from_elsewhere, trial_note
+from relay.exposure import exposure_of, exposure_warnings, listen_url, trial_note
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
 from relay.snapshot import ConfigSnapshot
@@ -463,7 +463,7 @@ def _announce(
     """The start-up line: where relay listens, and who can post to it."""
     host = addresses[0]
     url = listen_url(host, port)
-    exposed = reachable_from_elsewhere(config, addresses)
+    where, exposed = exposure_of(config, addresses, port)
     parts = [f"listening on {url}"]
     if not exposed:
         parts.append("loopback only: set server.host: 0.0.0.0 to take events from elsewhere")
@@ -481,9 +481,6 @@ def _announce(
         workers=workers,
         config=config.summary(),
     )
-    where = ", ".join(listen_url(a, port) for a in addresses)
-    if config.server.trusted_proxies:
-        where += " behind the proxies of server.trusted_proxies"
     for warning in exposure_warnings(config, where, exposed):
         log.warning("relay.open_source", message=warning)
 

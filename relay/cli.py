@@ -215,7 +215,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
-    where, exposed = exposure_of(config, config.server.host, config.server.port)
+    where, exposed = exposure_of(config, [config.server.host], config.server.port)
     for warning in exposure_warnings(config, where, exposed):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{name}: OK: {config.summary()}")

@@ -13,13 +13,12 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import TextIO, TypeVar
 
 from relay.config import StoreView
 from relay.logs import redact_text
-from relay.store import DeadLetter, Quarantined, Selection, Store, open_store
-from relay.tables import table
+from relay.store import DeadLetter, Quarantined, Selection, Store, operator_store
+from relay.tables import table, when
 
 T = TypeVar("T")
 
@@ -30,10 +29,6 @@ def _key(letter: DeadLetter) -> str:
     except (json.JSONDecodeError, AttributeError):
         return ""
     return key if isinstance(key, str) else ""
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _clip(text: str, width: int) -> str:
@@ -54,7 +49,7 @@ def format_table(letters: Sequence[DeadLetter]) -> str:
             letter.sink,
             str(letter.attempts),
             _clip(_error(letter), 48),
-            _when(letter.dead_since),
+            when(letter.dead_since),
             _clip(_key(letter), 60),
         )
         for letter in letters
@@ -69,15 +64,9 @@ def _record(letter: DeadLetter) -> dict[str, object]:
         "attempts": letter.attempts,
         "last_status": letter.last_status,
         "last_error": _error(letter),
-        "dead_since": _when(letter.dead_since),
+        "dead_since": when(letter.dead_since),
         "key": _key(letter),
     }
-
-
-async def _with_store(config: StoreView) -> Store:
-    store = open_store(config.store, dedupe_window=config.dedupe.window)
-    await store.open(create=False)
-    return store
 
 
 async def list_letters(
@@ -183,7 +172,7 @@ def _quarantine_record(entry: Quarantined, with_body: bool = False) -> dict[str,
     record: dict[str, object] = {
         "id": entry.id,
         "source": entry.source,
-        "received_at": _when(entry.received_at),
+        "received_at": when(entry.received_at),
         "error": entry.error,
         "reason": entry.reason,
         "content_type": entry.content_type,
@@ -211,7 +200,7 @@ async def list_quarantine(config: StoreView, *, as_json: bool, out: TextIO = sys
                 e.source,
                 e.error,
                 _clip(e.reason, 60),
-                _when(e.received_at),
+                when(e.received_at),
                 str(e.repeats),
                 str(e.size),
             )
@@ -243,8 +232,5 @@ async def purge_quarantine(
 
 
 async def _change(config: StoreView, change: Callable[[Store], Awaitable[T]]) -> T:
-    store = await _with_store(config)
-    try:
+    async with operator_store(config.store, dedupe_window=config.dedupe.window) as store:
         return await change(store)
-    finally:
-        await store.close()

@@ -7,26 +7,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from relay.config import StoreView
 from relay.logs import redact_text
-from relay.store import EventRecord, open_store
-from relay.tables import table
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+from relay.store import EventRecord, operator_store
+from relay.tables import table, when
 
 
 async def lookup(config: StoreView, event_id: str) -> EventRecord | None:
-    store = open_store(config.store, dedupe_window=config.dedupe.window)
-    await store.open(create=False)
-    try:
+    async with operator_store(config.store, dedupe_window=config.dedupe.window) as store:
         return await store.event(event_id)
-    finally:
-        await store.close()
 
 
 def report(record: EventRecord, config: StoreView, now: float) -> dict[str, Any]:
@@ -40,17 +31,17 @@ def report(record: EventRecord, config: StoreView, now: float) -> dict[str, Any]
             "last_status": d.last_status,
             # Receivers' answers may quote URLs; their query strings can carry secrets.
             "last_error": redact_text(d.last_error or "") or None,
-            "since": _when(d.updated_at),
+            "since": when(d.updated_at),
         }
         if d.state == "pending":
-            entry["next_attempt"] = _when(d.next_at)
+            entry["next_attempt"] = when(d.next_at)
             entry["due_in_s"] = round(max(d.next_at - now, 0.0), 1)
         deliveries.append(entry)
     routed = {d.sink for d in record.deliveries}
     return {
         "id": record.id,
         "source": record.source,
-        "received_at": _when(record.received_at),
+        "received_at": when(record.received_at),
         "envelope": envelope,
         "deliveries": deliveries,
         # Done deliveries are pruned after store.keep_done: the sink got it, or it

@@ -94,13 +94,13 @@ def exposure_warnings(config: RelayConfig, where: str, exposed: bool) -> list[st
     ]
 
 
-def exposure_of(config: RelayConfig, host: str, port: int) -> tuple[str, bool]:
-    """How to name the listener, and whether it is reachable from elsewhere, from the
-    configured address alone (check-config binds nothing)."""
-    where = listen_url(host, port)
+def exposure_of(config: RelayConfig, addresses: Sequence[str], port: int) -> tuple[str, bool]:
+    """How to name the listener, and whether it is reachable from elsewhere: from the
+    addresses bound (serve), or the configured one alone (check-config binds nothing)."""
+    where = ", ".join(listen_url(a, port) for a in addresses)
     if config.server.trusted_proxies:
         where += " behind the proxies of server.trusted_proxies"
-    return where, reachable_from_elsewhere(config, [host])
+    return where, reachable_from_elsewhere(config, addresses)
 
 
 def trial_note(config: RelayConfig, exposed: bool) -> str | None:

@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 from relay.config import StoreView
-from relay.store import SinkStats, open_store
+from relay.store import SinkStats, operator_store
 from relay.tables import table
 
 LOOKBACK = 3600.0  # the "last hour" of per-source figures
@@ -29,13 +29,9 @@ def _age(seconds: float) -> str:
 
 async def gather(config: StoreView, now: float | None = None) -> dict[str, Any]:
     at = time.time() if now is None else now
-    store = open_store(config.store, dedupe_window=config.dedupe.window)
-    await store.open(create=False)
-    try:
+    async with operator_store(config.store, dedupe_window=config.dedupe.window) as store:
         stats = await store.sink_stats(at)
         receipts = await store.receipts_since(at - LOOKBACK)
-    finally:
-        await store.close()
     sinks = {}
     for name in [*config.sinks, *sorted(set(stats) - set(config.sinks))]:
         current = stats.get(name, SinkStats())

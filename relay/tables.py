@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
+
+
+def when(epoch: float) -> str:
+    """A moment as the operator commands print it: UTC, to the second."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

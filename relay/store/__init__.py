@@ -8,6 +8,8 @@ this package imports a backend.
 from __future__ import annotations
 
 import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from relay.config import StoreConfig
 from relay.store.contract import (
@@ -43,6 +45,19 @@ def open_store(config: StoreConfig, *, dedupe_window: float) -> Store:
     return store
 
 
+@asynccontextmanager
+async def operator_store(config: StoreConfig, *, dedupe_window: float) -> AsyncIterator[Store]:
+    """The store as an operator's command uses it, beside a running server or not:
+    opened without making one where there was none (a mistyped path must not answer
+    from a new, empty store), and closed afterwards."""
+    store = open_store(config, dedupe_window=dedupe_window)
+    try:
+        await store.open(create=False)
+        yield store
+    finally:
+        await store.close()
+
+
 __all__ = [
     "AcceptResult",
     "Accepting",
@@ -61,4 +76,5 @@ __all__ = [
     "SinkStats",
     "Store",
     "open_store",
+    "operator_store",
 ]
