@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import structlog
 from aiohttp import web
 
 from relay import logs
-from relay.config import RelayConfig
+from relay.config import RelayConfig, SqliteStoreConfig
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, ListenError, StoreUnavailable
 from relay.exposure import exposure_of, exposure_warnings, listen_url, trial_note
@@ -207,7 +208,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     # The leader's lock keeps a second relay off the store; its workers share it.
-    await app[STORE].open(exclusive=app[RUNTIME].leader)
+    store = app[STORE]
+    await store.open(exclusive=app[RUNTIME].leader)
+    if app[RUNTIME].leader:
+        for warning in await store.warnings():
+            log.warning("store.durability", message=warning)
     yield
     await app[RUNTIME].finish_quarantine()
     await app[STORE].close()
@@ -237,6 +242,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_housekeep(runtime), name="relay-housekeeping"),
         asyncio.create_task(runtime.every_second(), name="relay-every-second"),
+        asyncio.create_task(_watch_work(runtime), name="relay-watch-work"),
     ]
     app[HOUSEKEEPER] = tasks[0]
     if runtime.config.server.watch_config and runtime.config_path is not None:
@@ -249,6 +255,12 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _watch_work(runtime: Runtime) -> None:
+    # Work queued by other relays, or by this relay's workers, on a shared store.
+    async for sinks in runtime.store.watch_work():
+        runtime.dispatcher.wake(sinks)
+
+
 async def _housekeep(runtime: Runtime) -> None:
     while True:
         store_config = runtime.config.store  # read each round: a reload may change it
@@ -256,6 +268,10 @@ async def _housekeep(runtime: Runtime) -> None:
             deliveries, events = await runtime.store.prune(store_config.keep_done)
             if deliveries or events:
                 log.info("store.pruned", deliveries=deliveries, events=events)
+            if runtime.store.shared:
+                # A sink another relay removed is retired once no running relay has it,
+                # which may come long after that relay's reload.
+                await runtime.retire_removed_sinks()
         except Exception:
             log.exception("store.prune_failed")
         await asyncio.sleep(store_config.prune_interval)
@@ -333,7 +349,10 @@ async def serve(
     if worker is not None:
         link = LeaderLink(worker.link_fd, on_lost=stop.set)
         await link.open()
-        runtime.ingest.accept = link.accept
+        if not runtime.store.shared:
+            # One writer per SQLite file: the leader. A shared store takes each
+            # worker's writes itself, and tells the leader's lanes (watch_work).
+            runtime.ingest.accept = link.accept
         app[LINK] = link
 
     def on_signal(sig: signal.Signals) -> None:
@@ -371,7 +390,7 @@ async def serve(
             if snapshot is not None:
                 runtime.on_reloaded.append(snapshot.commit)
             runtime.on_reloaded.append(supervisor.reload)
-            _remove_stale_metrics(config.store.path, keep=metrics_dir)
+            _remove_stale_metrics(config, keep=metrics_dir)
             await _start_workers(supervisor, stop)
         else:
             site = web.TCPSite(
@@ -510,28 +529,44 @@ def _tune_gc() -> None:
 
 def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) -> Path | None:
     """Where this relay's processes keep their counters, or None for a single process.
-    Beside the store: a read-only root filesystem still has its data volume."""
+    Beside an SQLite store: a read-only root filesystem still has its data volume. With
+    Redis there is no local store, and the temporary folder serves."""
     if worker is not None:
         return worker.metrics_dir
     if not leads:
         return None
-    path = Path(f"{_metrics_prefix(config.store.path)}{os.getpid()}")
+    path = Path(f"{_metrics_prefix(config)}{os.getpid()}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _metrics_prefix(store_path: Path) -> Path:
-    # Named after the store: another relay's store may share the folder.
-    return store_path.with_name(f".{store_path.name}.metrics-")
+def _metrics_prefix(config: RelayConfig) -> Path:
+    if isinstance(config.store, SqliteStoreConfig):
+        # Named after the store: another relay's store may share the folder.
+        store_path = config.store.path
+        return store_path.with_name(f".{store_path.name}.metrics-")
+    return Path(tempfile.gettempdir()) / f"relay-{config.store.prefix}.metrics-"
 
 
-def _remove_stale_metrics(store_path: Path, keep: Path | None) -> None:
-    # Left by a leader killed with -9. Safe to remove now: this process holds the store's
-    # lock, so no other relay on this store is running.
-    prefix = _metrics_prefix(store_path)
+def _remove_stale_metrics(config: RelayConfig, keep: Path | None) -> None:
+    # Left by a leader killed with -9. Beside SQLite they are safe to remove now: this
+    # process holds the store's lock, so no other relay on this store is running. In the
+    # shared temporary folder only those of a process that no longer exists go.
+    prefix = _metrics_prefix(config)
+    sqlite = isinstance(config.store, SqliteStoreConfig)
     for stale in prefix.parent.glob(f"{prefix.name}*"):
-        if stale != keep:
+        if stale != keep and (sqlite or not _process_exists(stale.name.rpartition("-")[2])):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_exists(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def run(

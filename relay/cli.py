@@ -16,7 +16,14 @@ import structlog
 
 from relay import __version__, dlq, events, logs, qingstor_admin, sendtest, status
 from relay.app import run
-from relay.config import RelayConfig, StoreView, default_config, load_config, load_store_view
+from relay.config import (
+    RelayConfig,
+    SqliteStoreConfig,
+    StoreView,
+    default_config,
+    load_config,
+    load_store_view,
+)
 from relay.errors import ConfigError, StoreUnavailable
 from relay.exposure import exposure_of, exposure_warnings
 from relay.failures import explain_failure
@@ -249,6 +256,14 @@ def _operate(args: argparse.Namespace) -> int:
 
 
 def _backup(view: StoreView, destination: Path) -> int:
+    if not isinstance(view.store, SqliteStoreConfig):
+        print(
+            "relay backup: copies an SQLite store; this config's store is Redis, whose"
+            " own persistence (an RDB snapshot, BGSAVE, or the AOF) is its backup:"
+            " see docs/scaling-out.md",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     try:
         copy = asyncio.run(backup_store(view, destination))
     except FileExistsError:
@@ -320,12 +335,12 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         run(config, _config_path(args.config), overrides, worker)
     except Exception as exc:
-        _failed(exc, config.store.path)
+        _failed(exc, getattr(config.store, "path", None))
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _failed(exc: BaseException, store_path: Path) -> None:
+def _failed(exc: BaseException, store_path: Path | None) -> None:
     """One line naming the cause and the fix; the traceback only at log level debug."""
     message = explain_failure(exc, store_path)
     log = structlog.get_logger("relay")

@@ -121,19 +121,81 @@ class ServerConfig(_Model):
         return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
-class StoreConfig(_Model):
-    backend: Literal["sqlite"] = "sqlite"
-    path: ConfigPath = Field(Path("relay-data/relay.db"), validate_default=True)
+class _StoreBase(_Model):
     # Finished deliveries are kept this long (for inspection) before pruning.
     keep_done: Duration = 3600.0
     prune_interval: PositiveDuration = 60.0
-    # /readyz fails below this much free space where the store lives: the sender is
-    # told to wait before a full disk makes every ingest a 503.
+    # /readyz fails below this much free space where the store lives (SQLite: the disk;
+    # Redis: what `maxmemory` leaves): the sender is told to wait before a full store
+    # makes every ingest a 503.
     min_free_bytes: int = Field(100 * 1024 * 1024, ge=0)
     # Unusable bodies from authenticated senders, newest kept within both bounds;
     # quarantine_max 0 keeps none.
     quarantine_max: int = Field(1000, ge=0)
     quarantine_max_bytes: int = Field(50 * 1024 * 1024, ge=0)
+
+
+class SqliteStoreConfig(_StoreBase):
+    """One file on a local disk: one relay (with its `server.workers`) per file."""
+
+    backend: Literal["sqlite"] = "sqlite"
+    path: ConfigPath = Field(Path("relay-data/relay.db"), validate_default=True)
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_redis_url(value: SecretStr) -> SecretStr:
+    # Not quoted back: a Redis URL may carry its password.
+    url = value.get_secret_value()
+    if not url.startswith(_REDIS_SCHEMES):
+        raise ValueError("url must start with redis://, rediss:// (TLS) or unix://")
+    try:
+        parsed = URL(url)
+        valid = bool(parsed.path) if url.startswith("unix://") else bool(parsed.host)
+        if valid and not url.startswith("unix://"):
+            _ = parsed.port  # a port that is not a number raises here
+    except (ValueError, UnicodeError):
+        valid = False
+    if not valid:
+        raise ValueError("url is not a valid Redis URL (check its host and port)")
+    return value
+
+
+class RedisStoreConfig(_StoreBase):
+    """A Redis (7.0 or newer) that several relays share: one dedupe, one set of queues."""
+
+    backend: Literal["redis"]
+    # redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock. A secret:
+    # it may carry the password, so it is never logged or shown whole.
+    url: Annotated[SecretStr, AfterValidator(_check_redis_url)]
+    # Every key starts with `{prefix}:`, one hash tag (Redis Cluster keeps them in one
+    # slot); relays with different prefixes share a Redis without sharing anything else.
+    prefix: str = Field("relay", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
+    # How long a relay's hold on a delivery it is sending lasts without being renewed
+    # (its lanes renew it while the send runs): a relay killed mid-send holds its work
+    # this long, after which another relay takes it over.
+    lease: PositiveDuration = 30.0
+    # A Redis call slower than this fails: an ingest answers 503 and the sender retries.
+    socket_timeout: PositiveDuration = 5.0
+    connect_timeout: PositiveDuration = 5.0
+
+
+STORE_BACKENDS = ("sqlite", "redis")
+
+
+def _default_backend(value: object) -> object:
+    # `store:` without `backend:` is SQLite, as it always was.
+    if isinstance(value, dict) and "backend" not in value:
+        return {**value, "backend": "sqlite"}
+    return value
+
+
+StoreConfig = Annotated[
+    SqliteStoreConfig | RedisStoreConfig,
+    BeforeValidator(_default_backend),
+    Field(discriminator="backend"),
+]
 
 
 class DedupeConfig(_Model):
@@ -402,8 +464,27 @@ class RelayConfig(_Model):
         return (
             f"{len(self.sources)} source(s) ({', '.join(self.sources) or 'none'}), "
             f"{len(self.sinks)} sink(s) ({', '.join(self.sinks) or 'none'}), "
-            f"{routes} route(s), store {self.store.backend} at {self.store.path}"
+            f"{routes} route(s), store {store_description(self.store)}"
         )
+
+
+def store_description(store: SqliteStoreConfig | RedisStoreConfig) -> str:
+    """The store as logs and messages may name it: never a password."""
+    if isinstance(store, SqliteStoreConfig):
+        return f"sqlite at {store.path}"
+    return f"redis at {redacted_url(store.url.get_secret_value())} (prefix {store.prefix!r})"
+
+
+def redacted_url(url: str) -> str:
+    """A URL as messages and logs may show it: scheme, host, port and path only; the
+    user info and the query (where a password travels) are dropped."""
+    try:
+        parsed = URL(url)
+        if parsed.scheme == "unix":
+            return f"unix://{parsed.path}"
+        return str(parsed.with_user(None).with_password(None).with_query(None).with_fragment(None))
+    except (ValueError, UnicodeError, TypeError):
+        return f"{url.partition(':')[0]}://[unparseable url]"
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -476,7 +557,18 @@ def _format_error(error: Any) -> str:
     # Discriminated unions put the chosen tag into the location; people wrote no such key.
     if len(loc) >= 3 and loc[0] in ("sinks", "sources") and loc[2] in (*SINK_KINDS, *SOURCE_KINDS):
         del loc[2]
+    if len(loc) >= 2 and loc[0] == "store" and loc[1] in STORE_BACKENDS:
+        del loc[1]
     kind = error["type"]
+    if loc[:1] == ["store"] and (
+        kind in ("union_tag_invalid", "union_tag_not_found")
+        or (kind == "literal_error" and loc[-1] == "backend")
+    ):
+        given = error["input"].get("backend") if isinstance(error["input"], dict) else None
+        return (
+            f"store.backend: unknown backend {given!r}"
+            f" (expected one of: {', '.join(STORE_BACKENDS)})"
+        )
     if kind in ("union_tag_invalid", "union_tag_not_found") or (
         kind == "literal_error" and loc and loc[-1] == "kind"
     ):

@@ -149,9 +149,10 @@ def _step(annotation: Any, part: Any) -> Any:
     if len(models) > 1:
         # A discriminated union: the part is the tag that chose the member.
         for model in models:
-            kind = model.model_fields.get("kind")
-            if kind is not None and part in get_args(_strip(kind.annotation)):
-                return model
+            for tag in ("kind", "backend"):
+                field = model.model_fields.get(tag)
+                if field is not None and part in get_args(_strip(field.annotation)):
+                    return model
         return None
     if len(models) == 1:
         model = models[0]

@@ -28,11 +28,9 @@ from relay.store import Deliveries, Settlement
 
 log = structlog.get_logger("relay.dispatch")
 
-# How long a claim holds a delivery where claims are shared between processes: it only
-# runs out when its holder died, and then the delivery is anyone's again. A send may
-# outlast it (a Retry-After parks a sink for hours): before a shared backend serves,
-# the lanes must renew the claims of their sends in flight. SQLite's never run out.
-CLAIM_LEASE = 900.0
+# A lane renews the claims of its sends in flight this often, as a share of the store's
+# lease: two renewals may fail (a Redis failover) before another relay takes them over.
+RENEW_SHARE = 1 / 3
 
 
 def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
@@ -74,6 +72,9 @@ class Lane:
         self.stop = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.sending: set[asyncio.Task[None]] = set()
+        # What each send in flight holds: on a shared store, renewed until settled.
+        self.claims: dict[asyncio.Task[None], list[int]] = {}
+        self.renew_at = 0.0  # monotonic
         self.caught_up = True  # the last look found less than it could take
 
     @property
@@ -159,8 +160,13 @@ class Dispatcher:
         as far as the sink's circuit allows."""
         sink, circuit, name = lane.sink, lane.circuit, lane.name
 
+        store = self.store
+        renew_every = store.lease * RENEW_SHARE
+        lane.renew_at = time.monotonic() + renew_every
+
         def finished(ids: list[int], task: asyncio.Task[None]) -> None:
             lane.sending.discard(task)
+            lane.claims.pop(task, None)
             # Settled ones were released by settle(); these were not (cancelled by a
             # drain, or the settlement failed): due again now, as before the claim.
             self.store.release(ids)
@@ -186,12 +192,17 @@ class Dispatcher:
             next_at: float | None = None
             if allowance == 0:
                 next_at = time.time() + self.idle_poll if lane.gone else circuit.open_until
+            if store.shared and time.monotonic() >= lane.renew_at:
+                await self._renew(lane)
+                lane.renew_at = time.monotonic() + renew_every
             free = slots - len(lane.sending)
             if allowance != 0 and free > 0:
                 try:
                     # Enough for every free slot in one look: a sink of single sends
                     # (HTTP) fills its connections without a query per delivery.
-                    due = await self.store.claim(name, limit * free, lease=CLAIM_LEASE)
+                    due = await store.claim(
+                        name, limit * free, lease=store.lease, exclusive=sink.paced
+                    )
                     if lane.stop.is_set():
                         # Taken while stopping: left pending for the next start.
                         self.store.release([d.id for d in due])
@@ -203,20 +214,41 @@ class Dispatcher:
                             ids = [d.id for d in batch]
                             task = asyncio.create_task(self._deliver(lane, batch))
                             lane.sending.add(task)
+                            lane.claims[task] = ids
                             task.add_done_callback(partial(finished, ids))
                         continue
-                    next_at = await self.store.next_due_at(name)
+                    next_at = await store.next_due_at(name)
+                    if next_at is not None and next_at <= time.time():
+                        # Due, yet none for us: another relay is this paced sink's one
+                        # consumer, or holds the rest. Look again at the next poll.
+                        next_at = None
                 except Exception:
                     log.exception("dispatch.store_error", sink=name)
             if lane.stop.is_set():
                 break
             pause = self.idle_poll if next_at is None else next_at - time.time()
+            if store.shared and lane.sending:
+                pause = min(pause, lane.renew_at - time.monotonic())
             with suppress(TimeoutError):
                 await asyncio.wait_for(
                     lane.wake.wait(), timeout=min(max(pause, 0.0), self.idle_poll)
                 )
             if sink.linger and lane.caught_up and not lane.stop.is_set():
                 await asyncio.sleep(sink.linger)
+
+    async def _renew(self, lane: Lane) -> None:
+        """Keep the claims of the sends in flight: on a shared store a claim runs out
+        after the lease, and another relay would send the delivery a second time."""
+        ids = [i for held in lane.claims.values() for i in held]
+        try:
+            lost = await self.store.renew(lane.name, ids, self.store.lease)
+        except Exception:
+            log.exception("dispatch.renew_failed", sink=lane.name, claims=len(ids))
+            return
+        if lost:
+            # Their lease ran out before a renewal (a stalled process, a Redis outage):
+            # another relay may send them too. At least once, never lost.
+            log.warning("dispatch.claims_lost", sink=lane.name, deliveries=len(lost))
 
     async def _observe(self, lane: Lane, outcomes: Sequence[Outcome], now: float) -> None:
         """Feed one send's result to the sink's circuit and gone flag; log changes."""

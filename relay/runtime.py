@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,10 @@ from relay.sources import build_source
 from relay.store import AcceptResult, NewEvent, Quarantined, Store, open_store
 
 log = structlog.get_logger("relay.runtime")
+
+# How often a relay on a shared store tells the others which sinks it runs; well within
+# the store's REPLICA_TTL, after which a silent relay is taken for gone.
+HEARTBEAT_INTERVAL = 10.0
 
 # Quarantine writes waiting at once, per process.
 _QUARANTINE_WRITES = 16
@@ -170,12 +175,17 @@ class Runtime:
 
     async def every_second(self, clock: WallClock | None = None, interval: float = 1.0) -> None:
         """The leader's regular look at what changes without telling it: the sinks'
-        queues drain, and the wall clock may step back."""
+        queues drain, and the wall clock may step back; and on a shared store, the
+        heartbeat that tells the other relays which sinks this one runs."""
         clock = clock or WallClock()
         step = 0.0  # seen, and not yet applied: kept until it is
         failing = False
+        beat_at = 0.0
         while True:
             try:
+                if self.store.shared and time.monotonic() >= beat_at:
+                    await self.store.heartbeat(list(self.config.sinks))
+                    beat_at = time.monotonic() + HEARTBEAT_INTERVAL
                 step += clock.stepped_back()
                 if step:
                     await self.dispatcher.clock_stepped_back(step)
@@ -187,6 +197,18 @@ class Runtime:
                     log.exception("runtime.look_failed")
                 failing = True
             await asyncio.sleep(interval)
+
+    async def retire_removed_sinks(self) -> int:
+        """Dead-letter the work of sinks no running relay has (on a shared store, where
+        a relay that removed a sink may not be the last to have it). Under the reload
+        lock: a reload that adds a sink must not race a retirement without it."""
+        async with self._lock:
+            if self._closing:
+                return 0
+            retired = await self.store.retire_sinks(self.config.sinks)
+        if retired:
+            log.warning("sink.removed", deliveries_dead_lettered=retired)
+        return retired
 
     # --- lifecycle ---------------------------------------------------------------------
 

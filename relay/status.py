@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from relay.config import StoreView
+from relay.config import StoreView, store_description
 from relay.store import SinkStats, operator_store
 from relay.tables import table
 
@@ -50,7 +50,7 @@ async def gather(config: StoreView, now: float | None = None) -> dict[str, Any]:
     for name in [*config.sources, *sorted(set(receipts) - set(config.sources))]:
         received, duplicates = receipts.get(name, (0, 0))
         sources[name] = {"received_1h": received, "duplicates_1h": duplicates}
-    return {"store": str(config.store.path), "sinks": sinks, "sources": sources}
+    return {"store": store_description(config.store), "sinks": sinks, "sources": sources}
 
 
 def render(report: dict[str, Any]) -> str:

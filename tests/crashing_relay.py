@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relay import store
 from relay.cli import main
-from relay.config import StoreConfig
+from relay.config import SqliteStoreConfig
 from relay.store.sqlite import SqliteStore
 
 EXIT_CRASHED = 86
@@ -24,7 +24,7 @@ class CrashingStore(SqliteStore):
         self.commits = 0
 
     @classmethod
-    def from_config(cls, config: StoreConfig, *, dedupe_window: float) -> CrashingStore:
+    def from_config(cls, config: SqliteStoreConfig, *, dedupe_window: float) -> CrashingStore:
         return cls(config.path, dedupe_window=dedupe_window)
 
     def _before_acknowledging_commit(self) -> None:

@@ -109,7 +109,7 @@ def test_every_problem_is_reported_with_its_path(tmp_path):
     problems = problems_of(
         {
             "server": {"port": 70000},
-            "store": {"backend": "redis"},
+            "store": {"backend": "mongodb"},
             "sources": {"q": {"kind": "qingstor", "allow_ips": ["not-a-cidr"], "token": ""}},
             "sinks": {
                 "h": {"kind": "http", "url": "ftp://x", "retry": {"initial": "5s", "max": "1s"}},

@@ -4,13 +4,15 @@ every backend in relay.store.BACKENDS."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 
-from relay.config import StoreConfig
+from relay.config import SqliteStoreConfig, StoreConfig
 from relay.errors import StoreUnavailable
 from relay.store import BACKENDS, NewEvent, Quarantined, Selection, Settlement, Store, open_store
 from tests.redis_server import fresh_prefix
@@ -23,31 +25,19 @@ def event(i: int, sinks: tuple[str, ...] = ("a", "b"), key: str | None = None) -
     return NewEvent(f"evt_{i}", "qingstor", json.dumps(envelope), sinks)
 
 
-# Redis is not in BACKENDS yet (the config cannot name it until its config section
-# exists); meanwhile the suite builds it here, on a real redis-server.
-@pytest.fixture(params=sorted({*BACKENDS, "redis"}))
+@pytest.fixture(params=sorted(BACKENDS))
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Opens stores of one backend on one location: again after close, to see what a
     restart sees."""
-    build: Callable[[float], Store]
+    section: dict[str, object] = {"backend": request.param, "path": "r.db"}
     if request.param == "redis":
-        from relay.store.redis import RedisStore, RedisStoreConfig
-
         # Requested only here, so that the SQLite runs need no redis-server.
-        redis_config = RedisStoreConfig(
-            url=request.getfixturevalue("redis_url"), prefix=fresh_prefix()
-        )
+        section = {"backend": "redis", "url": request.getfixturevalue("redis_url")}
+        section["prefix"] = fresh_prefix()
+    config = TypeAdapter(StoreConfig).validate_python(section, context={"base_dir": tmp_path})
 
-        def build(window: float) -> Store:
-            return RedisStore.from_config(redis_config, dedupe_window=window)
-
-    else:
-        config = StoreConfig.model_validate(
-            {"backend": request.param, "path": "r.db"}, context={"base_dir": tmp_path}
-        )
-
-        def build(window: float) -> Store:
-            return open_store(config, dedupe_window=window)
+    def build(window: float) -> Store:
+        return open_store(config, dedupe_window=window)
 
     opened: list[Store] = []
 
@@ -258,9 +248,122 @@ async def test_operators_open_without_creating_and_health_is_reported(
     beside = await stores(exclusive=False)
     assert await beside.counts() == {"events": 0}
     elsewhere = open_store(
-        StoreConfig.model_validate({"path": "nowhere/r.db"}, context={"base_dir": tmp_path}),
+        SqliteStoreConfig.model_validate({"path": "nowhere/r.db"}, context={"base_dir": tmp_path}),
         dedupe_window=60.0,
     )
     with pytest.raises(StoreUnavailable, match="no store at"):
         await elsewhere.open(create=False)
     await elsewhere.close()
+
+
+# --- several relays on one store (shared backends) ----------------------------------------
+
+
+def shared_only(stores: OpenStore) -> None:
+    if not stores.shared_claims:  # type: ignore[attr-defined]
+        pytest.skip("one process per store: its claims, sinks and circuits are its own")
+
+
+async def test_a_late_settle_from_a_holder_whose_lease_ran_out_changes_nothing(
+    stores: OpenStore,
+):
+    shared_only(stores)
+    one, two = await stores(), await stores()
+    await one.accept([event(1, ("a",))], now=1000.0)
+    [stalled] = await one.claim("a", limit=1, lease=10.0, now=1000.0)
+    # `one` stalls past its lease; `two` takes the delivery over and delivers it.
+    [taken] = await two.claim("a", limit=1, lease=10.0, now=1011.0)
+    assert taken.id == stalled.id
+    # `one` wakes up: its renewal says the claim is lost, its settlement is ignored.
+    assert await one.renew("a", [stalled.id], lease=10.0, now=1012.0) == [stalled.id]
+    await one.settle([Settlement(stalled.id, "pending", 1100.0, 503, "busy")], now=1012.0)
+    assert (await one.event("evt_1")).deliveries[0].attempts == 0  # type: ignore[union-attr]
+    await two.settle([Settlement(taken.id, "done", 1012.0, 200, None)], now=1012.0)
+    # A settlement of what is already done changes nothing either.
+    await one.settle([Settlement(stalled.id, "dead", 1013.0, 500, "x")], now=1013.0)
+    record = await two.event("evt_1")
+    assert record is not None
+    assert [(d.state, d.attempts) for d in record.deliveries] == [("done", 1)]
+
+
+async def test_renewed_claims_outlast_their_lease(stores: OpenStore):
+    shared_only(stores)
+    one, two = await stores(), await stores()
+    await one.accept([event(1, ("a",))], now=1000.0)
+    [held] = await one.claim("a", limit=1, lease=10.0, now=1000.0)
+    for at in (1008.0, 1016.0, 1024.0):
+        assert await one.renew("a", [held.id], lease=10.0, now=at) == []
+    assert await two.claim("a", limit=1, lease=10.0, now=1030.0) == []
+    assert [d.id for d in await two.claim("a", 1, lease=10.0, now=1034.5)] == [held.id]
+
+
+async def test_a_paced_sink_has_one_consumer_at_a_time(stores: OpenStore):
+    shared_only(stores)
+    one, two = await stores(), await stores()
+    await one.accept([event(i, ("slack",)) for i in range(4)], now=1000.0)
+    first = await one.claim("slack", limit=1, lease=10.0, now=1000.0, exclusive=True)
+    assert len(first) == 1
+    await one.settle([Settlement(first[0].id, "done", 1000.0, 200, None)], now=1000.5)
+    # Work is due, but `one` is the consumer: `two` gets none, even with nothing held.
+    assert await two.claim("slack", limit=4, lease=10.0, now=1001.0, exclusive=True) == []
+    # A sink that is not paced is anyone's.
+    await one.accept([event(9, ("app",))], now=1001.0)
+    assert len(await two.claim("app", limit=4, lease=10.0, now=1001.0)) == 1
+    # The consumer's claims and renewals keep it the consumer...
+    assert await one.renew("slack", [], lease=10.0, now=1009.0) == []
+    assert await two.claim("slack", limit=4, lease=10.0, now=1015.0, exclusive=True) == []
+    # ...and once it falls silent (died) for a lease, another relay takes over.
+    taken = await two.claim("slack", limit=4, lease=10.0, now=1019.5, exclusive=True)
+    assert len(taken) == 3
+    assert await one.claim("slack", limit=4, lease=10.0, now=1020.0, exclusive=True) == []
+
+
+async def test_a_sink_is_retired_only_when_no_running_relay_has_it(stores: OpenStore):
+    shared_only(stores)
+    old, new = await stores(), await stores()
+    # A rolling deploy: `new` runs sink b, which `old`'s config does not have yet.
+    await new.heartbeat(["a", "b"], now=1000.0)
+    await new.accept([event(1, ("a", "b"))], now=1000.0)
+    assert await old.retire_sinks(["a"], now=1001.0) == 0
+    assert (await old.sink_stats(now=1001.0))["b"].pending == 1
+    # `new` stops (killed: no goodbye); once its heartbeat is stale, b has no relay.
+    assert await old.retire_sinks(["a"], now=1030.0) == 0
+    assert await old.retire_sinks(["a"], now=1061.0) == 1
+    [letter] = await old.dead_letters(Selection(sink="b"))
+    assert letter.last_error == "sink removed"
+
+
+async def test_each_relay_keeps_its_own_circuit_and_status_shows_the_worst(
+    stores: OpenStore,
+):
+    shared_only(stores)
+    one, two = await stores(), await stores()
+    await one.save_sink_state("a", "open", 1030.0, gone=False, now=1000.0)
+    await two.save_sink_state("a", "closed", 0.0, gone=False, now=1001.0)
+    stats = await two.sink_stats(now=1002.0)
+    assert (stats["a"].circuit, stats["a"].open_until) == ("open", 1030.0)
+    await one.save_sink_state("a", "closed", 0.0, gone=False, now=1003.0)
+    assert (await two.sink_stats(now=1004.0))["a"].circuit == "closed"
+    await one.close()  # a relay that stops is forgotten at once
+    await two.save_sink_state("a", "half_open", 0.0, gone=True, now=1005.0)
+    stats = await two.sink_stats(now=1006.0)
+    assert (stats["a"].circuit, stats["a"].gone) == ("half_open", True)
+
+
+async def test_work_queued_by_one_relay_wakes_the_others(stores: OpenStore):
+    shared_only(stores)
+    one, two = await stores(), await stores()
+    woken: asyncio.Queue[set[str]] = asyncio.Queue()
+
+    async def watch() -> None:
+        async for sinks in two.watch_work():
+            await woken.put(sinks)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(0.3)  # subscribed
+        await one.accept([event(1, ("a", "b"))])
+        assert await asyncio.wait_for(woken.get(), timeout=5.0) == {"a", "b"}
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)

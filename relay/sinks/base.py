@@ -89,6 +89,7 @@ class PostingSink:
     timeout: float
     connections: int = 1
     linger: float = 0.0
+    paced: bool = False
     _session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -189,6 +190,9 @@ class Sink(Protocol):
     # Seconds to wait, once caught up, before taking the next batch: a few more events
     # arrive meanwhile and share its one write and one settlement (0: send at once).
     linger: float
+    # Spaced out in time (a rate limit, a chat robot's pace): where several relays share
+    # a store, one of them at a time sends to it, so that the pace holds for the robot.
+    paced: bool
 
     async def start(self) -> None: ...
 

@@ -16,6 +16,7 @@ class FileSink:
     concurrency = 1  # one writer keeps lines whole and in order
     # Under a steady stream, one fsync per 10 ms rather than one per ingest commit.
     linger = 0.01
+    paced = False
 
     def __init__(self, name: str, config: FileSinkConfig) -> None:
         self.name = name

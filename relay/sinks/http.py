@@ -135,6 +135,7 @@ class HttpSink(PostingSink):
         self.config = config
         self.batch_size = 1
         self.concurrency = config.concurrency
+        self.paced = config.rate_limit is not None
         self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
         self._credentials = credentials(config)
         # Spaces sends per rate_limit, and holds them all back after a Retry-After.

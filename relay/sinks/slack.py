@@ -351,6 +351,7 @@ class SlackSink(PostingSink):
     batch_size = 500
     # One webhook, one message at a time: pacing is per webhook.
     concurrency = 1
+    paced = True
 
     def __init__(self, name: str, config: SlackSinkConfig) -> None:
         self.name = name

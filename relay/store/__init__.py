@@ -34,7 +34,10 @@ from relay.store.types import (
 )
 
 # `backend` in the config -> the class implementing it, imported only when chosen.
-BACKENDS = {"sqlite": "relay.store.sqlite:SqliteStore"}
+BACKENDS = {
+    "sqlite": "relay.store.sqlite:SqliteStore",
+    "redis": "relay.store.redis:RedisStore",
+}
 
 
 def open_store(config: StoreConfig, *, dedupe_window: float) -> Store:

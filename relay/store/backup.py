@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from relay.config import StoreConfig
+from relay.config import SqliteStoreConfig, StoreConfig
 from relay.errors import StoreUnavailable
 from relay.store.sqlite import schema_version
 
@@ -46,13 +46,15 @@ class BackupResult:
 
 
 async def backup_store(config: _HasStore, destination: Path) -> BackupResult:
-    """Copy the store at `config.store.path` to `destination`, a new file.
+    """Copy the SQLite store at `config.store.path` to `destination`, a new file.
 
     Raises StoreUnavailable when there is no store there, FileExistsError when
     `destination` exists (it is never overwritten), FileNotFoundError when its folder
     does not. The copy is a self-contained database (no -wal beside it) with mode 0600:
     it holds events as they came, and a store's folder is usually kept private.
     """
+    if not isinstance(config.store, SqliteStoreConfig):
+        raise StoreUnavailable("relay backup copies an SQLite store; Redis keeps its own")
     return await asyncio.to_thread(backup_file, config.store.path, destination)
 
 

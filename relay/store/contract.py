@@ -4,7 +4,7 @@ implements `Store`, the sum of them. No I/O here, and no backend's vocabulary.""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Protocol
 
 from relay.models import Delivery
@@ -39,23 +39,51 @@ class Deliveries(Protocol):
     """The dispatcher's side: claim due work for a sink, send it, settle what became of
     it; the store, not the dispatcher, knows what is taken."""
 
+    # Whether other relays share this store (Redis): then claims run out unless renewed,
+    # and sinks are retired only when no running relay has them.
+    shared: bool
+    # How long a claim lasts unless renewed, as the config sets it (inf: never ends).
+    lease: float
+
     async def claim(
-        self, sink: str, limit: int, lease: float, now: float | None = None
+        self,
+        sink: str,
+        limit: int,
+        lease: float,
+        now: float | None = None,
+        *,
+        exclusive: bool = False,
     ) -> list[Delivery]:
         """Up to `limit` of `sink`'s due deliveries: nobody else gets them until they
         are settled or released. Where claims are shared between processes (Redis),
         they are held for `lease` seconds, after which a holder that died is presumed
         dead and anyone may claim them again; a backend whose claims live and die with
-        their one process (SQLite) never lets them run out."""
+        their one process (SQLite) never lets them run out. `exclusive`: nothing while
+        another process is the sink's one consumer (a paced sink), which it stays for
+        `lease` after its last claim or renewal."""
+
+    async def renew(
+        self, sink: str, ids: Collection[int], lease: float, now: float | None = None
+    ) -> list[int]:
+        """Extend the claims on `ids` (sends still running) by `lease` from now; returns
+        the ids no longer held (taken over by another process after their lease ran
+        out)."""
 
     def release(self, ids: Collection[int]) -> None:
         """Give back claims that will not be settled; a backend whose leases are shared
         may instead let them run out."""
 
+    def watch_work(self) -> AsyncIterator[set[str]]:
+        """Yields the names of sinks other processes just queued work for (a shared
+        store); a store only this process writes never yields."""
+        ...
+
     async def next_due_at(self, sink: str) -> float | None:
         """When `sink`'s next unclaimed pending delivery is due, if it has one."""
 
-    async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None: ...
+    async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None:
+        """Record what became of deliveries that are pending (a delivery another holder
+        settled, or claimed since, is left as that holder has it)."""
 
     async def save_sink_state(
         self, sink: str, circuit: str, open_until: float, gone: bool, now: float | None = None
@@ -100,11 +128,20 @@ class Observations(Protocol):
         """What keeps the backend from taking events soon (for SQLite: a nearly full
         disk), or None."""
 
+    async def warnings(self) -> list[str]:
+        """Where the backend keeps acknowledged events less safely than an operator
+        would assume (Redis without persistence, say), each with its fix."""
+
 
 class Housekeeping(Protocol):
     async def prune(self, keep_done: float, now: float | None = None) -> tuple[int, int]: ...
 
-    async def retire_sinks(self, keep: Collection[str], now: float | None = None) -> int: ...
+    async def retire_sinks(self, keep: Collection[str], now: float | None = None) -> int:
+        """Dead-letter (`sink removed`) the pending deliveries of sinks not in `keep`,
+        nor, on a shared store, run by any other running relay."""
+
+    async def heartbeat(self, sinks: Collection[str], now: float | None = None) -> None:
+        """This process runs `sinks` (every few seconds, on a shared store)."""
 
 
 class Store(

@@ -51,19 +51,20 @@ left" with a range query. Claims live in Redis, so several relays can share a pr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from relay.config import RedisStoreConfig, redacted_url
 from relay.errors import StoreTooNew, StoreUnavailable
 from relay.models import Delivery
 from relay.store.contract import Store
@@ -84,16 +85,9 @@ SCHEMA_VERSION = 1
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
 
-
-class RedisStoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = "redis://127.0.0.1:6379/0"
-    # Becomes the hash tag `{prefix}` of every key; braces would end the tag early.
-    prefix: str = Field("relay", min_length=1, pattern=r"^[^{}]+$")
-    # A call that takes longer fails as StoreUnavailable (the sender retries).
-    socket_timeout: float = Field(10.0, gt=0)
-    connect_timeout: float = Field(5.0, gt=0)
+# A relay that sent no heartbeat (Housekeeping.heartbeat) for this long is taken for
+# gone: its sinks may be retired, its circuit states no longer shown.
+REPLICA_TTL = 60.0
 
 
 def _pad(delivery_id: int) -> str:
@@ -109,6 +103,10 @@ def _str(value: bytes) -> str:
     return value.decode("utf-8")
 
 
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _opt_str(value: list[bytes]) -> str | None:
     """The scripts return an optional field as [] or [value]."""
     return _str(value[0]) if value else None
@@ -118,44 +116,32 @@ def _opt_int(value: list[bytes]) -> int | None:
     return int(value[0]) if value else None
 
 
-def _redacted(url: str) -> str:
-    """The URL as messages and logs may show it: scheme, host, port and database only.
-    A password travels in the user info or in a `?password=` query, both dropped."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        return f"{url.partition(':')[0]}://[unparseable url]"
-    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
-
-
 # --- scripts ---------------------------------------------------------------------------
 
-# Shared by the scripts that end claims: `release_claims` applies the claims this process
-# gave back (pairs of <d> and lease end: a claim since taken over by another holder,
-# whose lease end differs, is left alone); `expire_claims` returns claims whose lease
-# ended to the queue.
+# Shared by the scripts. Those that end claims get ARGV[1] = this holder's token and
+# ARGV[2] = how many claims it gives back, which follow from ARGV[3]: `release_claims`
+# applies them; `expire_claims` returns claims whose lease ended to the queue (their
+# `holder` stays: a late settle from that holder still counts unless another claimed
+# the delivery since).
 _COMMON = """
 local P = KEYS[1]
 local function dkey(m) return P .. 'delivery:' .. m end
 local function opt(v) if v then return {v} end return {} end
+local TOKEN = ARGV[1]
+-- Claims this holder gives back: <d>s from ARGV[first]; a claim since taken over by
+-- another holder is left alone.
 local function release_claims(first, count)
-  for i = first, first + 2 * count - 1, 2 do
-    local m, lease_end = ARGV[i], ARGV[i + 1]
-    local d = redis.call('HMGET', dkey(m), 'sink', 'state', 'next_at')
-    if d[1] then
-      local claimed = P .. 'claimed:' .. d[1]
-      local held = redis.call('ZSCORE', claimed, m)
-      if held and tonumber(held) == tonumber(lease_end) then
-        redis.call('ZREM', claimed, m)
-        if d[2] == 'pending' then redis.call('ZADD', P .. 'queue:' .. d[1], d[3], m) end
+  for i = first, first + count - 1 do
+    local m = ARGV[i]
+    local d = redis.call('HMGET', dkey(m), 'sink', 'state', 'next_at', 'holder')
+    if d[1] and d[4] == TOKEN then
+      redis.call('HDEL', dkey(m), 'holder')
+      if redis.call('ZREM', P .. 'claimed:' .. d[1], m) == 1 and d[2] == 'pending' then
+        redis.call('ZADD', P .. 'queue:' .. d[1], d[3], m)
       end
     end
   end
-  return first + 2 * count
+  return first + count
 end
 local function expire_claims(sink, now)
   local claimed = P .. 'claimed:' .. sink
@@ -164,6 +150,29 @@ local function expire_claims(sink, now)
     local d = redis.call('HMGET', dkey(m), 'state', 'next_at')
     if d[1] == 'pending' then redis.call('ZADD', P .. 'queue:' .. sink, d[2], m) end
   end
+end
+-- Relays that sent no heartbeat since `cutoff` are gone (stopped, or killed): their
+-- sinks and their circuit states no longer count.
+local function forget_gone_replicas(cutoff)
+  local gone = redis.call('ZRANGEBYSCORE', P .. 'replicas', '-inf', '(' .. cutoff)
+  if #gone == 0 then return end
+  local states = redis.call('SMEMBERS', P .. 'sinkstates')
+  for _, t in ipairs(gone) do
+    redis.call('ZREM', P .. 'replicas', t)
+    redis.call('DEL', P .. 'replica:' .. t)
+    for _, s in ipairs(states) do redis.call('HDEL', P .. 'sinkstate:' .. s, t) end
+  end
+  for _, s in ipairs(states) do
+    if redis.call('EXISTS', P .. 'sinkstate:' .. s) == 0 then
+      redis.call('SREM', P .. 'sinkstates', s)
+    end
+  end
+end
+local function heartbeat(now, first)
+  redis.call('ZADD', P .. 'replicas', now, TOKEN)
+  local rk = P .. 'replica:' .. TOKEN
+  redis.call('DEL', rk)
+  for j = first, #ARGV do redis.call('SADD', rk, ARGV[j]) end
 end
 -- The dead letters a Selection picks, as {<d>, sink} pairs; ARGV from `a`:
 -- has_sink, sink, n, event ids...
@@ -206,7 +215,7 @@ _ACCEPT = (
     + """
 local now, expires, source, minute = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local at, n = tonumber(now), tonumber(ARGV[5])
-local i, out, taken, dups = 6, {}, {}, 0
+local i, out, taken, dups, queued = 6, {}, {}, 0, {}
 for e = 1, n do
   local id, src, envelope, nsinks = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local first_sink = i + 4
@@ -242,9 +251,16 @@ for e = 1, n do
         redis.call('ZADD', P .. 'queue:' .. sink, now, m)
         redis.call('ZADD', P .. 'pending:' .. sink, now, m)
         redis.call('SADD', P .. 'sinks', sink)
+        queued[sink] = true
       end
     end
   end
+end
+local woken = {}
+for sink in pairs(queued) do woken[#woken + 1] = sink end
+if #woken > 0 then
+  -- The relays' lanes for these sinks look now, not at their next poll.
+  redis.call('PUBLISH', P .. 'work', table.concat(woken, ' '))
 end
 if n > 0 then
   redis.call('HINCRBY', P .. 'received:' .. minute, source, n)
@@ -255,61 +271,111 @@ return out
 """
 )
 
-# ARGV: sink, now, lease end, limit, n releases, releases...
+# ARGV: token, n releases, releases..., sink, now, lease end, limit, exclusive ('1'|'0').
 _CLAIM = (
     _SHRINKS
     + """
-local sink, now, lease_end = ARGV[1], ARGV[2], ARGV[3]
-release_claims(6, tonumber(ARGV[5]))
+local i = release_claims(3, tonumber(ARGV[2]))
+local sink, now, lease_end, limit = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+if ARGV[i + 4] == '1' then
+  -- One consumer at a time for this sink (a paced one), whoever holds `consumer:`.
+  local ck = P .. 'consumer:' .. sink
+  local c = redis.call('HMGET', ck, 'holder', 'until')
+  if c[1] and c[1] ~= TOKEN and tonumber(c[2]) > tonumber(now) then return {} end
+  redis.call('HSET', ck, 'holder', TOKEN, 'until', lease_end)
+end
 expire_claims(sink, now)
 local queue, claimed = P .. 'queue:' .. sink, P .. 'claimed:' .. sink
 local out = {}
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, ARGV[4])) do
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', queue, m)
-  redis.call('ZADD', claimed, lease_end, m)
   local d = redis.call('HMGET', dkey(m), 'event_id', 'attempts', 'created_at')
   local envelope = redis.call('HGET', P .. 'event:' .. d[1], 'envelope')
-  out[#out + 1] = {m, d[1], d[2], d[3], envelope or ''}
+  if envelope then
+    redis.call('ZADD', claimed, lease_end, m)
+    redis.call('HSET', dkey(m), 'holder', TOKEN)
+    out[#out + 1] = {m, d[1], d[2], d[3], envelope}
+  else
+    -- Nothing to send (an event deleted by hand): a dead letter that says so, not an
+    -- empty body sent as if it were the event.
+    redis.call('HSET', dkey(m), 'state', 'dead', 'last_error', 'its event is missing',
+      'updated_at', now)
+    redis.call('ZREM', P .. 'pending:' .. sink, m)
+    redis.call('ZADD', P .. 'dead:' .. sink, now, m)
+  end
 end
 return out
 """
 )
 
-# ARGV: n releases, releases... (applied alone, e.g. at close).
+# ARGV: token, n releases, releases..., sink, now, lease end, <d>... Extends this
+# holder's claims among the <d>s (and its hold on the sink's consumer); returns the <d>s
+# it no longer holds.
+_RENEW = (
+    _SHRINKS
+    + """
+local i = release_claims(3, tonumber(ARGV[2]))
+local sink, lease_end = ARGV[i], ARGV[i + 2]
+local claimed, lost = P .. 'claimed:' .. sink, {}
+for j = i + 3, #ARGV do
+  local m = ARGV[j]
+  if redis.call('HGET', dkey(m), 'holder') == TOKEN and redis.call('ZSCORE', claimed, m) then
+    redis.call('ZADD', claimed, 'XX', lease_end, m)
+  else
+    lost[#lost + 1] = m
+  end
+end
+local ck = P .. 'consumer:' .. sink
+if redis.call('HGET', ck, 'holder') == TOKEN then redis.call('HSET', ck, 'until', lease_end) end
+return lost
+"""
+)
+
+# ARGV: token, n releases, releases..., sinks whose consumer this holder gives up...
+# (applied alone, at close).
 _RELEASE = (
     _SHRINKS
     + """
-release_claims(2, tonumber(ARGV[1]))
+local i = release_claims(3, tonumber(ARGV[2]))
+for j = i, #ARGV do
+  local ck = P .. 'consumer:' .. ARGV[j]
+  if redis.call('HGET', ck, 'holder') == TOKEN then redis.call('DEL', ck) end
+end
 return 0
 """
 )
 
-# ARGV: sink, now, n releases, releases...
+# ARGV: token, n releases, releases..., sink, now.
 _NEXT_DUE = (
     _SHRINKS
     + """
-release_claims(4, tonumber(ARGV[3]))
-expire_claims(ARGV[1], ARGV[2])
-local first = redis.call('ZRANGE', P .. 'queue:' .. ARGV[1], 0, 0, 'WITHSCORES')
+local i = release_claims(3, tonumber(ARGV[2]))
+expire_claims(ARGV[i], ARGV[i + 1])
+local first = redis.call('ZRANGE', P .. 'queue:' .. ARGV[i], 0, 0, 'WITHSCORES')
 return first[2]
 """
 )
 
-# ARGV: now, n releases, releases..., then per settlement: <d>, state, next_at,
-# attempted, has_status, status, has_error, error.
+# ARGV: token, n releases, releases..., now, then per settlement: <d>, state, next_at,
+# attempted, has_status, status, has_error, error. A settlement applies to a pending
+# delivery that no other holder has claimed since: what another holder sends now, or
+# has settled already, is theirs to record.
 _SETTLE = (
     _SHRINKS
     + """
-local now = ARGV[1]
 local i = release_claims(3, tonumber(ARGV[2]))
+local now = ARGV[i]
+i = i + 1
 while i <= #ARGV do
   local m, state, next_at, attempted = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local has_status, status, has_error, err = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   i = i + 8
   local k = dkey(m)
-  local d = redis.call('HMGET', k, 'sink', 'created_at')
-  if d[1] then
-    local sink = d[1]
+  local d = redis.call('HMGET', k, 'sink', 'created_at', 'state', 'holder')
+  local sink = d[1]
+  local ours = d[4] == TOKEN or not (d[4] and redis.call('ZSCORE', P .. 'claimed:' .. sink, m))
+  if sink and d[3] == 'pending' and ours then
+    redis.call('HDEL', k, 'holder')
     redis.call('ZREM', P .. 'claimed:' .. sink, m)
     redis.call('ZREM', P .. 'queue:' .. sink, m)
     redis.call('ZREM', P .. 'pending:' .. sink, m)
@@ -364,6 +430,7 @@ for _, pick in ipairs(picked) do
   redis.call('ZREM', P .. 'dead:' .. sink, m)
   redis.call('HSET', dkey(m), 'state', 'pending', 'attempts', 0, 'next_at', now,
     'created_at', now, 'updated_at', now)
+  redis.call('HDEL', dkey(m), 'holder')
   redis.call('ZADD', P .. 'queue:' .. sink, now, m)
   redis.call('ZADD', P .. 'pending:' .. sink, now, m)
 end
@@ -475,9 +542,12 @@ return count
 """
 )
 
+# ARGV: token (unused), cutoff. A sink's circuit as the worst any running relay
+# reports (open, then half_open, then closed); gone if any says so.
 _SINK_STATS = (
     _READS
     + """
+local cutoff = tonumber(ARGV[2])
 local stats, states = {}, {}
 for _, s in ipairs(redis.call('SMEMBERS', P .. 'sinks')) do
   local pending = redis.call('ZCARD', P .. 'pending:' .. s)
@@ -487,11 +557,33 @@ for _, s in ipairs(redis.call('SMEMBERS', P .. 'sinks')) do
     stats[#stats + 1] = {s, pending, dead, opt(oldest[2])}
   end
 end
+local rank = {closed = 0, half_open = 1, open = 2}
 for _, s in ipairs(redis.call('SMEMBERS', P .. 'sinkstates')) do
-  local h = redis.call('HMGET', P .. 'sinkstate:' .. s, 'circuit', 'open_until', 'gone')
-  if h[1] then states[#states + 1] = {s, h[1], h[2], h[3]} end
+  local h = redis.call('HGETALL', P .. 'sinkstate:' .. s)
+  local circuit, open_until, gone, found = 'closed', 0, '0', false
+  for j = 1, #h, 2 do
+    local seen = redis.call('ZSCORE', P .. 'replicas', h[j])
+    if seen and tonumber(seen) >= cutoff then
+      found = true
+      local c, u, g = string.match(h[j + 1], '^(%S+) (%S+) (%S+)')
+      if (rank[c] or 0) > (rank[circuit] or 0) then circuit = c end
+      if tonumber(u) > open_until then open_until = tonumber(u) end
+      if g == '1' then gone = '1' end
+    end
+  end
+  if found then states[#states + 1] = {s, circuit, tostring(open_until), gone} end
 end
 return {stats, states}
+"""
+)
+
+# ARGV: token, now, cutoff, sinks this relay runs...
+_HEARTBEAT = (
+    _WRITES
+    + """
+heartbeat(ARGV[2], 4)
+forget_gone_replicas(ARGV[3])
+return 0
 """
 )
 
@@ -539,21 +631,30 @@ return {e[1], e[2], e[3], out}
 """
 )
 
-# ARGV: now, n, sinks to keep...
+# ARGV: token, now, cutoff, sinks this relay runs... A sink is retired only when no
+# running relay runs it: during a rolling deploy, a relay whose config lacks a sink
+# must not dead-letter the work of a sink a newer relay's config just added.
 _RETIRE = (
-    _SHRINKS
+    _WRITES
     + """
-local now, keep, count = ARGV[1], {}, 0
-for j = 3, 2 + tonumber(ARGV[2]) do keep[ARGV[j]] = true end
+local now, count = ARGV[2], 0
+heartbeat(now, 4)
+forget_gone_replicas(ARGV[3])
+local keep = {}
+for _, t in ipairs(redis.call('ZRANGE', P .. 'replicas', 0, -1)) do
+  for _, s in ipairs(redis.call('SMEMBERS', P .. 'replica:' .. t)) do keep[s] = true end
+end
 for _, s in ipairs(redis.call('SMEMBERS', P .. 'sinks')) do
   if not keep[s] then
     for _, m in ipairs(redis.call('ZRANGE', P .. 'pending:' .. s, 0, -1)) do
       redis.call('HSET', dkey(m), 'state', 'dead', 'last_error', 'sink removed',
         'updated_at', now)
+      redis.call('HDEL', dkey(m), 'holder')
       redis.call('ZADD', P .. 'dead:' .. s, now, m)
       count = count + 1
     end
-    redis.call('DEL', P .. 'pending:' .. s, P .. 'queue:' .. s, P .. 'claimed:' .. s)
+    redis.call('DEL', P .. 'pending:' .. s, P .. 'queue:' .. s, P .. 'claimed:' .. s,
+      P .. 'consumer:' .. s)
   end
 end
 for _, s in ipairs(redis.call('SMEMBERS', P .. 'sinkstates')) do
@@ -643,11 +744,12 @@ class RedisStore:
     @classmethod
     def from_config(cls, config: RedisStoreConfig, *, dedupe_window: float) -> RedisStore:
         return cls(
-            config.url,
+            config.url.get_secret_value(),
             prefix=config.prefix,
             dedupe_window=dedupe_window,
             socket_timeout=config.socket_timeout,
             connect_timeout=config.connect_timeout,
+            lease=config.lease,
         )
 
     def __init__(
@@ -656,8 +758,9 @@ class RedisStore:
         *,
         prefix: str = "relay",
         dedupe_window: float,
-        socket_timeout: float = 10.0,
+        socket_timeout: float = 5.0,
         connect_timeout: float = 5.0,
+        lease: float = 30.0,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"a Redis key prefix must be non-empty, without braces: {prefix!r}")
@@ -666,16 +769,22 @@ class RedisStore:
         self.dedupe_window = dedupe_window
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
+        self.lease = lease
         self._tag = f"{{{prefix}}}:"
-        self._where = f"{_redacted(url)} (prefix {prefix!r})"
+        self._where = f"{redacted_url(url)} (prefix {prefix!r})"
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._closed = False
-        # Claims this process holds: delivery id -> lease end. release() moves them to
-        # _released, which the next claim/next_due_at/settle script applies first: the
-        # contract's release() is synchronous and must count before the next claim.
-        self._held: dict[int, float] = {}
-        self._released: dict[int, float] = {}
+        # Who this store is among the relays sharing the prefix: the holder of its claims
+        # and consumer holds, and the name of its heartbeat.
+        self.token = secrets.token_hex(8)
+        # Claims this store holds. release() moves them to _released, which the next
+        # claim/next_due_at/settle/renew script applies first: the contract's release()
+        # is synchronous and must count before the next claim.
+        self._held: set[int] = set()
+        self._released: set[int] = set()
+        self._consuming: set[str] = set()  # sinks whose one consumer this store may be
+        self._beating = False  # has announced itself (heartbeat) to the other relays
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -738,6 +847,8 @@ class RedisStore:
                 "receipts": _RECEIPTS,
                 "event": _EVENT,
                 "retire": _RETIRE,
+                "heartbeat": _HEARTBEAT,
+                "renew": _RENEW,
                 "prune": _PRUNE,
                 "move_back": _MOVE_BACK,
             }.items()
@@ -751,11 +862,19 @@ class RedisStore:
         if client is None:
             return
         try:
-            if self._released:
+            if self._released or self._consuming:
                 # Given back before closing: due again now, not when their lease ends.
                 releases = self._take_releases()
                 await self._scripts["release"](
-                    keys=[self._tag], args=[str(len(releases) // 2), *releases], client=client
+                    keys=[self._tag],
+                    args=[self.token, str(len(releases)), *releases, *self._consuming],
+                    client=client,
+                )
+            if self._beating:
+                # Gone at once, not when the heartbeat runs out: a heartbeat at time 0
+                # that the same script then finds older than the cutoff.
+                await self._scripts["heartbeat"](
+                    keys=[self._tag], args=[self.token, "0", "1"], client=client
                 )
         except RedisError:
             pass  # then their leases run out; nothing is lost
@@ -785,19 +904,19 @@ class RedisStore:
         return self._client
 
     def _take_releases(self) -> list[str]:
-        releases = [x for i, end in self._released.items() for x in (_pad(i), _num(end))]
-        self._released = {}
+        releases = [_pad(i) for i in self._released]
+        self._released = set()
         return releases
 
-    async def _run_releasing(self, name: str, before: Sequence[str], after: Sequence[str]) -> Any:
+    async def _run_releasing(self, name: str, args: Sequence[str]) -> Any:
         """Run a script that applies the pending releases first; if it fails they stay
         pending for the next one."""
-        taken = dict(self._released)
+        taken = set(self._released)
         releases = self._take_releases()
         try:
-            return await self._run(name, [*before, str(len(taken)), *releases, *after])
+            return await self._run(name, [self.token, str(len(releases)), *releases, *args])
         except BaseException:
-            self._released = {**taken, **self._released}
+            self._released |= taken
             raise
 
     # --- ingest ------------------------------------------------------------------------
@@ -847,23 +966,32 @@ class RedisStore:
 
     # --- dispatch ----------------------------------------------------------------------
 
+    shared = True  # several relays may use one prefix at once
+
     async def claim(
-        self, sink: str, limit: int, lease: float, now: float | None = None
+        self,
+        sink: str,
+        limit: int,
+        lease: float,
+        now: float | None = None,
+        *,
+        exclusive: bool = False,
     ) -> list[Delivery]:
         """Up to `limit` of `sink`'s due deliveries, oldest first (next_at, then id), held
         for `lease` seconds in `claimed:<sink>`, where anyone may take them over once the
-        lease has run out."""
+        lease has run out. `exclusive`: only while no other relay is the sink's consumer
+        (a paced sink: its pace holds across relays because one sends at a time)."""
         at = time.time() if now is None else now
         if limit <= 0:
             return []
-        until = at + lease
-        rows = await self._run_releasing("claim", [sink, _num(at), _num(until), str(limit)], [])
-        # Forget claims whose lease ended: another holder may have them now.
-        self._held = {i: end for i, end in self._held.items() if end > at}
+        if exclusive:
+            self._consuming.add(sink)
+        args = [sink, _num(at), _num(at + lease), str(limit), "1" if exclusive else "0"]
+        rows = await self._run_releasing("claim", args)
         taken = []
         for member, event_id, attempts, created_at, envelope in rows:
             delivery_id = int(member)
-            self._held[delivery_id] = until
+            self._held.add(delivery_id)
             taken.append(
                 Delivery(
                     delivery_id,
@@ -877,23 +1005,37 @@ class RedisStore:
         return taken
 
     def release(self, ids: Collection[int]) -> None:
-        """Give back claims that will not be settled: the next claim, next_due_at or
-        settle of this store (or its close) returns them to the queue, before it does
-        anything else. Only claims still held under the lease this store gave them are
-        touched; a holder that dies before then leaves them to run out their lease."""
+        """Give back claims that will not be settled: the next claim, next_due_at, renew
+        or settle of this store (or its close) returns them to the queue, before it does
+        anything else. Only claims this store still holds are touched; a holder that
+        dies before then leaves them to run out their lease."""
         for delivery_id in ids:
-            end = self._held.pop(delivery_id, None)
-            if end is not None:
-                self._released[delivery_id] = end
+            if delivery_id in self._held:
+                self._held.discard(delivery_id)
+                self._released.add(delivery_id)
+
+    async def renew(
+        self, sink: str, ids: Collection[int], lease: float, now: float | None = None
+    ) -> list[int]:
+        """Extend this store's claims on `ids` (sends still running) and its hold on the
+        sink's consumer by `lease` from now; returns those it no longer holds (its lease
+        ran out and another relay took them over: the send is then a duplicate)."""
+        at = time.time() if now is None else now
+        args = [sink, _num(at), _num(at + lease), *(_pad(i) for i in ids)]
+        lost = [int(m) for m in await self._run_releasing("renew", args)]
+        self._held.difference_update(lost)
+        return lost
 
     async def next_due_at(self, sink: str) -> float | None:
         """When `sink`'s next unclaimed pending delivery is due, if it has one."""
-        due = await self._run_releasing("next_due", [sink, _num(time.time())], [])
+        due = await self._run_releasing("next_due", [sink, _num(time.time())])
         return None if due is None else float(due)
 
     async def settle(self, settlements: Sequence[Settlement], now: float | None = None) -> None:
+        """Record what became of deliveries: of pending ones that no other relay has
+        claimed since (what another relay sends now, or has settled, is its own)."""
         at = time.time() if now is None else now
-        args: list[str] = []
+        args: list[str] = [_num(at)]
         for s in settlements:
             if s.state not in ("pending", "done", "dead"):
                 raise ValueError(f"no such delivery state: {s.state!r}")
@@ -907,27 +1049,23 @@ class RedisStore:
                 "0" if s.error is None else "1",
                 s.error or "",
             ]
-        await self._run_releasing("settle", [_num(at)], args)
+        await self._run_releasing("settle", args)
         # Recorded: whatever comes of them next is the store's, not the claim's.
-        for s in settlements:
-            self._held.pop(s.delivery_id, None)
+        self._held.difference_update(s.delivery_id for s in settlements)
 
     async def save_sink_state(
         self, sink: str, circuit: str, open_until: float, gone: bool, now: float | None = None
     ) -> None:
+        """This relay's view of the sink: each relay keeps its own circuit and 410 (it
+        judges the sends it makes), and `sink_stats` shows the worst of the running
+        relays' views."""
         at = time.time() if now is None else now
+        state = f"{circuit} {_num(open_until)} {'1' if gone else '0'}"
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    f"{self._tag}sinkstate:{sink}",
-                    mapping={
-                        "circuit": circuit,
-                        "open_until": _num(open_until),
-                        "gone": "1" if gone else "0",
-                        "updated_at": _num(at),
-                    },
-                )
+                pipe.hset(f"{self._tag}sinkstate:{sink}", self.token, state)
                 pipe.sadd(f"{self._tag}sinkstates", sink)
+                pipe.zadd(f"{self._tag}replicas", {self.token: _num(at)})
                 await pipe.execute()
         except RedisError as exc:
             self._unavailable(exc)
@@ -1023,7 +1161,7 @@ class RedisStore:
 
     async def sink_stats(self, now: float | None = None) -> dict[str, SinkStats]:
         at = time.time() if now is None else now
-        per_sink, states = await self._run("sink_stats", [])
+        per_sink, states = await self._run("sink_stats", [self.token, _num(at - REPLICA_TTL)])
         stats: dict[str, SinkStats] = {}
         for sink, pending, dead, oldest in per_sink:
             stats[_str(sink)] = SinkStats(
@@ -1091,6 +1229,22 @@ class RedisStore:
             tuple(record for _, _, record in deliveries),
         )
 
+    async def watch_work(self) -> AsyncIterator[set[str]]:
+        """The sinks other relays (or this relay's workers) just queued work for, as
+        accept() publishes them on `{prefix}:work`, so that lanes look at once rather
+        than at their next poll. A lost subscription costs only that: the lanes poll."""
+        channel = f"{self._tag}work"
+        while not self._closed:
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    while not self._closed:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None and message.get("type") == "message":
+                            yield set(_text(message["data"]).split())
+            except (RedisError, StoreUnavailable, OSError):
+                await asyncio.sleep(1.0)  # Redis away: the lanes' polls carry on
+
     async def ping(self) -> None:
         try:
             await self.client.ping()
@@ -1120,14 +1274,69 @@ class RedisStore:
                 return f"the store's memory is nearly full ({max(free, 0)} bytes free)"
         return None
 
+    async def warnings(self) -> list[str]:
+        """How safely Redis keeps what relay acknowledges, where it is less than an
+        operator would assume: an acknowledged event is as durable as Redis's
+        persistence. Asked at start-up; CONFIG may be refused (managed Redis), and then
+        only what INFO shows is judged."""
+        found: list[str] = []
+        try:
+            persistence = await self.client.info("persistence")
+            memory = await self.client.info("memory")
+        except RedisError as exc:
+            self._unavailable(exc)
+        config: dict[str, str] = {}
+        try:
+            for name in ("save", "appendfsync"):
+                raw = await self.client.config_get(name)
+                config.update({_text(k): _text(v) for k, v in raw.items()})
+        except RedisError:
+            pass
+        if not int(persistence.get("aof_enabled", 0)):
+            if config.get("save", "x").strip() == "":
+                found.append(
+                    f"redis at {self._where} persists nothing (no AOF, no RDB snapshots):"
+                    " a restart of Redis loses every event relay acknowledged; set"
+                    " appendonly yes and appendfsync everysec (or always)"
+                )
+            else:
+                found.append(
+                    f"redis at {self._where} has no AOF, only RDB snapshots: a crash of"
+                    " Redis loses the events acknowledged since the last snapshot; set"
+                    " appendonly yes and appendfsync everysec (or always)"
+                )
+        elif config.get("appendfsync") == "no":
+            found.append(
+                f"redis at {self._where} has appendfsync no: a power cut loses the events"
+                " acknowledged in the last 30 s or so; set appendfsync everysec (up to a"
+                " second lost) or always (none)"
+            )
+        policy = _text(memory.get("maxmemory_policy", "noeviction"))
+        if policy != "noeviction":
+            found.append(
+                f"redis at {self._where} has maxmemory-policy {policy}: it may evict stored"
+                " events; set it to noeviction"
+            )
+        return found
+
     # --- housekeeping ------------------------------------------------------------------
 
     async def retire_sinks(self, keep: Collection[str], now: float | None = None) -> int:
-        """Dead-letter the pending deliveries of every sink not in `keep`, with the reason
-        `sink removed`, and forget those sinks' saved state."""
+        """Dead-letter, with the reason `sink removed`, the pending deliveries of every
+        sink that neither `keep` (this relay's sinks) nor any other running relay's
+        sinks name, and forget those sinks' saved state. Also this relay's heartbeat."""
         at = time.time() if now is None else now
-        names = list(keep)
-        return int(await self._run("retire", [_num(at), str(len(names)), *names]))
+        args = [self.token, _num(at), _num(at - REPLICA_TTL), *keep]
+        self._beating = True
+        return int(await self._run("retire", args))
+
+    async def heartbeat(self, sinks: Collection[str], now: float | None = None) -> None:
+        """Tell the relays sharing this prefix that this one runs `sinks`: none of them
+        retires those while it does. Sent every few seconds; a relay silent for
+        REPLICA_TTL is taken for gone."""
+        at = time.time() if now is None else now
+        self._beating = True
+        await self._run("heartbeat", [self.token, _num(at), _num(at - REPLICA_TTL), *sinks])
 
     async def prune(self, keep_done: float, now: float | None = None) -> tuple[int, int]:
         """Drop finished deliveries older than `keep_done`, then events whose dedupe

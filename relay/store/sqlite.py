@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import math
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
-from relay.config import StoreConfig
+from relay.config import SqliteStoreConfig
 from relay.errors import StoreNeedsUpgrade, StoreTooNew, StoreUnavailable
 from relay.models import Delivery
 from relay.store.contract import Store
@@ -276,7 +277,7 @@ def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ..
 
 class SqliteStore:
     @classmethod
-    def from_config(cls, config: StoreConfig, *, dedupe_window: float) -> SqliteStore:
+    def from_config(cls, config: SqliteStoreConfig, *, dedupe_window: float) -> SqliteStore:
         return cls(config.path, dedupe_window=dedupe_window)
 
     def __init__(self, path: Path, *, dedupe_window: float) -> None:
@@ -584,8 +585,19 @@ class SqliteStore:
 
     # --- dispatch ----------------------------------------------------------------------
 
+    # One process per file (the store's lock): nobody else claims, and claims need no
+    # lease or renewal.
+    shared = False
+    lease = math.inf
+
     async def claim(
-        self, sink: str, limit: int, lease: float, now: float | None = None
+        self,
+        sink: str,
+        limit: int,
+        lease: float,
+        now: float | None = None,
+        *,
+        exclusive: bool = False,
     ) -> list[Delivery]:
         """Up to `limit` of `sink`'s due deliveries, oldest first: no other claim gets
         them until they are settled or released. The claims live here, in this process:
@@ -622,6 +634,12 @@ class SqliteStore:
         whose settlement failed): their deliveries are due again at once."""
         for delivery_id in ids:
             self._claims.pop(delivery_id, None)
+
+    async def renew(
+        self, sink: str, ids: Collection[int], lease: float, now: float | None = None
+    ) -> list[int]:
+        """Nothing to renew: claims here never run out (see claim)."""
+        return []
 
     async def next_due_at(self, sink: str) -> float | None:
         """When `sink`'s next unclaimed pending delivery is due, if it has one."""
@@ -677,7 +695,7 @@ class SqliteStore:
                         "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
                         " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
                         " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
-                        f" updated_at = ? WHERE id IN ({marks})",
+                        f" updated_at = ? WHERE id IN ({marks}) AND state = 'pending'",
                         (
                             state,
                             next_at,
@@ -932,6 +950,18 @@ class SqliteStore:
             return count
 
         return await self._run(work)
+
+    async def warnings(self) -> list[str]:
+        return []  # every acknowledgement waits for its fsync
+
+    async def watch_work(self) -> AsyncIterator[set[str]]:
+        """Never yields: only this process (and its workers, through it) writes here,
+        and it wakes its own lanes."""
+        await asyncio.Event().wait()
+        yield set()  # pragma: no cover
+
+    async def heartbeat(self, sinks: Collection[str], now: float | None = None) -> None:
+        """No other relay shares this file: nobody to tell."""
 
     # --- housekeeping ------------------------------------------------------------------
 
