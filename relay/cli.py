@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import structlog
 
-from relay import __version__, dlq, events, logs, qingstor_admin, sendtest, status
+from relay import __version__, dlq, events, logs, migrate, qingstor_admin, sendtest, status
 from relay.app import run
 from relay.config import (
     RelayConfig,
@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("destination", metavar="FILE", help="where the copy goes (must not exist)")
 
     sendtest.add_parser(commands)
+    migrate.add_parser(commands)
     qingstor_admin.add_parser(commands)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
@@ -301,6 +302,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return sendtest.run(args)
     if args.command == "qingstor":
         return qingstor_admin.run(args)
+    if args.command == "migrate":
+        return migrate.run(args)
     if args.command in ("dlq", "status", "backup", "event"):
         return _operate(args)
 

@@ -14,7 +14,16 @@ from pydantic import TypeAdapter
 
 from relay.config import SqliteStoreConfig, StoreConfig
 from relay.errors import StoreUnavailable
-from relay.store import BACKENDS, NewEvent, Quarantined, Selection, Settlement, Store, open_store
+from relay.store import (
+    BACKENDS,
+    MovedDelivery,
+    NewEvent,
+    Quarantined,
+    Selection,
+    Settlement,
+    Store,
+    open_store,
+)
 from tests.redis_server import fresh_prefix
 
 OpenStore = Callable[..., Awaitable[Store]]
@@ -28,21 +37,24 @@ def event(i: int, sinks: tuple[str, ...] = ("a", "b"), key: str | None = None) -
 @pytest.fixture(params=sorted(BACKENDS))
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Opens stores of one backend on one location: again after close, to see what a
-    restart sees."""
-    section: dict[str, object] = {"backend": request.param, "path": "r.db"}
+    restart sees; `elsewhere`, on a second location of the same backend."""
+    sections: list[dict[str, object]] = [
+        {"backend": request.param, "path": name} for name in ("r.db", "elsewhere.db")
+    ]
     if request.param == "redis":
         # Requested only here, so that the SQLite runs need no redis-server.
-        section = {"backend": "redis", "url": request.getfixturevalue("redis_url")}
-        section["prefix"] = fresh_prefix()
-    config = TypeAdapter(StoreConfig).validate_python(section, context={"base_dir": tmp_path})
-
-    def build(window: float) -> Store:
-        return open_store(config, dedupe_window=window)
-
+        url = request.getfixturevalue("redis_url")
+        sections = [{"backend": "redis", "url": url, "prefix": fresh_prefix()} for _ in "ab"]
+    configs = [
+        TypeAdapter(StoreConfig).validate_python(section, context={"base_dir": tmp_path})
+        for section in sections
+    ]
     opened: list[Store] = []
 
-    async def make(window: float = 100.0, *, exclusive: bool = True) -> Store:
-        store = build(window)
+    async def make(
+        window: float = 100.0, *, exclusive: bool = True, elsewhere: bool = False
+    ) -> Store:
+        store = open_store(configs[elsewhere], dedupe_window=window)
         await store.open(exclusive=exclusive)
         opened.append(store)
         return store
@@ -367,3 +379,53 @@ async def test_work_queued_by_one_relay_wakes_the_others(stores: OpenStore):
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_work_moves_to_another_store_with_its_dedupe_claims(stores: OpenStore):
+    source = await stores(window=100.0)
+    await source.accept([event(4)], now=850.0)  # claimed until 950: expired at 1000
+    await source.accept([event(1), event(2), event(3)], now=1000.0)
+    due = {(d.event_id, d.sink): d for d in await source.claim("a", 10, lease=60.0, now=1000.0)}
+    due |= {(d.event_id, d.sink): d for d in await source.claim("b", 10, lease=60.0, now=1000.0)}
+    await source.settle(
+        [
+            Settlement(due["evt_1", "a"].id, "done", 1000.0, 200, None),
+            Settlement(due["evt_1", "b"].id, "dead", 1000.0, 400, "bad request"),
+            Settlement(due["evt_2", "a"].id, "pending", 1500.0, 503, "busy"),
+            Settlement(due["evt_3", "a"].id, "done", 1000.0, 200, None),
+            Settlement(due["evt_3", "b"].id, "done", 1000.0, 200, None),
+            Settlement(due["evt_4", "a"].id, "done", 1000.0, 200, None),
+            Settlement(due["evt_4", "b"].id, "done", 1000.0, 200, None),
+        ],
+        now=1000.0,
+    )
+    batches = [batch async for batch in source.export_work(now=1000.0, batch=2)]
+    moved = {e.id: e for batch in batches for e in batch}
+    # Done deliveries and the expired claim stay behind; evt_3's claim moves alone.
+    assert sorted(moved) == ["evt_1", "evt_2", "evt_3"]
+    assert moved["evt_1"].deliveries == (
+        MovedDelivery("b", "dead", 1, 1000.0, 1000.0, 1000.0, 400, "bad request"),
+    )
+    assert sorted((d.sink, d.state, d.attempts, d.next_at) for d in moved["evt_2"].deliveries) == [
+        ("a", "pending", 1, 1500.0),
+        ("b", "pending", 0, 1000.0),
+    ]
+    assert moved["evt_3"].deliveries == ()
+
+    target = await stores(window=100.0, elsewhere=True)
+    everything = [e for batch in batches for e in batch]
+    assert await target.import_work(everything) == 3
+    assert await target.import_work(everything) == 0  # run twice: nothing doubles
+    # The claims came along: a sender's retry is still a duplicate there.
+    again = await target.accept([event(1), event(3), event(4)], now=1010.0)
+    assert (again.accepted, again.duplicates) == (["evt_4"], ["evt_1", "evt_3"])
+    [letter] = await target.dead_letters(Selection(everything=True))
+    assert (letter.event_id, letter.sink, letter.last_error) == ("evt_1", "b", "bad request")
+    ready = await target.claim("b", 10, lease=60.0, now=1010.0)
+    assert sorted(d.event_id for d in ready) == ["evt_2", "evt_4"]
+    claimed = await target.claim("a", 10, lease=60.0, now=1010.0)
+    assert [d.event_id for d in claimed] == ["evt_4"]
+    done = [Settlement(d.id, "done", 1010.0, 200, None) for d in [*ready, *claimed]]
+    await target.settle(done, now=1010.0)
+    [later] = await target.claim("a", 10, lease=60.0, now=1500.0)
+    assert (later.event_id, later.attempts) == ("evt_2", 1)

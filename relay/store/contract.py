@@ -12,6 +12,7 @@ from relay.store.types import (
     AcceptResult,
     DeadLetter,
     EventRecord,
+    MovedEvent,
     NewEvent,
     Quarantined,
     Selection,
@@ -144,8 +145,29 @@ class Housekeeping(Protocol):
         """This process runs `sinks` (every few seconds, on a shared store)."""
 
 
+class Moving(Protocol):
+    """`relay migrate`: what one store hands over to another."""
+
+    def export_work(
+        self, now: float | None = None, batch: int = 500
+    ) -> AsyncIterator[list[MovedEvent]]:
+        """Events still claimed for dedupe or with pending or dead deliveries, with
+        those deliveries, in batches."""
+        ...
+
+    async def import_work(self, events: Sequence[MovedEvent]) -> int:
+        """Store moved events as they were, skipping any already here; how many added."""
+
+
 class Store(
-    Accepting, Deliveries, DeadLetters, QuarantineKeeper, Observations, Housekeeping, Protocol
+    Accepting,
+    Deliveries,
+    DeadLetters,
+    QuarantineKeeper,
+    Observations,
+    Housekeeping,
+    Moving,
+    Protocol,
 ):
     """A whole store, as `open_store` hands it out."""
 

@@ -73,6 +73,8 @@ from relay.store.types import (
     DeadLetter,
     DeliveryRecord,
     EventRecord,
+    MovedDelivery,
+    MovedEvent,
     NewEvent,
     Quarantined,
     Selection,
@@ -729,6 +731,97 @@ return count
 )
 
 
+# ARGV: token (unused), start, count, now. Events from the `events` index (by expiry)
+# still claimed or with a pending or dead delivery, with those deliveries; then how
+# many index entries were read (0: the end).
+_EXPORT = (
+    _READS
+    + """
+local start, count, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local ids = redis.call('ZRANGE', P .. 'events', start, start + count - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  local e = redis.call('HMGET', P .. 'event:' .. id, 'source', 'envelope', 'received_at',
+    'expires_at')
+  if e[1] then
+    local moved = {}
+    for _, m in ipairs(redis.call('SMEMBERS', P .. 'event_deliveries:' .. id)) do
+      local d = redis.call('HMGET', dkey(m), 'sink', 'state', 'attempts', 'next_at',
+        'created_at', 'updated_at', 'last_status', 'last_error')
+      if d[2] == 'pending' or d[2] == 'dead' then
+        moved[#moved + 1] = {m, d[1], d[2], d[3], d[4], d[5], d[6], opt(d[7]), opt(d[8])}
+      end
+    end
+    if #moved > 0 or tonumber(e[4]) > now then
+      out[#out + 1] = {id, e[1], e[2], e[3], e[4], moved}
+    end
+  end
+end
+return {#ids, out}
+"""
+)
+
+# ARGV: token (unused), n events, then per event: id, source, envelope, received_at,
+# expires_at, n deliveries, then per delivery: sink, state, attempts, next_at,
+# created_at, updated_at, has_status, status, has_error, error. An event already here
+# is skipped with its deliveries. Returns how many were added.
+_IMPORT = (
+    _WRITES
+    + """
+local i, added = 3, 0
+for _ = 1, tonumber(ARGV[2]) do
+  local id, source, envelope, received, expires = ARGV[i], ARGV[i + 1], ARGV[i + 2],
+    ARGV[i + 3], ARGV[i + 4]
+  local n = tonumber(ARGV[i + 5])
+  i = i + 6
+  local ek = P .. 'event:' .. id
+  local fresh = redis.call('EXISTS', ek) == 0
+  if fresh then
+    added = added + 1
+    redis.call('HSET', ek, 'source', source, 'envelope', envelope, 'received_at', received,
+      'expires_at', expires)
+    redis.call('ZADD', P .. 'events', expires, id)
+  end
+  for _ = 1, n do
+    if fresh then
+      local sink, state = ARGV[i], ARGV[i + 1]
+      local m = string.format('%016d', redis.call('INCR', P .. 'seq:delivery'))
+      redis.call('HSET', dkey(m), 'event_id', id, 'sink', sink, 'state', state,
+        'attempts', ARGV[i + 2], 'next_at', ARGV[i + 3], 'created_at', ARGV[i + 4],
+        'updated_at', ARGV[i + 5])
+      if ARGV[i + 6] == '1' then redis.call('HSET', dkey(m), 'last_status', ARGV[i + 7]) end
+      if ARGV[i + 8] == '1' then redis.call('HSET', dkey(m), 'last_error', ARGV[i + 9]) end
+      redis.call('SADD', P .. 'event_deliveries:' .. id, m)
+      redis.call('SADD', P .. 'sinks', sink)
+      if state == 'pending' then
+        redis.call('ZADD', P .. 'queue:' .. sink, ARGV[i + 3], m)
+        redis.call('ZADD', P .. 'pending:' .. sink, ARGV[i + 4], m)
+      else
+        redis.call('ZADD', P .. 'dead:' .. sink, ARGV[i + 5], m)
+      end
+    end
+    i = i + 10
+  end
+end
+return added
+"""
+)
+
+
+def _moved(row: list[Any]) -> MovedDelivery:
+    _, sink, state, attempts, next_at, created_at, updated_at, status, error = row
+    return MovedDelivery(
+        _str(sink),
+        _str(state),  # type: ignore[arg-type]  # the script picks pending and dead only
+        int(attempts),
+        float(next_at),
+        float(created_at),
+        float(updated_at),
+        _opt_int(status),
+        _opt_str(error),
+    )
+
+
 def _selection_args(selection: Selection) -> list[str]:
     if not (selection.everything or selection.sink is not None or selection.event_ids):
         raise ValueError("select --all, a sink, or event ids")
@@ -849,6 +942,8 @@ class RedisStore:
                 "retire": _RETIRE,
                 "heartbeat": _HEARTBEAT,
                 "renew": _RENEW,
+                "export": _EXPORT,
+                "import": _IMPORT,
                 "prune": _PRUNE,
                 "move_back": _MOVE_BACK,
             }.items()
@@ -1318,6 +1413,56 @@ class RedisStore:
                 " events; set it to noeviction"
             )
         return found
+
+    # --- moving to another store -------------------------------------------------------
+
+    async def export_work(
+        self, now: float | None = None, batch: int = 500
+    ) -> AsyncIterator[list[MovedEvent]]:
+        """Every event still claimed for dedupe or with a pending or dead delivery, with
+        those deliveries, in batches (read while nothing else writes: a migration)."""
+        at = time.time() if now is None else now
+        start = 0
+        while True:
+            read, rows = await self._run("export", [self.token, str(start), str(batch), _num(at)])
+            start += int(read)
+            events = [
+                MovedEvent(
+                    _str(event_id),
+                    _str(source),
+                    _str(envelope),
+                    float(received_at),
+                    float(expires_at),
+                    tuple(_moved(row) for row in sorted(moved, key=lambda row: row[0])),
+                )
+                for event_id, source, envelope, received_at, expires_at, moved in rows
+            ]
+            if events:
+                yield events
+            if int(read) < batch:
+                return
+
+    async def import_work(self, events: Sequence[MovedEvent]) -> int:
+        """Store moved events as they were, in one script; one already here (a
+        migration run twice) is left alone. Returns how many were added."""
+        args: list[str] = [self.token, str(len(events))]
+        for e in events:
+            args += [e.id, e.source, e.envelope, _num(e.received_at), _num(e.expires_at)]
+            args.append(str(len(e.deliveries)))
+            for d in e.deliveries:
+                args += [
+                    d.sink,
+                    d.state,
+                    str(d.attempts),
+                    _num(d.next_at),
+                    _num(d.created_at),
+                    _num(d.updated_at),
+                    "0" if d.last_status is None else "1",
+                    "" if d.last_status is None else str(d.last_status),
+                    "0" if d.last_error is None else "1",
+                    d.last_error or "",
+                ]
+        return int(await self._run("import", args))
 
     # --- housekeeping ------------------------------------------------------------------
 

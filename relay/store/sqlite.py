@@ -37,6 +37,8 @@ from relay.store.types import (
     DeadLetter,
     DeliveryRecord,
     EventRecord,
+    MovedDelivery,
+    MovedEvent,
     NewEvent,
     Quarantined,
     Selection,
@@ -953,6 +955,75 @@ class SqliteStore:
 
     async def warnings(self) -> list[str]:
         return []  # every acknowledgement waits for its fsync
+
+    # --- moving to another store -------------------------------------------------------
+
+    async def export_work(
+        self, now: float | None = None, batch: int = 500
+    ) -> AsyncIterator[list[MovedEvent]]:
+        """Every event still claimed for dedupe or with a pending or dead delivery, with
+        those deliveries, in batches; done deliveries and expired claims stay behind."""
+        at = time.time() if now is None else now
+        after = ""
+        while True:
+
+            def query(db: sqlite3.Connection, start: str = after) -> list[MovedEvent]:
+                rows = db.execute(
+                    "SELECT id, source, envelope, received_at, expires_at FROM events e"
+                    " WHERE id > ? AND (expires_at > ? OR EXISTS (SELECT 1 FROM deliveries d"
+                    " WHERE d.event_id = e.id AND d.state IN ('pending', 'dead')))"
+                    " ORDER BY id LIMIT ?",
+                    (start, at, batch),
+                ).fetchall()
+                moved: dict[str, list[MovedDelivery]] = {row[0]: [] for row in rows}
+                for chunk, marks in _in_chunks(list(moved)):
+                    for event_id, *fields in db.execute(
+                        "SELECT event_id, sink, state, attempts, next_at, created_at,"
+                        " updated_at, last_status, last_error FROM deliveries"
+                        f" WHERE event_id IN ({marks}) AND state IN ('pending', 'dead')"
+                        " ORDER BY id",
+                        chunk,
+                    ):
+                        moved[event_id].append(MovedDelivery(*fields))
+                return [
+                    MovedEvent(i, source, envelope, received, expires, tuple(moved[i]))
+                    for i, source, envelope, received, expires in rows
+                ]
+
+            events = await self._read(query)
+            if not events:
+                return
+            yield events
+            after = events[-1].id
+
+    async def import_work(self, events: Sequence[MovedEvent]) -> int:
+        """Store moved events as they were; one already here (a migration run twice) is
+        left alone. Returns how many were added."""
+
+        def work() -> int:
+            added = 0
+            with self._transaction() as db:
+                for e in events:
+                    if not db.execute(
+                        "INSERT OR IGNORE INTO events (id, source, envelope, received_at,"
+                        " expires_at) VALUES (?, ?, ?, ?, ?)",
+                        (e.id, e.source, e.envelope, e.received_at, e.expires_at),
+                    ).rowcount:
+                        continue
+                    added += 1
+                    db.executemany(
+                        "INSERT INTO deliveries (event_id, sink, state, attempts, next_at,"
+                        " created_at, updated_at, last_status, last_error)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (e.id, d.sink, d.state, d.attempts, d.next_at, d.created_at,
+                             d.updated_at, d.last_status, d.last_error)
+                            for d in e.deliveries
+                        ],
+                    )  # fmt: skip
+            return added
+
+        return await self._run(work)
 
     async def watch_work(self) -> AsyncIterator[set[str]]:
         """Never yields: only this process (and its workers, through it) writes here,

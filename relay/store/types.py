@@ -106,3 +106,31 @@ class EventRecord:
     envelope: str
     received_at: float
     deliveries: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MovedDelivery:
+    """A delivery as `relay migrate` carries it from one store to another: only what is
+    still to send (pending) or kept for an operator (dead)."""
+
+    sink: str
+    state: Literal["pending", "dead"]
+    attempts: int
+    next_at: float
+    created_at: float
+    updated_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MovedEvent:
+    """An event with its dedupe claim (until `expires_at`) and the deliveries that move
+    with it; none when only its claim is still worth keeping."""
+
+    id: str
+    source: str
+    envelope: str
+    received_at: float
+    expires_at: float
+    deliveries: tuple[MovedDelivery, ...]
