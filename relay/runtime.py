@@ -54,6 +54,11 @@ _RESTART_ONLY = (
     "server.keepalive_timeout",
     "store.backend",
     "store.path",
+    "store.url",
+    "store.prefix",
+    "store.lease",
+    "store.socket_timeout",
+    "store.connect_timeout",
 )
 
 
@@ -293,8 +298,10 @@ class Runtime:
         store: dict[str, Any] = {}
         for key in _RESTART_ONLY:
             section, name = key.split(".")
-            running = getattr(getattr(old, section), name)
-            configured = getattr(getattr(config, section), name)
+            # A key of another backend reads as absent (None): a change of backend is
+            # itself the difference, and the running store section stays whole.
+            running = getattr(getattr(old, section), name, None)
+            configured = getattr(getattr(config, section), name, None)
             if running != configured:
                 log.warning(
                     "config.restart_required",
@@ -305,11 +312,19 @@ class Runtime:
                 (server if section == "server" else store)[name] = running
         if not (server or store):
             return config
-        return config.model_copy(
-            update={
-                "server": config.server.model_copy(update=server),
-                "store": config.store.model_copy(update=store),
+        running_store = old.store
+        if running_store.backend == config.store.backend:
+            running_store = config.store.model_copy(update=store)
+        else:
+            # Another backend: the running one stays, with the new reloadable keys.
+            reloadable = {
+                name: getattr(config.store, name)
+                for name in type(running_store).model_fields
+                if f"store.{name}" not in _RESTART_ONLY
             }
+            running_store = running_store.model_copy(update=reloadable)
+        return config.model_copy(
+            update={"server": config.server.model_copy(update=server), "store": running_store}
         )
 
     async def apply(self, config: RelayConfig) -> None:
