@@ -61,3 +61,20 @@ async def test_a_password_in_the_url_never_reaches_a_message():
         await store.close()
         assert "pa55word-secret" not in str(failed.value)
         assert f"127.0.0.1:{port}" in str(failed.value)
+
+
+async def test_prune_deletes_a_large_backlog_in_bounded_rounds(redis_url: str, monkeypatch):
+    import relay.store.redis
+
+    monkeypatch.setattr(relay.store.redis, "PRUNE_ROUND", 2)
+    store = RedisStore(redis_url, prefix=fresh_prefix(), dedupe_window=10.0)
+    await store.open(exclusive=True)
+    try:
+        await store.accept([event(i) for i in range(5)], now=1000.0)
+        claimed = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+        await store.settle([Settlement(d.id, "done", 1000.0, 200, None) for d in claimed], 1000.0)
+        # Three rounds of at most two deliveries each; then the events, unreferenced.
+        assert await store.prune(keep_done=0.0, now=2000.0) == (5, 5)
+        assert await store.counts() == {"events": 0}
+    finally:
+        await store.close()

@@ -87,6 +87,9 @@ SCHEMA_VERSION = 1
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
 
+# Finished deliveries one prune script deletes at most (a few milliseconds of Redis).
+PRUNE_ROUND = 2000
+
 # A relay that sent no heartbeat (Housekeeping.heartbeat) for this long is taken for
 # gone: its sinks may be retired, its circuit states no longer shown.
 REPLICA_TTL = 60.0
@@ -669,12 +672,14 @@ return count
 """
 )
 
-# ARGV: done before, now, first minute kept.
+# ARGV: done before, now, first minute kept, at most this many deliveries: one script
+# must not hold Redis for long, so a large backlog of finished work goes in rounds.
 _PRUNE = (
     _SHRINKS
     + """
 local deliveries, events = 0, 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. ARGV[1])) do
+local done = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. ARGV[1], 'LIMIT', 0, ARGV[4])
+for _, m in ipairs(done) do
   local event_id = redis.call('HGET', dkey(m), 'event_id')
   if event_id then redis.call('SREM', P .. 'event_deliveries:' .. event_id, m) end
   redis.call('DEL', dkey(m))
@@ -1488,10 +1493,14 @@ class RedisStore:
         window has passed and that no delivery still needs, and old receipts. Returns
         (deliveries, events)."""
         at = time.time() if now is None else now
-        deliveries, events = await self._run(
-            "prune", [_num(at - keep_done), _num(at), str(int((at - RECEIPTS_KEPT) // 60))]
-        )
-        return int(deliveries), int(events)
+        args = [_num(at - keep_done), _num(at), str(int((at - RECEIPTS_KEPT) // 60))]
+        total = [0, 0]
+        while True:
+            deliveries, events = await self._run("prune", [*args, str(PRUNE_ROUND)])
+            total[0] += int(deliveries)
+            total[1] += int(events)
+            if int(deliveries) < PRUNE_ROUND:
+                return total[0], total[1]
 
 
 def _meets_the_contract(store: RedisStore) -> Store:
