@@ -78,3 +78,36 @@ async def test_prune_deletes_a_large_backlog_in_bounded_rounds(redis_url: str, m
         assert await store.counts() == {"events": 0}
     finally:
         await store.close()
+
+
+async def test_durability_warnings_name_what_redis_would_lose(redis_url: str):
+    store = RedisStore(
+        redis_url.replace("redis://", "redis://:hunter2-secret@"),
+        prefix=fresh_prefix(),
+        dedupe_window=10.0,
+    )
+    admin = Redis.from_url(redis_url)
+    try:
+        # The session's server persists nothing (tests need no durability).
+        await admin.config_set("requirepass", "hunter2-secret")
+        await admin.execute_command("AUTH", "hunter2-secret")
+        await store.open(exclusive=True)
+        [nothing] = await store.warnings()
+        assert "persists nothing" in nothing and "appendonly yes" in nothing
+        await admin.config_set("save", "3600 1")
+        [snapshots] = await store.warnings()
+        assert "only RDB snapshots" in snapshots
+        await admin.config_set("appendonly", "yes")
+        await admin.config_set("appendfsync", "no")
+        [fsync] = await store.warnings()
+        assert "appendfsync no" in fsync
+        await admin.config_set("appendfsync", "everysec")
+        assert await store.warnings() == []
+        for warning in (nothing, snapshots, fsync):
+            assert "hunter2-secret" not in warning
+    finally:
+        await admin.config_set("appendonly", "no")
+        await admin.config_set("save", "")
+        await admin.config_set("requirepass", "")
+        await admin.aclose()
+        await store.close()
