@@ -76,6 +76,7 @@ class Lane:
         self.claims: dict[asyncio.Task[None], list[int]] = {}
         self.renew_at = 0.0  # monotonic
         self.caught_up = True  # the last look found less than it could take
+        self.store_failing = False  # the last look at the store failed
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -203,6 +204,9 @@ class Dispatcher:
                     due = await store.claim(
                         name, limit * free, lease=store.lease, exclusive=sink.paced
                     )
+                    if lane.store_failing:
+                        lane.store_failing = False
+                        log.info("dispatch.store_recovered", sink=name)
                     if lane.stop.is_set():
                         # Taken while stopping: left pending for the next start.
                         self.store.release([d.id for d in due])
@@ -223,7 +227,10 @@ class Dispatcher:
                         # consumer, or holds the rest. Look again at the next poll.
                         next_at = None
                 except Exception:
-                    log.exception("dispatch.store_error", sink=name)
+                    # Once per spell: a store away for a minute is one line, not sixty.
+                    if not lane.store_failing:
+                        log.exception("dispatch.store_error", sink=name)
+                    lane.store_failing = True
             if lane.stop.is_set():
                 break
             pause = self.idle_poll if next_at is None else next_at - time.time()

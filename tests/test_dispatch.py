@@ -296,3 +296,39 @@ async def test_a_send_that_outlasts_its_claims_lease_is_never_handed_out_twice(
     await asyncio.sleep(1.2)  # any second copy would have started by now
     assert overlaps == []
     assert sorted(seen) == sorted(set(seen))
+
+
+async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_path, receiver):
+    from relay.dispatch import Dispatcher
+    from relay.errors import StoreUnavailable
+    from relay.sinks import build_sink
+    from relay.store import NewEvent
+
+    class Flaky(SqliteStore):
+        """A store whose claims fail for a while (Redis restarting, say)."""
+
+        failures = 8
+
+        async def claim(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("redis at redis://db:6379/0: Connection refused")
+            return await super().claim(*args, **kwargs)
+
+    config = relay_config(tmp_path, sinks={"app": http_sink(receiver.url)})
+    store = Flaky(tmp_path / "relay.db", dedupe_window=60)
+    await store.open(exclusive=True)
+    sink = build_sink("app", config.sinks["app"])
+    await sink.start()
+    dispatcher = Dispatcher(store, idle_poll=0.02)
+    try:
+        await store.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
+        with capture_logs() as logs:
+            dispatcher.start({"app": sink}, config.sinks)
+            await eventually(lambda: receiver.requests)
+        events = [e["event"] for e in logs if e["event"].startswith("dispatch.store")]
+        assert events == ["dispatch.store_error", "dispatch.store_recovered"]
+    finally:
+        await dispatcher.stop(1.0)
+        await sink.close()
+        await store.close()
