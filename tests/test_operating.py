@@ -6,8 +6,8 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import RUNTIME, STORE, create_app
 from relay.config import load_config
+from relay.models import NotifierBatch, notifier_envelopes
+from relay.store import EventRecord, Store
 from tests.conftest import TOKEN, eventually, notifier_body, read_lines, relay_config, sample
 from tests.processes import post, run_cli
 
@@ -87,8 +89,9 @@ async def test_gauges_come_from_the_store_so_a_restart_keeps_them(tmp_path, aioh
     }
     config = relay_config(tmp_path, sinks=sinks)
     first = await aiohttp_client(create_app(config))
-    await first.post(HOOK, json=notifier_body("a", "b"))
-    await eventually(lambda: _attempted(first.app[STORE], 2))
+    body = notifier_body("a", "b")
+    await first.post(HOOK, json=body)
+    await eventually(lambda: _attempted(first.app[STORE], ids_of(body), 2))
     await first.close()
 
     second = await aiohttp_client(create_app(config))
@@ -99,11 +102,24 @@ async def test_gauges_come_from_the_store_so_a_restart_keeps_them(tmp_path, aioh
     assert ("relay_events_received_total", (("source", "qingstor"),)) not in found
 
 
-async def _attempted(store, n):
-    rows = await store._run(
-        lambda: store.db.execute("SELECT COUNT(*) FROM deliveries WHERE attempts > 0").fetchone()
-    )
-    return rows[0] == n
+def ids_of(body: dict[str, Any]) -> list[str]:
+    """The ids relay gives a notifier batch's events (its ack body does not list them)."""
+    batch = NotifierBatch.model_validate(body)
+    return [e.id for e in notifier_envelopes(body, batch, "qingstor", datetime.now(UTC))]
+
+
+async def _records(store: Store, ids: list[str]) -> list[EventRecord]:
+    """The events with `ids`, which must be every event the store holds."""
+    assert (await store.counts())["events"] == len(ids)
+    records = [await store.event(event_id) for event_id in ids]
+    assert all(records), (ids, records)
+    return [r for r in records if r is not None]
+
+
+async def _attempted(store: Store, ids: list[str], n: int) -> bool:
+    """Whether exactly `n` deliveries in the store (its events are `ids`) were tried."""
+    records = await _records(store, ids)
+    return sum(d.attempts > 0 for r in records for d in r.deliveries) == n
 
 
 def write(path: Path, config: dict[str, Any]) -> None:
@@ -126,17 +142,20 @@ async def test_a_sink_removed_by_reload_has_its_queue_dead_lettered(tmp_path, ai
     )
     app = create_app(load_config(path), path)
     client = await aiohttp_client(app)
-    await client.post(HOOK, json=notifier_body("a", "b", "c"))
+    body = notifier_body("a", "b", "c")
+    await client.post(HOOK, json=body)
     store = app[STORE]
-    await eventually(lambda: _attempted(store, 6))  # the file's 3, and the app's 3 failed
+    ids = ids_of(body)
+    await eventually(lambda: _attempted(store, ids, 6))  # the file's 3, and the app's 3 failed
 
     write(path, base(tmp_path, archive={"kind": "file", "path": str(tmp_path / "a.jsonl")}))
     assert await app[RUNTIME].reload("test") is True
-    rows = await store._run(
-        lambda: store.db.execute(
-            "SELECT sink, state, last_error FROM deliveries WHERE sink = 'app'"
-        ).fetchall()
-    )
+    rows = [
+        (d.sink, d.state, d.last_error)
+        for r in await _records(store, ids)
+        for d in r.deliveries
+        if d.sink == "app"
+    ]
     assert rows == [("app", "dead", "sink removed")] * 3
     assert list(app[RUNTIME].sinks) == ["archive"]
     # The remaining sink carries on untouched.
@@ -300,7 +319,8 @@ async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
     relay = processes(tmp_path, None)
     relay.args += ["--config", str(path)]
     await relay.start()
-    await post(relay.url(HOOK), notifier_body("a", "b", "c", "d"))
+    body = notifier_body("a", "b", "c", "d")
+    await post(relay.url(HOOK), body)
     await eventually(lambda: len(arrived) == 4)  # all four sends are under way
     started = time.monotonic()
     relay.kill(signal.SIGTERM)
@@ -311,14 +331,28 @@ async def test_sigterm_mid_delivery_exits_0_and_nothing_is_lost_or_doubled(
     again = processes(tmp_path, None)
     again.args += ["--config", str(path)]
     await again.start()
-    db = sqlite3.connect(tmp_path / "relay.db")
-    try:
-        states = dict(db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
-    finally:
-        db.close()
+    states = await _states_by_cli(path, ids_of(body))
     assert states == {"done": 4}  # all settled before the exit: nothing left to resend
     await asyncio.sleep(1.0)
     assert len(arrived) == 4 and sorted(got) == sorted(set(got))  # none sent twice
+
+
+async def _states_by_cli(path: Path, ids: list[str]) -> dict[str, int]:
+    """Deliveries by state, through `relay status` and `relay event`, for a store whose
+    events are `ids`: each event's deliveries, and, from status, that no sink has any
+    other pending or dead."""
+    states: dict[str, int] = {}
+    for event_id in ids:
+        shown = await asyncio.to_thread(run_cli, "event", event_id, "--json", "--config", str(path))
+        assert shown.returncode == 0, shown.stderr
+        for delivery in json.loads(shown.stdout)["deliveries"]:
+            states[delivery["state"]] = states.get(delivery["state"], 0) + 1
+    status = await asyncio.to_thread(run_cli, "status", "--json", "--config", str(path))
+    assert status.returncode == 0, status.stderr
+    sinks = json.loads(status.stdout)["sinks"]
+    assert sum(s["pending"] for s in sinks.values()) == states.get("pending", 0), sinks
+    assert sum(s["dead"] for s in sinks.values()) == states.get("dead", 0), sinks
+    return states
 
 
 async def test_a_reload_whose_new_sink_cannot_start_changes_nothing(tmp_path, aiohttp_client):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.conftest import FIXTURES, TOKEN, eventually, read_lines, sample
+from tests.conftest import FIXTURES, SAMPLE_ID, TOKEN, eventually, read_lines, sample
 from tests.processes import free_port, post, run_cli
 
 
@@ -45,7 +45,7 @@ async def test_kill_9_keeps_dedupe_and_delivers_what_was_acked_after_restart(
     await eventually(lambda: read_lines(tmp_path / "data/events.jsonl"))
     # Written AND recorded as done: killed between the two, the line would be written
     # again after restart (at least once), which is not what this test is about.
-    await eventually(lambda: _archive_done(tmp_path / "data/relay.db"))
+    await eventually(lambda: _archive_done(tmp_path / "relay.yaml", SAMPLE_ID))
     relay.kill(signal.SIGKILL)
     assert relay.wait() == -signal.SIGKILL
 
@@ -71,13 +71,14 @@ async def test_kill_9_keeps_dedupe_and_delivers_what_was_acked_after_restart(
     assert len(read_lines(tmp_path / "data/events.jsonl")) == 1
 
 
-def _archive_done(db_path: Path) -> bool:
-    db = sqlite3.connect(db_path)
-    try:
-        rows = db.execute("SELECT state FROM deliveries WHERE sink = 'archive'").fetchall()
-    finally:
-        db.close()
-    return rows == [("done",)]
+async def _archive_done(config_path: Path, event_id: str) -> bool:
+    """The store's one event (`event_id`) has one archive delivery, and it is done."""
+    shown = await asyncio.to_thread(
+        run_cli, "event", event_id, "--json", "--config", str(config_path)
+    )
+    assert shown.returncode == 0, shown.stderr
+    deliveries = json.loads(shown.stdout)["deliveries"]
+    return [d["state"] for d in deliveries if d["sink"] == "archive"] == ["done"]
 
 
 async def test_sigterm_drains_and_exits_0(tmp_path, processes, receiver):

@@ -8,8 +8,9 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from structlog.testing import capture_logs
 from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
+from relay.models import NotifierBatch, notifier_envelopes
 from relay.sinks.slack import (
     PERMANENT_ERRORS,
     classify,
@@ -30,7 +32,7 @@ from relay.sinks.slack import (
     slack_length,
 )
 from relay.templates import DEFAULT_SLACK_TEMPLATE, SAMPLE_ENVELOPES, check_template
-from tests.conftest import TOKEN, eventually, notifier_body, relay_config, sample
+from tests.conftest import SAMPLE_ID, TOKEN, eventually, notifier_body, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
 FAST_RETRY = {"max_attempts": 5, "initial": "10ms", "max": "50ms"}
@@ -90,13 +92,22 @@ async def counts_when(
     return result
 
 
-async def last_errors(client: Any) -> list[tuple[Any, ...]]:
+def ids_of(body: dict[str, Any]) -> list[str]:
+    """The ids relay gives a notifier batch's events (its ack body does not list them)."""
+    batch = NotifierBatch.model_validate(body)
+    return [e.id for e in notifier_envelopes(body, batch, "qingstor", datetime.now(UTC))]
+
+
+async def last_errors(client: Any, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    """(state, attempts, last_status, last_error) of every delivery in the store, whose
+    events are `ids`."""
     store = client.app[STORE]
-    rows: list[tuple[Any, ...]] = await store._run(
-        lambda: store.db.execute(
-            "SELECT state, attempts, last_status, last_error FROM deliveries"
-        ).fetchall()
-    )
+    assert (await store.counts())["events"] == len(ids)
+    rows: list[tuple[Any, ...]] = []
+    for event_id in ids:
+        record = await store.event(event_id)
+        assert record is not None, event_id
+        rows += [(d.state, d.attempts, d.last_status, d.last_error) for d in record.deliveries]
     return rows
 
 
@@ -223,7 +234,8 @@ async def test_429_mid_batch_holds_back_the_rest_of_the_batch(tmp_path: Path, st
     # Three events in one POST: below the roll-up threshold, so three messages.
     slack.answers = [(429, "rate_limited", {"Retry-After": "1"})]
     client = await start_relay(relay_config(tmp_path, sinks={"team": slack_sink(slack.url)}))
-    await client.post(HOOK, json=notifier_body("a.jpg", "b.jpg", "c.jpg"))
+    body = notifier_body("a.jpg", "b.jpg", "c.jpg")
+    await client.post(HOOK, json=body)
     await counts_when(client, lambda c: c.get("done") == 3)
     assert len(slack.requests) == 4  # the refused one, then each of the three once
     assert slack.gaps()[0] >= 0.95, slack.gaps()
@@ -231,11 +243,8 @@ async def test_429_mid_batch_holds_back_the_rest_of_the_batch(tmp_path: Path, st
     assert sorted(keys) == ["a.jpg", "b.jpg", "c.jpg"]
     # Held back is not attempted: the refused message spent two attempts, the two that
     # waited behind it one each (their one send), not one more for the wait.
-    store = client.app[STORE]
-    attempts = await store._run(
-        lambda: store.db.execute("SELECT attempts FROM deliveries ORDER BY attempts").fetchall()
-    )
-    assert [a for (a,) in attempts] == [1, 1, 2]
+    attempts = sorted(row[1] for row in await last_errors(client, ids_of(body)))
+    assert attempts == [1, 1, 2]
 
 
 SLACK_STATUS = {
@@ -268,7 +277,7 @@ async def test_a_permanent_error_is_dead_lettered_after_one_request(
     assert await counts_when(client, lambda c: c.get("dead") == 1) == {"events": 1, "dead": 1}
     await asyncio.sleep(0.3)
     assert len(slack.requests) == 1
-    [(state, attempts, status, error)] = await last_errors(client)
+    [(state, attempts, status, error)] = await last_errors(client, [SAMPLE_ID])
     assert (state, attempts, status) == ("dead", 1, SLACK_STATUS[code])
     assert code in error and SECRET not in error
 
@@ -282,7 +291,7 @@ async def test_500_then_rollup_error_then_ok_is_delivered_on_the_third_attempt(
     assert await counts_when(client, lambda c: c.get("done") == 1) == {"events": 1, "done": 1}
     assert len(slack.requests) == 3
     assert slack.messages[0] == slack.messages[2]
-    [(_, attempts, status, _)] = await last_errors(client)
+    [(_, attempts, status, _)] = await last_errors(client, [SAMPLE_ID])
     assert (attempts, status) == (3, 200)
 
 
@@ -295,7 +304,7 @@ async def test_errors_never_carry_the_webhook_url(tmp_path: Path, start_relay):
         await client.post(HOOK, json=sample())
         await eventually(lambda: [e for e in logs if e["event"] == "delivery.retry"])
     assert SECRET not in repr(logs)
-    assert all(SECRET not in str(row) for row in await last_errors(client))
+    assert all(SECRET not in str(row) for row in await last_errors(client, [SAMPLE_ID]))
 
 
 async def test_an_error_page_quoting_the_webhook_path_is_scrubbed(
@@ -307,7 +316,7 @@ async def test_an_error_page_quoting_the_webhook_path_is_scrubbed(
     with capture_logs() as logs:
         await client.post(HOOK, json=sample())
         await counts_when(client, lambda c: c.get("dead") == 1)
-    [(_, _, status, error)] = await last_errors(client)
+    [(_, _, status, error)] = await last_errors(client, [SAMPLE_ID])
     assert status == 404 and "<url>" in error and SECRET not in error
     assert SECRET not in repr(logs)
 
@@ -412,11 +421,12 @@ async def test_a_failed_digest_retries_every_event_in_it_together(
 ):
     slack.answers = [(503, "", {})]
     client = await start_relay(relay_config(tmp_path, sinks={"team": slack_sink(slack.url)}))
-    await client.post(HOOK, json=notifier_body(*(f"k/{i}" for i in range(8))))
+    body = notifier_body(*(f"k/{i}" for i in range(8)))
+    await client.post(HOOK, json=body)
     await counts_when(client, lambda c: c.get("done") == 8)
     # Retried together (one floor for all), so they come due together: one digest again.
     assert [m["text"][:11] for m in slack.messages] == ["8 events: 8", "8 events: 8"]
-    assert {row[1] for row in await last_errors(client)} == {2}
+    assert {row[1] for row in await last_errors(client, ids_of(body))} == {2}
 
 
 def test_a_digest_of_odd_keys_stays_within_limits():
