@@ -60,6 +60,18 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The `store:` of a relay under test, on each backend: what an operator sees must
+    not depend on which one it runs (the Redis run needs the session's redis-server)."""
+    if request.param == "sqlite":
+        return {"path": "data/relay.db"}
+    from tests.redis_server import fresh_prefix  # a plugin (below): imported by pytest first
+
+    url = request.getfixturevalue("redis_url")
+    return {"backend": "redis", "url": url, "prefix": fresh_prefix()}
+
+
 def relay_config(tmp_path: Path, **sections: Any) -> RelayConfig:
     """A config rooted in tmp_path: token-protected qingstor source and a file sink."""
     data: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,9 +13,9 @@ from tests.conftest import TOKEN, eventually, notifier_body
 from tests.processes import post, run_cli
 
 
-def write_config(tmp_path: Path, url: str) -> Path:
+def write_config(tmp_path: Path, url: str, store: dict[str, Any] | None = None) -> Path:
     config = {
-        "store": {"path": "data/relay.db"},
+        "store": store or {"path": "data/relay.db"},
         "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
         "sinks": {
             "app": {"kind": "http", "url": url, "retry": {"max_attempts": 2, "initial": "10ms"}},
@@ -30,9 +31,11 @@ async def cli(*args: str):
     return await asyncio.to_thread(run_cli, *args)
 
 
-async def test_list_show_replay_and_purge_while_the_server_runs(tmp_path, processes, receiver):
+async def test_list_show_replay_and_purge_while_the_server_runs(
+    tmp_path, processes, receiver, store_section
+):
     receiver.statuses = [400, 400, 400]  # permanent: each delivery dead at its first answer
-    path = write_config(tmp_path, receiver.url)
+    path = write_config(tmp_path, receiver.url, store_section)
     relay = processes(tmp_path, None)
     relay.args += ["--config", str(path)]
     await relay.start()
@@ -89,9 +92,9 @@ async def test_list_show_replay_and_purge_while_the_server_runs(tmp_path, proces
     assert "no dead letters" in (await cli("dlq", "list", "--config", str(path))).stdout
 
 
-async def test_purge_deletes_dead_letters(tmp_path, processes, receiver):
+async def test_purge_deletes_dead_letters(tmp_path, processes, receiver, store_section):
     receiver.statuses = [404, 404]
-    path = write_config(tmp_path, receiver.url)
+    path = write_config(tmp_path, receiver.url, store_section)
     relay = processes(tmp_path, None)
     relay.args += ["--config", str(path)]
     await relay.start()

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -119,9 +120,11 @@ SECRET_ENV = {
 }
 
 
-async def started_with_secrets(tmp_path: Path, processes, app_url: str):
+async def started_with_secrets(
+    tmp_path: Path, processes, app_url: str, store: dict[str, Any] | None = None
+):
     config = {
-        "store": {"path": "data/relay.db"},
+        "store": store or {"path": "data/relay.db"},
         "sources": {"qingstor": {"kind": "qingstor", "token": "${RELAY_TEST_QINGSTOR_TOKEN}"}},
         "sinks": {
             "app": {
@@ -151,9 +154,11 @@ async def cli(*args: str):
     return await asyncio.to_thread(run_cli, *args)
 
 
-async def test_status_and_dlq_work_without_the_services_secrets(tmp_path, processes, receiver):
+async def test_status_and_dlq_work_without_the_services_secrets(
+    tmp_path, processes, receiver, store_section
+):
     receiver.statuses = [400, 400]  # each delivery dead at its first answer
-    relay, path = await started_with_secrets(tmp_path, processes, receiver.url)
+    relay, path = await started_with_secrets(tmp_path, processes, receiver.url, store_section)
     hook = relay.url(f"/hooks/qingstor?token={TOKEN}")
     assert (await post(hook, notifier_body("one.jpg", "two.jpg")))[0] == 200
     assert not any(name in os.environ for name in SECRET_ENV)  # this shell has none
@@ -297,11 +302,11 @@ def test_file_and_a_different_config_flag_are_a_usage_error(tmp_path):
 
 
 async def test_relay_event_shows_what_became_of_an_event_at_each_sink(
-    tmp_path, processes, receiver
+    tmp_path, processes, receiver, store_section
 ):
     receiver.statuses = [(503, {"Retry-After": "3600"})]  # the app asks to be left alone
     config = {
-        "store": {"path": "data/relay.db"},
+        "store": store_section,
         "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
         "sinks": {
             "archive": {"kind": "file", "path": "data/events.jsonl"},

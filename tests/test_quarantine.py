@@ -95,11 +95,11 @@ async def _kept(client: Any) -> list[Any]:
 
 
 async def test_dlq_lists_shows_and_purges_the_quarantine_of_a_running_relay_with_workers(
-    tmp_path: Path, processes
+    tmp_path: Path, processes, store_section: dict[str, Any]
 ):
     config: dict[str, Any] = {
         "server": {"workers": 1},
-        "store": {"path": "data/relay.db"},
+        "store": store_section,
         "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
         "sinks": {"archive": {"kind": "file", "path": "data/events.jsonl"}},
     }
