@@ -171,7 +171,7 @@ class RedisStoreConfig(_StoreBase):
     url: Annotated[SecretStr, AfterValidator(_check_redis_url)]
     # Every key starts with `{prefix}:`, one hash tag (Redis Cluster keeps them in one
     # slot); relays with different prefixes share a Redis without sharing anything else.
-    prefix: str = Field("relay", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
+    prefix: str = Field("relay", min_length=1, max_length=64)
     # How long a relay's hold on a delivery it is sending lasts without being renewed
     # (its lanes renew it while the send runs): a relay killed mid-send holds its work
     # this long, after which another relay takes it over.
@@ -179,6 +179,14 @@ class RedisStoreConfig(_StoreBase):
     # A Redis call slower than this fails: an ingest answers 503 and the sender retries.
     socket_timeout: PositiveDuration = 5.0
     connect_timeout: PositiveDuration = 5.0
+
+    @field_validator("prefix")
+    @classmethod
+    def _one_hash_tag(cls, value: str) -> str:
+        # The prefix is the keys' hash tag `{prefix}`: a brace would end it early.
+        if any(c in value for c in "{}") or any(c.isspace() for c in value):
+            raise ValueError("prefix must not contain braces or spaces")
+        return value
 
 
 STORE_BACKENDS = ("sqlite", "redis")
@@ -579,6 +587,12 @@ def _format_error(error: Any) -> str:
         if given is None:
             return f"{'.'.join(loc)}: missing (expected one of: {expected})"
         return f"{'.'.join(loc)}: unknown kind {given!r} (expected one of: {expected})"
+    if kind == "extra_forbidden" and len(loc) == 2 and loc[0] == "store":
+        # A key of the other backend: say which backend it belongs to.
+        tag = str(error["loc"][1]) if len(error["loc"]) > 2 else "sqlite"
+        for backend, other in (("sqlite", SqliteStoreConfig), ("redis", RedisStoreConfig)):
+            if backend != tag and loc[1] in other.model_fields:
+                return f"store.{loc[1]}: a key of backend {backend}; set store.backend: {backend}"
     if kind == "extra_forbidden":
         return _unknown_key(error, loc)
     return config_problems.describe({**error, "loc": tuple(loc)}, RelayConfig)

@@ -116,14 +116,24 @@ async def migrate(source: StoreConfig, target: StoreConfig) -> tuple[Moved, list
     writer = open_store(target, dedupe_window=_ANY_WINDOW)
     try:
         # The lock: a relay still serving this store would go on sending what moves.
-        await reader.open(exclusive=True, create=False)
+        try:
+            await reader.open(exclusive=True, create=False)
+        except StoreUnavailable as exc:
+            if "another relay process is serving" not in str(exc):
+                raise
+            raise StoreUnavailable(
+                f"a relay is serving {store_description(source)}: stop it first, so that"
+                " nothing it sends moves as well"
+            ) from None
         await writer.open(exclusive=False, create=True)
         warnings = await writer.warnings()
         async for batch in reader.export_work():
-            added = await writer.import_work(batch)
-            moved.events += added
-            moved.already += len(batch) - added
+            added = set(await writer.import_work(batch))
+            moved.events += len(added)
+            moved.already += len(batch) - len(added)
             for event in batch:
+                if event.id not in added:
+                    continue  # moved by an earlier run: counted then
                 moved.claims_only += not event.deliveries
                 for delivery in event.deliveries:
                     moved.sinks.add(delivery.sink)

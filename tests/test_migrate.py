@@ -63,7 +63,7 @@ async def test_a_queue_moves_from_sqlite_to_redis_and_is_delivered_from_there(
     # Not while a relay serves the store: it would go on sending what moves.
     busy = run_cli(*command, env=env)
     assert busy.returncode == 1
-    assert "another relay process is serving" in busy.stderr
+    assert "a relay is serving sqlite at" in busy.stderr and "stop it first" in busy.stderr
     await single.close()
 
     moved = run_cli(*command, env=env)
@@ -73,7 +73,8 @@ async def test_a_queue_moves_from_sqlite_to_redis_and_is_delivered_from_there(
     assert "do not serve the SQLite store again" in moved.stdout
     again = run_cli(*command, env=env)
     assert again.returncode == 0, again.stderr
-    assert "moved 0 events" in again.stdout and "5 were there already" in again.stdout
+    assert again.stdout.startswith("moved 0 events") and "5 were there already" in again.stdout
+    assert "0 pending deliveries, 0 dead letters" in again.stdout
 
     # The same sinks, now on Redis, and the receiver up: the moved queue is delivered.
     config_file = tmp_path / "redis.yaml"

@@ -46,11 +46,15 @@ def test_check_config_validates_each_backend_and_never_shows_the_url(tmp_path: P
         ),
         "a sqlite key": (
             {"backend": "redis", "url": "redis://h", "path": "x.db"},
-            "store.path: unknown key",
+            "store.path: a key of backend sqlite",
         ),
         "a typo": ({"backend": "redis", "url": "redis://h", "prefx": "a"}, "did you mean 'prefix'"),
         "no such backend": ({"backend": "postgres"}, "store.backend: unknown backend 'postgres'"),
-        "braces": ({"backend": "redis", "url": "redis://h", "prefix": "{a}"}, "store.prefix"),
+        "braces": (
+            {"backend": "redis", "url": "redis://h", "prefix": "{a}"},
+            "store.prefix: prefix must not contain braces or spaces",
+        ),
+        "no backend": ({"url": "redis://h"}, "store.url: a key of backend redis"),
     }
     for name, (store, expected) in cases.items():
         bad = write(tmp_path / "bad.yaml", base(tmp_path, store))

@@ -155,8 +155,8 @@ class Moving(Protocol):
         those deliveries, in batches."""
         ...
 
-    async def import_work(self, events: Sequence[MovedEvent]) -> int:
-        """Store moved events as they were, skipping any already here; how many added."""
+    async def import_work(self, events: Sequence[MovedEvent]) -> list[str]:
+        """Store moved events as they were, skipping any already here; the ids added."""
 
 
 class Store(

@@ -2,35 +2,43 @@
 
 Every write is one Lua script, which Redis runs atomically: an `accept()` claims its ids,
 stores its events and queues their deliveries in one step, or (Redis unreachable, out of
-memory, read-only) in none, and the caller gets StoreUnavailable. The scripts carry a
-`#!lua` shebang so that Redis refuses a writing script up front when it is out of memory
-instead of failing it half-way. Durability is Redis's: run it with `appendonly yes` and
-`appendfsync always` for an acknowledged event to survive a power cut, and with
-`maxmemory-policy noeviction`, since an evicted key is a lost event (health() says so).
+memory, read-only) in none, and the caller gets StoreUnavailable. Scripts that may grow
+the store carry `#!lua` so that Redis refuses them up front at maxmemory instead of
+failing them half-way; those that only move, end or delete work (claims, settlements,
+prune, heartbeats) carry `flags=allow-oom`, so a full Redis still drains. Durability is
+Redis's: run it with `appendonly yes` (`appendfsync everysec` or `always`) and with
+`maxmemory-policy noeviction`, since an evicted key is a lost event; warnings() and
+health() say when it is not so.
 
-Times are the callers' (`now`), never Redis's clock. Timestamps are stored as Python's
-`repr` of the float, which reads back exactly.
+Times are the callers' (`now`), never Redis's clock: leases and schedules are judged by
+the relays' clocks (keep them in sync), and the tests can drive time. Timestamps are
+stored as Python's `repr` of the float, which reads back exactly.
 
 Key layout. Every key starts with `{<prefix>}:` (default `{relay}:`): one hash tag, so on
 Redis Cluster all keys share a slot and every script can touch any of them. The scripts
 get that tag as their only KEYS entry and build the other names from it. `<d>` is a
-delivery id zero-padded to 16 digits, so that members of equal score sort by id.
+delivery id zero-padded to 16 digits, so that members of equal score sort by id; `<t>`
+is a relay's token (RedisStore.token, one per process and store).
 
     meta                    hash: schema version; its existence means "a store is here"
     seq:delivery            INCR counter of delivery ids
     event:<id>              hash: source, envelope, received_at, expires_at (dedupe claim)
-    events                  zset: event id by expires_at (prune, counts)
+    events                  zset: event id by expires_at (prune, counts, export)
     event_deliveries:<id>   set: the <d> of the event's deliveries
     delivery:<d>            hash: event_id, sink, state (pending|done|dead), attempts,
-                            next_at, created_at, updated_at, last_status?, last_error?
+                            next_at, created_at, updated_at, last_status?, last_error?,
+                            holder? (the <t> whose claim it is, or was last)
     sinks                   set: sink names that have (had) deliveries
     pending:<sink>          zset: every pending <d> of the sink by created_at
     queue:<sink>            zset: pending, unclaimed <d> by next_at (what claim takes)
     claimed:<sink>          zset: pending, claimed <d> by lease end
     dead:<sink>             zset: dead <d> by updated_at
     done                    zset: done <d> (all sinks) by updated_at, for prune
+    consumer:<sink>         hash: holder <t>, until: a paced sink's one consumer
+    replicas                zset: <t> by its last heartbeat
+    replica:<t>             set: the sinks that relay runs
     sinkstates              set: sinks with a saved state
-    sinkstate:<sink>        hash: circuit, open_until, gone, updated_at
+    sinkstate:<sink>        hash: <t> -> "circuit open_until gone", each relay's own
     minutes                 zset: minutes (unix time // 60) with receipts
     received:<minute>       hash: source -> events received that minute
     duplicates:<minute>     hash: source -> of which duplicates
@@ -39,14 +47,17 @@ delivery id zero-padded to 16 digits, so that members of equal score sort by id.
     quarantine:<q>          hash: source, digest, received_at, repeats, error, reason,
                             content_type, size, body
     quarantine_index        hash: "<sha256>:<source>" -> <q>, a body kept once
+    work                    pub/sub channel: the sinks an accept() queued for
 
 A pending delivery is in `pending:<sink>` and in exactly one of `queue:<sink>` and
 `claimed:<sink>`. Queues are sorted sets, not a Stream with a consumer group: claim()
 must hand out work by next_at (retries are scheduled into the future, and
-move_schedule_back() reschedules them), which a stream's arrival order cannot express;
-a sorted set scored by lease end gives XAUTOCLAIM's "take over what a dead holder
-left" with a range query. Claims live in Redis, so several relays can share a prefix:
-`open(exclusive=True)` takes no lock.
+move_schedule_back() reschedules them), which a stream's arrival order cannot express
+without a second structure beside it; and XAUTOCLAIM judges idleness by Redis's clock,
+not the callers'. A sorted set scored by lease end gives XAUTOCLAIM's "take over what a
+dead holder left" with a range query, and the `holder` field XCLAIM's ownership: a late
+settle from a holder whose claim was taken over is ignored. Claims live in Redis, so
+several relays share a prefix: `open(exclusive=True)` takes no lock.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay.config import RedisStoreConfig, redacted_url
@@ -582,9 +594,10 @@ return {stats, states}
 """
 )
 
-# ARGV: token, now, cutoff, sinks this relay runs...
+# ARGV: token, now, cutoff, sinks this relay runs... (allowed at maxmemory: a relay that
+# cannot say it is alive would have its sinks retired by the others)
 _HEARTBEAT = (
-    _WRITES
+    _SHRINKS
     + """
 heartbeat(ARGV[2], 4)
 forget_gone_replicas(ARGV[3])
@@ -640,7 +653,7 @@ return {e[1], e[2], e[3], out}
 # running relay runs it: during a rolling deploy, a relay whose config lacks a sink
 # must not dead-letter the work of a sink a newer relay's config just added.
 _RETIRE = (
-    _WRITES
+    _SHRINKS
     + """
 local now, count = ARGV[2], 0
 heartbeat(now, 4)
@@ -769,11 +782,11 @@ return {#ids, out}
 # ARGV: token (unused), n events, then per event: id, source, envelope, received_at,
 # expires_at, n deliveries, then per delivery: sink, state, attempts, next_at,
 # created_at, updated_at, has_status, status, has_error, error. An event already here
-# is skipped with its deliveries. Returns how many were added.
+# is skipped with its deliveries. Returns the ids added.
 _IMPORT = (
     _WRITES
     + """
-local i, added = 3, 0
+local i, added = 3, {}
 for _ = 1, tonumber(ARGV[2]) do
   local id, source, envelope, received, expires = ARGV[i], ARGV[i + 1], ARGV[i + 2],
     ARGV[i + 3], ARGV[i + 4]
@@ -782,7 +795,7 @@ for _ = 1, tonumber(ARGV[2]) do
   local ek = P .. 'event:' .. id
   local fresh = redis.call('EXISTS', ek) == 0
   if fresh then
-    added = added + 1
+    added[#added + 1] = id
     redis.call('HSET', ek, 'source', source, 'envelope', envelope, 'received_at', received,
       'expires_at', expires)
     redis.call('ZADD', P .. 'events', expires, id)
@@ -894,14 +907,18 @@ class RedisStore:
             raise StoreUnavailable("the store is closed")
         if self._client is not None:
             return
-        # No retries inside redis-py: a script whose answer was lost may have run, and
-        # running it again would, e.g., claim more. The caller's retry (a sender's, after
-        # a 503) is safe: accept() deduplicates.
+        # One retry, on a broken connection only: after Redis restarted, every pooled
+        # connection fails its next call, and without it each would cost a 503 or an
+        # unsettled send (delivered twice). A timeout is not retried: the script may still
+        # be running. A script that ran before its connection broke and runs again does
+        # no harm: accept() then answers duplicates (the events are stored), a claim is
+        # held until its lease ends, a settlement of work no longer pending is ignored.
         client = Redis.from_url(
             self.url,
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=self.connect_timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_timeout=False,
             decode_responses=False,
         )
         try:
@@ -1447,9 +1464,9 @@ class RedisStore:
             if int(read) < batch:
                 return
 
-    async def import_work(self, events: Sequence[MovedEvent]) -> int:
+    async def import_work(self, events: Sequence[MovedEvent]) -> list[str]:
         """Store moved events as they were, in one script; one already here (a
-        migration run twice) is left alone. Returns how many were added."""
+        migration run twice) is left alone. Returns the ids added."""
         args: list[str] = [self.token, str(len(events))]
         for e in events:
             args += [e.id, e.source, e.envelope, _num(e.received_at), _num(e.expires_at)]
@@ -1467,7 +1484,7 @@ class RedisStore:
                     "0" if d.last_error is None else "1",
                     d.last_error or "",
                 ]
-        return int(await self._run("import", args))
+        return [_str(i) for i in await self._run("import", args)]
 
     # --- housekeeping ------------------------------------------------------------------
 

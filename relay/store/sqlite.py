@@ -996,12 +996,12 @@ class SqliteStore:
             yield events
             after = events[-1].id
 
-    async def import_work(self, events: Sequence[MovedEvent]) -> int:
+    async def import_work(self, events: Sequence[MovedEvent]) -> list[str]:
         """Store moved events as they were; one already here (a migration run twice) is
-        left alone. Returns how many were added."""
+        left alone. Returns the ids added."""
 
-        def work() -> int:
-            added = 0
+        def work() -> list[str]:
+            added: list[str] = []
             with self._transaction() as db:
                 for e in events:
                     if not db.execute(
@@ -1010,7 +1010,7 @@ class SqliteStore:
                         (e.id, e.source, e.envelope, e.received_at, e.expires_at),
                     ).rowcount:
                         continue
-                    added += 1
+                    added.append(e.id)
                     db.executemany(
                         "INSERT INTO deliveries (event_id, sink, state, attempts, next_at,"
                         " created_at, updated_at, last_status, last_error)"
