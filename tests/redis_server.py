@@ -1,5 +1,6 @@
 """A real redis-server for the tests, never a fake: started once per session on a free
-port of 127.0.0.1, persisting nothing, and stopped at the end.
+port of 127.0.0.1, persisting nothing, and stopped at the end; and, for the tests that
+stop and start Redis under a running relay, one of a test's own with AOF on.
 
 Without redis-server on PATH the tests that need it are skipped, visibly; with
 RELAY_REQUIRE_REDIS=1 (CI) they fail instead, so a missing server cannot pass for green.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -44,22 +46,23 @@ def _missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a redis-server of this session's own."""
+def _binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         _missing("redis-server is not installed (or not on PATH)")
-    folder: Path = tmp_path_factory.mktemp("redis")
-    port = _free_port()
+    return binary
+
+
+def _spawn(binary: str, port: int, folder: Path, *persistence: str) -> subprocess.Popen[bytes]:
+    """redis-server on `port`, its files and log in `folder`; fails the test unless it
+    answers PING within 10 s."""
     log = folder / "redis.log"
     process = subprocess.Popen(
         [
             binary,
             "--port", str(port),
             "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
+            *persistence,
             "--dir", str(folder),
             "--maxmemory", MAXMEMORY,
             "--logfile", str(log),
@@ -67,22 +70,87 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
+    deadline = time.monotonic() + 10.0
+    while not _answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _end(process)
+            detail = log.read_text()[-2000:] if log.exists() else ""
+            # Installed but broken is a failure, not a reason to skip.
+            pytest.fail(f"redis-server did not start on port {port}: {detail}")
+        time.sleep(0.02)
+    return process
+
+
+def _end(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
     try:
-        deadline = time.monotonic() + 10.0
-        while not _answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                detail = log.read_text()[-2000:] if log.exists() else ""
-                # Installed but broken is a failure, not a reason to skip.
-                pytest.fail(f"redis-server did not start on port {port}: {detail}")
-            time.sleep(0.02)
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a redis-server of this session's own."""
+    binary = _binary()
+    folder: Path = tmp_path_factory.mktemp("redis")
+    port = _free_port()
+    process = _spawn(binary, port, folder, "--save", "", "--appendonly", "no")
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _end(process)
+
+
+class RestartableRedis:
+    """A redis-server of one test's own that the test stops and starts again: the same
+    port and folder each time, with AOF on and fsynced at every write (`appendfsync
+    always`), so that what Redis acknowledged survives even a kill -9 of Redis."""
+
+    PERSISTENCE = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
+
+    def __init__(self, binary: str, folder: Path, port: int) -> None:
+        self.binary = binary
+        self.folder = folder
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start it (again), and wait until it answers: it has loaded its AOF by then."""
+        if self.running:
+            raise RuntimeError("this redis-server is running already")
+        self.process = _spawn(self.binary, self.port, self.folder, *self.PERSISTENCE)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop it: SIGTERM (a clean shutdown), or with `kill` SIGKILL, as a crash."""
+        if self.process is not None:
+            _end(self.process, signal.SIGKILL if kill else signal.SIGTERM)
+            self.process = None
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    """A started RestartableRedis in this test's tmp_path (under `redis/`), stopped at
+    the end. Skips, or with RELAY_REQUIRE_REDIS=1 fails, as `redis_url` does."""
+    binary = _binary()
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RestartableRedis(binary, folder, _free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def fresh_prefix() -> str:
