@@ -176,6 +176,9 @@ class RedisStoreConfig(_StoreBase):
     # (its lanes renew it while the send runs): a relay killed mid-send holds its work
     # this long, after which another relay takes it over.
     lease: PositiveDuration = 30.0
+    # A Redis Cluster: `url` names any node; the client follows the cluster's slots.
+    # relay's keys share one hash tag, so one shard holds them all.
+    cluster: bool = False
     # A Redis call slower than this fails: an ingest answers 503 and the sender retries.
     socket_timeout: PositiveDuration = 5.0
     connect_timeout: PositiveDuration = 5.0

@@ -59,6 +59,7 @@ _RESTART_ONLY = (
     "store.lease",
     "store.socket_timeout",
     "store.connect_timeout",
+    "store.cluster",
 )
 
 

@@ -104,6 +104,56 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _end(process)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of this session's own: three masters on free ports, slots spread
+    by `redis-cli --cluster create`. The URL names one node: relay must follow the
+    cluster to whichever node owns its prefix's slot."""
+    binary = _binary()
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        _missing("redis-cli is not installed (or not on PATH)")
+    ports = [_free_port() for _ in range(3)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            folder: Path = tmp_path_factory.mktemp(f"redis-cluster-{port}")
+            # The bus port is set: the default, port + 10000, may be past 65535.
+            cluster = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(_free_port()),
+            )  # fmt: skip
+            processes.append(
+                _spawn(binary, port, folder, "--save", "", "--appendonly", "no", *cluster)
+            )
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        created = subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if created.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
+        deadline = time.monotonic() + 10.0
+        while not all(_cluster_ok(cli, port) for port in ports):
+            if time.monotonic() > deadline:
+                pytest.fail("the Redis Cluster did not become ready within 10 s")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for process in processes:
+            _end(process)
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    info = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=5
+    )
+    return "cluster_state:ok" in info.stdout
+
+
 class RestartableRedis:
     """A redis-server of one test's own that the test stops and starts again: the same
     port and folder each time, with AOF on and fsynced at every write (`appendfsync

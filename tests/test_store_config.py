@@ -85,3 +85,26 @@ async def test_a_store_change_needs_a_restart_and_the_running_store_stays(
         getattr(running, "path", None),
         7200.0,
     )
+
+
+async def test_a_relay_on_a_redis_cluster_takes_and_delivers_events(
+    tmp_path: Path, start_relay, receiver, redis_cluster_url: str
+):
+    from relay.config import build_config
+    from tests.conftest import eventually, notifier_body
+    from tests.redis_server import fresh_prefix
+
+    store = {"backend": "redis", "url": redis_cluster_url, "cluster": True}
+    data = {
+        **base(tmp_path, {**store, "prefix": fresh_prefix()}),
+        "sinks": {"app": {"kind": "http", "url": receiver.url}},
+    }
+    client = await start_relay(build_config(data, base_dir=tmp_path, env={}))
+    hook = f"/hooks/qingstor?token={TOKEN}"
+    first = await client.post(hook, json=notifier_body("a.jpg", "b.jpg"))
+    assert (first.status, await first.json()) == (200, {"accepted": 2, "duplicates": 0})
+    again = await client.post(hook, json=notifier_body("a.jpg", "b.jpg"))
+    assert (await again.json())["duplicates"] == 2
+    await eventually(lambda: len(receiver.requests) == 2)
+    ready = await client.get("/readyz")
+    assert ready.status == 200, await ready.text()

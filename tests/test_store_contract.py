@@ -34,17 +34,21 @@ def event(i: int, sinks: tuple[str, ...] = ("a", "b"), key: str | None = None) -
     return NewEvent(f"evt_{i}", "qingstor", json.dumps(envelope), sinks)
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "redis-cluster"])
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Opens stores of one backend on one location: again after close, to see what a
     restart sees; `elsewhere`, on a second location of the same backend."""
     sections: list[dict[str, object]] = [
         {"backend": request.param, "path": name} for name in ("r.db", "elsewhere.db")
     ]
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         # Requested only here, so that the SQLite runs need no redis-server.
-        url = request.getfixturevalue("redis_url")
-        sections = [{"backend": "redis", "url": url, "prefix": fresh_prefix()} for _ in "ab"]
+        cluster = request.param == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+        sections = [
+            {"backend": "redis", "url": url, "prefix": fresh_prefix(), "cluster": cluster}
+            for _ in "ab"
+        ]
     configs = [
         TypeAdapter(StoreConfig).validate_python(section, context={"base_dir": tmp_path})
         for section in sections

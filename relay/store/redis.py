@@ -70,6 +70,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, NoReturn
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -594,6 +595,17 @@ return {stats, states}
 """
 )
 
+# ARGV: token, sink, state, now.
+_SAVE_STATE = (
+    _WRITES
+    + """
+redis.call('HSET', P .. 'sinkstate:' .. ARGV[2], TOKEN, ARGV[3])
+redis.call('SADD', P .. 'sinkstates', ARGV[2])
+redis.call('ZADD', P .. 'replicas', ARGV[4], TOKEN)
+return 0
+"""
+)
+
 # ARGV: token, now, cutoff, sinks this relay runs... (allowed at maxmemory: a relay that
 # cannot say it is alive would have its sinks retired by the others)
 _HEARTBEAT = (
@@ -861,6 +873,7 @@ class RedisStore:
             socket_timeout=config.socket_timeout,
             connect_timeout=config.connect_timeout,
             lease=config.lease,
+            cluster=config.cluster,
         )
 
     def __init__(
@@ -872,6 +885,7 @@ class RedisStore:
         socket_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         lease: float = 30.0,
+        cluster: bool = False,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"a Redis key prefix must be non-empty, without braces: {prefix!r}")
@@ -881,9 +895,10 @@ class RedisStore:
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         self.lease = lease
+        self.cluster = cluster
         self._tag = f"{{{prefix}}}:"
         self._where = f"{redacted_url(url)} (prefix {prefix!r})"
-        self._client: Redis | None = None
+        self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._closed = False
         # Who this store is among the relays sharing the prefix: the holder of its claims
@@ -913,14 +928,19 @@ class RedisStore:
         # be running. A script that ran before its connection broke and runs again does
         # no harm: accept() then answers duplicates (the events are stored), a claim is
         # held until its lease ends, a settlement of work no longer pending is ignored.
-        client = Redis.from_url(
-            self.url,
-            socket_timeout=self.socket_timeout,
-            socket_connect_timeout=self.connect_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            retry_on_timeout=False,
-            decode_responses=False,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            "decode_responses": False,
+        }
+        client: Redis | RedisCluster
+        if self.cluster:
+            # Any node's address: the client learns the slots and follows MOVED, and all
+            # of relay's keys sit in the one slot of `{prefix}`.
+            client = RedisCluster.from_url(self.url, **options)
+        else:
+            client = Redis.from_url(self.url, retry_on_timeout=False, **options)
         try:
             meta = self._tag + "meta"
             if create:
@@ -963,6 +983,7 @@ class RedisStore:
                 "event": _EVENT,
                 "retire": _RETIRE,
                 "heartbeat": _HEARTBEAT,
+                "save_state": _SAVE_STATE,
                 "renew": _RENEW,
                 "export": _EXPORT,
                 "import": _IMPORT,
@@ -1013,12 +1034,22 @@ class RedisStore:
             self._unavailable(exc)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         if self._client is None:
             raise StoreUnavailable("store is not open")
         return self._client
+
+    async def _on_our_node(self, *command: str) -> Any:
+        """A server command (INFO, CONFIG GET) to the node holding relay's keys: on a
+        cluster, the one that owns the prefix's slot, whose memory and persistence are
+        what matter."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(self._tag + "meta")
+            return await client.execute_command(*command, target_nodes=node)
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def _take_releases(self) -> list[str]:
         releases = [_pad(i) for i in self._released]
@@ -1178,14 +1209,7 @@ class RedisStore:
         relays' views."""
         at = time.time() if now is None else now
         state = f"{circuit} {_num(open_until)} {'1' if gone else '0'}"
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(f"{self._tag}sinkstate:{sink}", self.token, state)
-                pipe.sadd(f"{self._tag}sinkstates", sink)
-                pipe.zadd(f"{self._tag}replicas", {self.token: _num(at)})
-                await pipe.execute()
-        except RedisError as exc:
-            self._unavailable(exc)
+        await self._run("save_state", [self.token, sink, state, _num(at)])
 
     async def move_schedule_back(self, seconds: float, now: float | None = None) -> int:
         """After the wall clock stepped back by `seconds`: pending deliveries scheduled
@@ -1375,7 +1399,7 @@ class RedisStore:
         room. Without `maxmemory`, Redis takes what the machine has and this says
         nothing of memory."""
         try:
-            memory = await self.client.info("memory")
+            memory = await self._on_our_node("INFO", "memory")
         except (RedisError, StoreUnavailable) as exc:
             return f"redis at {self._where} is unavailable: {exc}"
         policy = str(memory.get("maxmemory_policy", "noeviction"))
@@ -1398,14 +1422,14 @@ class RedisStore:
         only what INFO shows is judged."""
         found: list[str] = []
         try:
-            persistence = await self.client.info("persistence")
-            memory = await self.client.info("memory")
+            persistence = await self._on_our_node("INFO", "persistence")
+            memory = await self._on_our_node("INFO", "memory")
         except RedisError as exc:
             self._unavailable(exc)
         config: dict[str, str] = {}
         try:
             for name in ("save", "appendfsync"):
-                raw = await self.client.config_get(name)
+                raw = await self._on_our_node("CONFIG", "GET", name)
                 config.update({_text(k): _text(v) for k, v in raw.items()})
         except RedisError:
             pass
