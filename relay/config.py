@@ -378,9 +378,30 @@ def _check_secret_url(value: SecretStr) -> SecretStr:
     return value
 
 
+class SuccessConfig(_Model):
+    """What a successful answer's JSON body carries, for a service that answers 200 with
+    its error in the body: `{field: errcode, equals: 0}`."""
+
+    field: str = Field(min_length=1)
+    equals: int | bool | str
+
+
+# Chat robots whose answers only their own sink kind reads: behind `kind: http` a 200
+# carrying an error would be recorded as delivered.
+_ROBOT_HOSTS = {
+    "oapi.dingtalk.com": "dingtalk",
+    "open.feishu.cn": "feishu",
+    "open.larksuite.com": "feishu",
+    "qyapi.weixin.qq.com": "wecom",
+    "hooks.slack.com": "slack",
+    "discord.com": "discord",
+    "discordapp.com": "discord",
+}
+
+
 class HttpSinkConfig(_SinkBase):
     kind: Literal["http"]
-    # A secret like Slack's: DingTalk, WeCom, Feishu and Discord URLs carry their token.
+    # A secret: service URLs may carry their token in the path or the query.
     url: Annotated[SecretStr, AfterValidator(_check_secret_url)]
     headers: dict[str, SecretStr] = {}  # often credentials: never logged or shown
     timeout: PositiveDuration = 10.0
@@ -389,6 +410,22 @@ class HttpSinkConfig(_SinkBase):
     format: Literal["envelope", "cloudevents", "cloudevents-binary"] = "envelope"
     # Standard Webhooks signing; a list while rotating (one signature per secret).
     signing_secret: list[WhsecSecret] | None = None
+    # A 2xx is delivered only when the JSON body has this field value.
+    success: SuccessConfig | None = None
+
+    @model_validator(mode="after")
+    def _robots_have_their_own_kind(self) -> HttpSinkConfig:
+        host = (URL(self.url.get_secret_value()).host or "").lower()
+        kind = _ROBOT_HOSTS.get(host)
+        if kind is not None and self.success is None:
+            # Not quoted back: the URL is a secret.
+            use = f"use kind: {kind}, which reads its answers, or " if kind in SINK_KINDS else ""
+            raise ValueError(
+                f"url is a {kind} webhook: {use}set success: to what its successful answer"
+                " carries (behind kind: http, an error it answers with HTTP 200 would"
+                " count as delivered)"
+            )
+        return self
 
     @field_validator("signing_secret", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """`kind: http`: POST each event to a service, optionally signed per Standard Webhooks.
 
-Answers are read as the Standard Webhooks receiver conventions describe them: 2xx
+Answers are read by the status ladder every sink shares (relay.sinks.answers): 2xx
 done; 410 the endpoint is gone; 429/502/503/504 back off, honouring Retry-After; other
-4xx, except 408/409/425/429, will not improve with retrying; the rest is transient.
+4xx, except 408/409/425/429, will not improve with retrying; the rest is transient. With
+`success`, a 2xx counts only when its JSON body carries the expected field value.
 """
 
 from __future__ import annotations
@@ -21,29 +22,13 @@ from yarl import URL
 
 from relay.config import HttpSinkConfig
 from relay.models import Delivery, isoformat
-from relay.ratelimit import Pacer
 from relay.signatures import standard_webhooks_header, whsec_key
-from relay.sinks.base import DONE, Answer, Outcome, PostingSink, parse_retry_after, post
+from relay.sinks.answers import ExpectedField, judge, ladder
+from relay.sinks.base import Answer, Outcome, PostingSink, post
+from relay.sinks.pacing import Pacer
 
-_THROTTLED = frozenset({429, 502, 503, 504})
-_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
-
-
-def judge_response(status: int, retry_after: str | None, body: str, now: float) -> Outcome:
-    if 200 <= status < 300:
-        return DONE
-    shown = " ".join(body.split())[:200]
-    error = f"HTTP {status}: {shown}" if shown else f"HTTP {status}"
-    if status == 410:
-        return Outcome("dead", status, error, gone=True)
-    if 300 <= status < 400:
-        # Redirects are not followed (a POST would turn into a GET and the event be
-        # lost); the URL is wrong, and will be on every retry: fix it, then replay.
-        return Outcome("dead", status, f"{error} (redirect not followed: fix the url)")
-    wait = parse_retry_after(retry_after, now) if status in _THROTTLED else None
-    if 400 <= status < 500 and status not in _RETRYABLE_4XX:
-        return Outcome("dead", status, error)
-    return Outcome("retry", status, error, retry_after=wait)
+# The status ladder every sink shares; the name the tests and docs know it by.
+judge_response = ladder
 
 
 # CloudEvents HTTP binding 3.1.3.2: of printable ASCII (U+0021-U+007E) all but `"` and
@@ -139,7 +124,14 @@ class HttpSink(PostingSink):
         self._keys = [whsec_key(s.get_secret_value()) for s in config.signing_secret or []]
         self._credentials = credentials(config)
         # Spaces sends per rate_limit, and holds them all back after a Retry-After.
-        self._pacer = Pacer(config.rate_limit)
+        self._pacer = Pacer.per_second(config.rate_limit)
+        # A robot-like service that answers 200 with its error in the body: a 2xx is
+        # delivered only when the body says so.
+        self._read_body = (
+            None
+            if config.success is None
+            else ExpectedField(config.success.field, config.success.equals)
+        )
         self.timeout = config.timeout
         self.connections = config.concurrency
 
@@ -171,8 +163,10 @@ class HttpSink(PostingSink):
         answer = await post(self.session, url, body, headers, self._credentials)
         if not isinstance(answer, Answer):
             return answer
-        outcome = judge_response(answer.status, answer.retry_after, answer.body, time.time())
+        outcome = judge(
+            answer.status, answer.retry_after, answer.body, time.time(), self._read_body
+        )
         if outcome.retry_after:
             # The receiver asked the sink, not one delivery, to wait.
-            self._pacer.hold_until(outcome.retry_after)
+            self._pacer.hold(outcome.retry_after)
         return outcome
