@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -433,17 +433,86 @@ class HttpSinkConfig(_SinkBase):
         return [value] if isinstance(value, str) else value
 
 
-class SlackSinkConfig(_SinkBase):
-    kind: Literal["slack"]
-    # An incoming-webhook URL is itself the credential: it is kept secret.
+class _ChatSinkBase(_SinkBase):
+    """What every chat sink has: a webhook URL that is its credential, a message text
+    template, pacing and the roll-up of bursts."""
+
+    # The webhook URL carries its token (path or query): kept secret.
     url: Annotated[SecretStr, AfterValidator(_check_secret_url)]
     # Jinja2 (sandboxed) rendering the message text; the envelope is its context.
     template: Annotated[str, AfterValidator(check_template)] | None = None
     timeout: PositiveDuration = 10.0
-    pace: PositiveDuration = 1.0  # at least this long between two messages to the webhook
+    # At least this long between two messages to the webhook (its rate limit).
+    pace: PositiveDuration = 1.0
     # This many events or more taken at once become one digest message.
     rollup_threshold: int = Field(5, ge=2)
     rollup_keys: int = Field(10, ge=1, le=40)  # keys listed in a digest
+
+
+class SlackSinkConfig(_ChatSinkBase):
+    kind: Literal["slack"]
+
+
+class MentionsConfig(_Model):
+    """Whom a robot's message @-mentions (DingTalk `at`, WeCom `mentioned_*`)."""
+
+    mobiles: list[str] = []
+    user_ids: list[str] = []
+    all: bool = False
+
+
+ChatLanguage = Literal["zh-CN", "en"]
+
+
+def _check_robot_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError("secret is empty")
+    return value
+
+
+class DingTalkSinkConfig(_ChatSinkBase):
+    kind: Literal["dingtalk"]
+    # The robot's "加签" secret (SEC...): each request is signed with it.
+    secret: Annotated[SecretStr | None, AfterValidator(_check_robot_secret)] = None
+    msgtype: Literal["markdown", "text"] = "markdown"
+    at: MentionsConfig = MentionsConfig()
+    language: ChatLanguage = "zh-CN"
+    # 20 messages a minute per robot, then a 10-minute block: one every 3 s.
+    pace: PositiveDuration = 3.0
+
+
+class FeishuSinkConfig(_ChatSinkBase):
+    kind: Literal["feishu"]
+    # The bot's signature secret: each request carries timestamp and sign.
+    secret: Annotated[SecretStr | None, AfterValidator(_check_robot_secret)] = None
+    msgtype: Literal["interactive", "text", "post"] = "interactive"
+    language: ChatLanguage = "zh-CN"
+    # 100 a minute and 5 a second per bot: one every 0.6 s keeps within both.
+    pace: PositiveDuration = 0.6
+
+
+class WeComSinkConfig(_ChatSinkBase):
+    kind: Literal["wecom"]
+    msgtype: Literal["markdown", "text"] = "markdown"
+    at: MentionsConfig = MentionsConfig()  # text messages only: markdown cannot mention
+    language: ChatLanguage = "zh-CN"
+    # 20 messages a minute per robot: one every 3 s.
+    pace: PositiveDuration = 3.0
+
+
+class DiscordSinkConfig(_ChatSinkBase):
+    kind: Literal["discord"]
+    username: str | None = Field(None, min_length=1, max_length=80)
+    avatar_url: str | None = None
+    language: ChatLanguage = "en"
+    # 5 requests per 2 s per webhook, 30 messages a minute per channel: one every 2 s.
+    pace: PositiveDuration = 2.0
+
+
+class TeamsSinkConfig(_ChatSinkBase):
+    kind: Literal["teams"]
+    language: ChatLanguage = "en"
+    pace: PositiveDuration = 1.0
 
 
 SourceConfig = Annotated[
@@ -451,11 +520,26 @@ SourceConfig = Annotated[
     Field(discriminator="kind"),
 ]
 SinkConfig = Annotated[
-    FileSinkConfig | HttpSinkConfig | SlackSinkConfig, Field(discriminator="kind")
+    FileSinkConfig
+    | HttpSinkConfig
+    | SlackSinkConfig
+    | DingTalkSinkConfig
+    | FeishuSinkConfig
+    | WeComSinkConfig
+    | DiscordSinkConfig
+    | TeamsSinkConfig,
+    Field(discriminator="kind"),
 ]
 
-SOURCE_KINDS = ("qingstor", "standard-webhooks", "hmac", "generic")
-SINK_KINDS = ("file", "http", "slack")
+
+def _kinds(union: Any) -> tuple[str, ...]:
+    """The `kind`s of a discriminated union of config models: one list, the union's."""
+    members = get_args(get_args(union)[0])
+    return tuple(get_args(m.model_fields["kind"].annotation)[0] for m in members)
+
+
+SOURCE_KINDS = _kinds(SourceConfig)
+SINK_KINDS = _kinds(SinkConfig)
 
 
 class Conditions(_Model):

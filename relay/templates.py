@@ -88,6 +88,85 @@ DEFAULT_SLACK_TEMPLATE = """\
 """
 
 
+# The message text of the markdown chat sinks (DingTalk, Feishu, WeCom, Discord, Teams)
+# when a sink sets no `template`, by language: one line saying what happened to which
+# object, and for a content review a line per file with its label and rate. Bold is
+# `**`, the one mark every one of those platforms renders; values arrive escaped.
+_CHAT_TEMPLATE = """\
+{% set what = (bucket ~ "/" ~ key) if bucket and key else subject %}
+{% set d = data if data is mapping else {} %}
+{% set q = d.get("qingstor") if d.get("qingstor") is mapping else {} %}
+{% set o = q.get("object") if q.get("object") is mapping else {} %}
+{% set size = o.get("size") %}
+{% set sized = (W.open ~ (size | filesizeformat(true)) ~ W.close) if size is number else "" %}
+{% if type == "create_object" %}
+{{ W.create }} **{{ what }}**{{ sized }}
+{% elif type == "delete_object" %}
+{{ W.delete }} **{{ what }}**
+{% elif type == "complete_multipart" %}
+{{ W.complete }} **{{ what }}**{{ sized }}
+{% elif type == "abort_multipart" %}
+{{ W.abort }} **{{ what }}**
+{% elif type == "tupu-porn" %}
+{% set r = d.get("result") if d.get("result") is mapping else {} %}
+{% set ns = namespace(files=[], flagged=0, review=0) %}
+{% for task, v in r.items() if v is mapping and v.get("fileList") is iterable %}
+{% for f in v.get("fileList") if f is mapping %}
+{% set ns.files = ns.files + [f] %}
+{% set ns.flagged = ns.flagged + (1 if f.get("label") in (0, 1) else 0) %}
+{% set ns.review = ns.review + (1 if f.get("review") else 0) %}
+{% endfor %}
+{% endfor %}
+{% if r.get("code", 0) not in (0, none) %}
+{{ W.review_failed }} **{{ what }}**: {{ r.get("message") }} ({{ r.get("code") }})
+{% elif ns.flagged %}
+{{ W.review_flagged }} **{{ what }}**
+{% else %}
+{{ W.review_passed }} **{{ what }}**
+{% endif %}
+{% for f in ns.files %}
+- {{ f.get("name", "?") }}: {{ W.labels.get(f.get("label"), "label " ~ f.get("label")) }}\
+{% if f.get("rate") is number %} ({{ "%.1f" | format(f.get("rate") * 100) }}%){% endif %}\
+{% if f.get("review") %}, **{{ W.needs_review }}**{% endif %}
+
+{% endfor %}
+{% else %}
+**{{ type }}**{% if what %} {{ what }}{% endif %}
+
+{% endif %}
+"""
+
+# The words of _CHAT_TEMPLATE, by language: `W` in the template.
+CHAT_WORDS: dict[str, dict[str, Any]] = {
+    "en": {
+        "create": "New object",
+        "delete": "Deleted",
+        "complete": "Multipart upload completed:",
+        "abort": "Multipart upload aborted:",
+        "review_failed": "Content review failed for",
+        "review_flagged": "Content review flagged",
+        "review_passed": "Content review passed:",
+        "needs_review": "needs human review",
+        "labels": {0: "porn", 1: "sexy", 2: "normal"},
+        "open": " (",
+        "close": ")",
+    },
+    "zh-CN": {
+        "create": "新对象",
+        "delete": "已删除",
+        "complete": "分段上传完成：",
+        "abort": "分段上传已取消：",
+        "review_failed": "内容审核失败",
+        "review_flagged": "内容审核发现违规",
+        "review_passed": "内容审核通过：",
+        "needs_review": "需要人工复审",
+        "labels": {0: "色情", 1: "性感", 2: "正常"},
+        "open": "（",
+        "close": "）",
+    },
+}
+
+
 def compile_template(source: str) -> Template:
     """Compile in the sandbox; raises ValueError with a readable reason."""
     try:
@@ -111,3 +190,11 @@ def check_template(source: str) -> str:
         except Exception as exc:
             raise ValueError(f"template fails on a sample {sample['type']} event: {exc}") from None
     return source
+
+
+DEFAULT_CHAT_TEMPLATE = compile_template(_CHAT_TEMPLATE)
+
+
+def render_chat_default(envelope: dict[str, Any], language: str) -> str:
+    """The default chat text of `envelope` in `language` (values already escaped)."""
+    return DEFAULT_CHAT_TEMPLATE.render(event=envelope, W=CHAT_WORDS[language], **envelope)

@@ -168,8 +168,10 @@ def test_default_applies_to_an_empty_variable_as_in_the_shell():
 
 def test_every_configurable_kind_has_an_implementation_and_back():
     from relay.config import SINK_KINDS, SOURCE_KINDS
-    from relay.sinks import SINKS
+    from relay.sinks import SINKS, sink_class
     from relay.sources import SOURCES
 
     assert set(SINKS) == set(SINK_KINDS)
+    for kind in SINKS:
+        assert callable(sink_class(kind)), kind
     assert set(SOURCES) == set(SOURCE_KINDS)

@@ -124,14 +124,15 @@ class Answer:
 
 async def post(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | URL,
     body: bytes,
     headers: Mapping[str, str],
     secrets: Sequence[str] = (),
 ) -> Answer | Outcome:
     """POST once: the answer to judge, or the Outcome of a request that got none.
-    Neither carries the URL or any of `secrets`."""
-    redaction = _redaction(url, tuple(secrets))
+    Neither carries the URL or any of `secrets`. A `URL` is sent as it is (a signature
+    already percent-encoded stays so); a string is normalised as aiohttp does."""
+    redaction = _redaction(str(url), tuple(secrets))
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             # Read past the KiB kept by the longest secret, and scrubbed before the cut:

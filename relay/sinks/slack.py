@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.events import digest_of, event_facts
 from relay.sinks.chat.text import clean, measure
 from relay.sinks.chat.text import clip as _clip
-from relay.templates import DEFAULT_SLACK_TEMPLATE, compile_template
+from relay.templates import DEFAULT_SLACK_TEMPLATE, compile_template, render
 
 log = structlog.get_logger("relay.sinks.slack")
 
@@ -213,7 +214,7 @@ class SlackSink(ChatSink):
     default_throttle_wait = DEFAULT_RETRY_AFTER
 
     def __init__(self, name: str, config: SlackSinkConfig) -> None:
-        super().__init__(name, config, _DEFAULT_TEMPLATE)
+        super().__init__(name, config, partial(render, _DEFAULT_TEMPLATE))
 
     def escape(self, text: str) -> str:
         return escape(text)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import structlog
-from jinja2 import Template
+from yarl import URL
 
 from relay.models import Delivery
 from relay.sinks.base import Answer, Outcome, PostingSink, backoff_ceiling, post
@@ -57,13 +57,15 @@ class ChatSink(PostingSink):
     platform: ClassVar[str] = "chat"
     default_throttle_wait: ClassVar[float] = 1.0
 
-    def __init__(self, name: str, config: Any, default_template: Template) -> None:
+    def __init__(
+        self, name: str, config: Any, default_text: Callable[[dict[str, Any]], str]
+    ) -> None:
         self.name = name
         self.config = config
         self.timeout = config.timeout
         self._url: str = config.url.get_secret_value()
         self._template = compile_template(config.template) if config.template else None
-        self._default_template = default_template
+        self._default_text = default_text
         self._pacer = Pacer(config.pace, from_answer=True)
         self._lock = asyncio.Lock()
         self._last_was_digest = False
@@ -83,7 +85,7 @@ class ChatSink(PostingSink):
         """User data as the platform's markup shows it literally."""
         return text
 
-    def request(self, message: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+    def request(self, message: dict[str, Any]) -> tuple[str | URL, bytes, dict[str, str]]:
         """(url, body, headers) of one message; a signing platform signs here, at send
         time, so that every retry carries a fresh timestamp."""
         body = json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
@@ -171,7 +173,7 @@ class ChatSink(PostingSink):
                     error=f"{exc.__class__.__name__}: {exc}",
                 )
         try:
-            return render(self._default_template, context)
+            return self._default_text(context)
         except Exception:
             log.exception(f"{self.platform}.default_template_failed", sink=self.name)
             return self.escape(f"{envelope['type']}: {where(envelope)}")

@@ -1,0 +1,199 @@
+"""`kind: dingtalk` against a local server playing a DingTalk group robot: signed
+requests (the signature recomputed here, independently), its error codes, its pace,
+its byte limit, its default messages and roll-ups."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus, unquote
+
+import pytest
+
+from relay.app import STORE
+from relay.config import build_config
+from relay.errors import ConfigError
+from relay.sinks.dingtalk import sign
+from tests.chat_robot import Robot, ids_of, robot_fixture, settled
+from tests.conftest import TOKEN, eventually, notifier_body, sample
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+ACCESS_TOKEN = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0"
+SECRET = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd"
+FAST_RETRY = {"max_attempts": 3, "initial": "10ms", "max": "20ms"}
+
+robot = robot_fixture("/robot/send", (200, '{"errcode":0,"errmsg":"ok"}', {}))
+
+
+def config(tmp_path: Path, robot: Robot, **sink: Any):
+    return build_config(
+        {
+            "store": {"path": "relay.db"},
+            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+            "sinks": {
+                "ding": {
+                    "kind": "dingtalk",
+                    "url": f"{robot.url}?access_token={ACCESS_TOKEN}",
+                    "pace": "50ms",
+                    "retry": FAST_RETRY,
+                    **sink,
+                }
+            },
+        },
+        base_dir=tmp_path,
+        env={},
+    )
+
+
+def test_the_signature_matches_dingtalks_known_vector():
+    assert sign("SECtest", 1700000000000) == "aZLLrriXgn05YbwaGR7knYsLeJADjr9NwLaNNKpxh4g%3D"
+
+
+async def test_a_signed_markdown_message_names_the_object(tmp_path, start_relay, robot):
+    client = await start_relay(config(tmp_path, robot, secret=SECRET))
+    assert (await client.post(HOOK, json=sample())).status == 200
+    await eventually(lambda: robot.requests)
+    [request] = robot.requests
+    # The signature, recomputed here from DingTalk's documented recipe.
+    timestamp = request["query"]["timestamp"]
+    expected = base64.b64encode(
+        hmac.new(SECRET.encode(), f"{timestamp}\n{SECRET}".encode(), hashlib.sha256).digest()
+    ).decode()
+    assert unquote(request["raw_query"].split("sign=")[1]) == expected
+    assert f"sign={quote_plus(expected)}" in request["raw_query"]
+    assert request["query"]["access_token"] == ACCESS_TOKEN
+    message = request["json"]
+    assert message["msgtype"] == "markdown"
+    text = message["markdown"]["text"]
+    assert "max-test2" in text and "abc/5.mp4" in text and "create_object" in text
+    assert "新对象" in message["markdown"]["title"]  # Chinese by default
+    assert message["at"] == {"atMobiles": [], "atUserIds": [], "isAtAll": False}
+
+
+async def test_english_text_with_mentions(tmp_path, start_relay, robot):
+    sink = {
+        "language": "en",
+        "msgtype": "text",
+        "at": {"mobiles": ["13800000000"], "all": True},
+    }
+    client = await start_relay(config(tmp_path, robot, **sink))
+    await client.post(HOOK, json=sample("tupu-porn-result.json"))
+    await eventually(lambda: robot.requests)
+    message = robot.messages[0]
+    content = message["text"]["content"]
+    assert "Content review passed" in content and "porn.jpeg" in content
+    assert "normal (98.4%)" in content and "**" not in content
+    assert content.endswith("@13800000000")
+    assert message["at"] == {"atMobiles": ["13800000000"], "atUserIds": [], "isAtAll": True}
+
+
+@pytest.mark.parametrize("code", [310000, 300001, 300005, 460101])
+async def test_a_permanent_code_is_dead_lettered_after_one_request(
+    tmp_path, start_relay, robot, code
+):
+    robot.answers = [(200, json.dumps({"errcode": code, "errmsg": "refused"}), {})]
+    client = await start_relay(config(tmp_path, robot))
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, attempts, status, error)] = await settled(client, ids_of(body))
+    assert (state, attempts, status) == ("dead", 1, 200)
+    assert f"errcode {code}" in error
+    assert len(robot.requests) == 1
+
+
+async def test_too_fast_is_retried_after_the_robot_s_block(tmp_path, start_relay, robot):
+    robot.answers = [(200, '{"errcode":130101,"errmsg":"send too fast"}', {})]
+    client = await start_relay(config(tmp_path, robot))
+    body = notifier_body("a.jpg")
+    [event_id] = ids_of(body)
+    await client.post(HOOK, json=body)
+    await eventually(lambda: robot.requests)
+    store = client.app[STORE]
+
+    async def scheduled() -> Any:
+        record = await store.event(event_id)
+        delivery = record.deliveries[0] if record else None
+        return delivery if delivery and delivery.attempts == 1 else None
+
+    # Pending, due after DingTalk's minute, not at the backoff's 10 ms.
+    delivery = await eventually(scheduled)
+    assert delivery.state == "pending" and "errcode 130101" in delivery.last_error
+    assert 55 < delivery.next_at - time.time() <= 60
+
+
+async def test_too_fast_then_ok_is_delivered_on_the_retry(
+    tmp_path, start_relay, robot, monkeypatch
+):
+    import relay.sinks.dingtalk as dingtalk
+
+    # The robot's minute, shortened for the test.
+    monkeypatch.setattr(dingtalk, "ANSWERS", replace(dingtalk.ANSWERS, transient_wait=0.2))
+    robot.answers = [(200, '{"errcode":130101,"errmsg":"send too fast"}', {})]
+    client = await start_relay(config(tmp_path, robot))
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, attempts, status, _)] = await settled(client, ids_of(body))
+    assert (state, attempts, status) == ("done", 2, 200)
+    assert robot.gaps()[0] >= 0.19
+
+
+async def test_a_200_that_is_not_the_robot_s_answer_is_not_delivered(tmp_path, start_relay, robot):
+    robot.answers = [(200, "<html>gateway</html>", {})] * 3
+    client = await start_relay(config(tmp_path, robot))
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, attempts, _, error)] = await settled(client, ids_of(body))
+    assert (state, attempts) == ("dead", 3)
+    assert "not the robot's answer" in error
+
+
+async def test_messages_keep_the_pace_at_the_robot(tmp_path, start_relay, robot):
+    client = await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50))
+    for key in ("a", "b", "c", "d"):
+        await client.post(HOOK, json=notifier_body(f"{key}.jpg"))
+    await eventually(lambda: len(robot.requests) == 4)
+    assert min(robot.gaps()) >= 0.29
+
+
+async def test_a_long_chinese_key_is_cut_within_the_byte_limit(tmp_path, start_relay, robot):
+    client = await start_relay(config(tmp_path, robot))
+    long_key = "照片/" + "很长的中文对象名" * 2000  # 48,000 bytes of UTF-8
+    await client.post(HOOK, json=notifier_body(long_key))
+    await eventually(lambda: robot.requests)
+    text = robot.messages[0]["markdown"]["text"]
+    assert len(robot.requests[0]["raw"]) <= 20_000
+    assert "很长的中文对象名" in text and "…" in text
+    text.encode("utf-8")  # whole characters only
+    for line in text.splitlines():
+        assert line.count("**") % 2 == 0, line
+
+
+async def test_a_burst_is_rolled_up_into_one_digest(tmp_path, start_relay, robot):
+    client = await start_relay(config(tmp_path, robot, rollup_threshold=5, rollup_keys=3))
+    keys = [f"uploads/{i:03}.jpg" for i in range(40)]
+    body = notifier_body(*keys)
+    await client.post(HOOK, json=body)
+    rows = await settled(client, ids_of(body))
+    assert {state for state, *_ in rows} == {"done"}
+    assert len(robot.requests) == 1
+    text = robot.messages[0]["markdown"]["text"]
+    assert "40 个事件" in text and "uploads/000.jpg" in text and "另有 37 个" in text
+
+
+def test_config_problems_never_show_the_secret(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        build_config(
+            {
+                "sources": {"q": {"kind": "qingstor", "token": TOKEN}},
+                "sinks": {"d": {"kind": "dingtalk", "url": f"ftp://x?access_token={SECRET}"}},
+            },
+            base_dir=tmp_path,
+            env={},
+        )
+    assert SECRET not in repr(caught.value.problems)
