@@ -176,6 +176,9 @@ async def readyz(request: web.Request) -> web.Response:
             if runtime.leader
             else await asyncio.wait_for(runtime.store.queued(runtime.backlog.limits), 2.0)
         )
+    except StoreUnavailable as exc:
+        # Its message names the store (a Redis URL without its password) and the cause.
+        return error_response(503, "not_ready", f"store unreachable: {exc}")
     except Exception as exc:
         return error_response(503, "not_ready", f"store unreachable: {exc.__class__.__name__}")
     if problems := runtime.backlog.problems(counts):

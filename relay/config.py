@@ -145,20 +145,46 @@ class SqliteStoreConfig(_StoreBase):
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+# Options a Redis URL's query may carry (redis-py reads them); relay's own settings are
+# keys of `store:`.
+_REDIS_QUERY = frozenset(
+    {"password", "db", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+)
+_ENCODE_PASSWORD = "percent-encode @ : / # ? in the password (%40 %3A %2F %23 %3F)"
+
+
 def _check_redis_url(value: SecretStr) -> SecretStr:
     # Not quoted back: a Redis URL may carry its password.
     url = value.get_secret_value()
     if not url.startswith(_REDIS_SCHEMES):
         raise ValueError("url must start with redis://, rediss:// (TLS) or unix://")
+    unix = url.startswith("unix://")
+    if not unix:
+        # An unencoded @ or # in a password moves the host into it: the URL would name
+        # a part of the password as the host, in every message that shows the URL.
+        authority = url.split("://", 1)[1].split("/", 1)[0]
+        if authority.count("@") > 1 or "#" in url:
+            raise ValueError(f"url is not a valid Redis URL: {_ENCODE_PASSWORD}")
     try:
         parsed = URL(url)
-        valid = bool(parsed.path) if url.startswith("unix://") else bool(parsed.host)
-        if valid and not url.startswith("unix://"):
+        valid = bool(parsed.path) if unix else bool(parsed.host)
+        if valid and not unix:
             _ = parsed.port  # a port that is not a number raises here
     except (ValueError, UnicodeError):
         valid = False
     if not valid:
-        raise ValueError("url is not a valid Redis URL (check its host and port)")
+        raise ValueError(
+            f"url is not a valid Redis URL: check its host and port, and {_ENCODE_PASSWORD}"
+        )
+    unknown = sorted(set(parsed.query) - _REDIS_QUERY)
+    if unknown:
+        raise ValueError(
+            f"url has an unknown query option {unknown[0]!r} (a Redis URL may carry"
+            f" {', '.join(sorted(_REDIS_QUERY))}; relay's settings are keys of store:)"
+        )
+    database = parsed.query.get("db") if unix else parsed.path.strip("/") or None
+    if database is not None and not database.isdigit():
+        raise ValueError("url names a database that is not a number (redis://host:6379/0)")
     return value
 
 

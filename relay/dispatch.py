@@ -247,10 +247,14 @@ class Dispatcher:
         """Keep the claims of the sends in flight: on a shared store a claim runs out
         after the lease, and another relay would send the delivery a second time."""
         ids = [i for held in lane.claims.values() for i in held]
+        if not ids and not lane.sink.paced:
+            return  # nothing held: a paced sink still keeps its consumer hold
         try:
             lost = await self.store.renew(lane.name, ids, self.store.lease)
-        except Exception:
-            log.exception("dispatch.renew_failed", sink=lane.name, claims=len(ids))
+        except Exception as exc:
+            if not lane.store_failing:  # once per spell, as for claims
+                log.error("dispatch.renew_failed", sink=lane.name, claims=len(ids), error=str(exc))
+            lane.store_failing = True
             return
         if lost:
             # Their lease ran out before a renewal (a stalled process, a Redis outage):

@@ -55,6 +55,18 @@ def test_check_config_validates_each_backend_and_never_shows_the_url(tmp_path: P
             "store.prefix: prefix must not contain braces or spaces",
         ),
         "no backend": ({"url": "redis://h"}, "store.url: a key of backend redis"),
+        "an unencoded @ and # in the password": (
+            {"backend": "redis", "url": f"redis://:{SECRET}@x#1@10.0.0.5:6379/0"},
+            "percent-encode @ : / # ? in the password",
+        ),
+        "an option redis-py would choke on": (
+            {"backend": "redis", "url": f"redis://:{SECRET}@h:6379/0?foo=1"},
+            "unknown query option 'foo'",
+        ),
+        "a database that is not a number": (
+            {"backend": "redis", "url": "redis://h:6379/x"},
+            "database that is not a number",
+        ),
     }
     for name, (store, expected) in cases.items():
         bad = write(tmp_path / "bad.yaml", base(tmp_path, store))

@@ -111,3 +111,23 @@ async def test_durability_warnings_name_what_redis_would_lose(redis_url: str):
         await admin.config_set("requirepass", "")
         await admin.aclose()
         await store.close()
+
+
+async def test_a_missing_or_wrong_password_says_where_the_password_goes(redis_url: str):
+    admin = Redis.from_url(redis_url)
+    try:
+        await admin.config_set("requirepass", "right-pass-7c1")
+        await admin.execute_command("AUTH", "right-pass-7c1")
+        for url, fix in (
+            (redis_url, "put it in the url, redis://:PASSWORD@host"),
+            (redis_url.replace("redis://", "redis://:wrong-pass-7c1@"), "check the url's user"),
+        ):
+            store = RedisStore(url, prefix=fresh_prefix(), dedupe_window=10.0)
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.open()
+            assert fix in str(caught.value)
+            assert "wrong-pass-7c1" not in str(caught.value)
+            await store.close()
+    finally:
+        await admin.config_set("requirepass", "")
+        await admin.aclose()

@@ -121,6 +121,21 @@ def _str(value: bytes) -> str:
     return value.decode("utf-8")
 
 
+def _fix_for(exc: Exception) -> str:
+    """What an operator does about a Redis error whose own words do not say."""
+    text = str(exc)
+    if any(m in text for m in ("NOAUTH", "HELLO must be called", "Authentication required")):
+        return " (Redis asks for a password: put it in the url, redis://:PASSWORD@host:6379/0)"
+    if "invalid username-password pair" in text or "WRONGPASS" in text:
+        return (
+            " (check the url's user and password: redis://:PASSWORD@host for the default"
+            " user, redis://USER:PASSWORD@host for an ACL user)"
+        )
+    if "MOVED" in text:
+        return " (a Redis Cluster: set store.cluster: true)"
+    return ""
+
+
 def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -1020,7 +1035,7 @@ class RedisStore:
             await client.aclose()
 
     def _unavailable(self, exc: Exception) -> NoReturn:
-        raise StoreUnavailable(f"redis at {self._where}: {exc}") from exc
+        raise StoreUnavailable(f"redis at {self._where}: {exc}{_fix_for(exc)}") from exc
 
     async def _run(self, name: str, args: Sequence[str | bytes]) -> Any:
         if self._closed:
@@ -1412,7 +1427,11 @@ class RedisStore:
         if limit:
             free = limit - int(memory.get("used_memory", 0))
             if free < min_free_bytes:
-                return f"the store's memory is nearly full ({max(free, 0)} bytes free)"
+                return (
+                    f"the store's memory is nearly full ({max(free, 0)} bytes free of"
+                    f" redis's maxmemory {limit}): raise maxmemory, lower"
+                    " store.min_free_bytes, or let the queues drain"
+                )
         return None
 
     async def warnings(self) -> list[str]:
