@@ -113,6 +113,12 @@ def run_wrk(url: str, duration: int, connections: int, pause_ms: float = 0.0) ->
         check=True,
         env=env,
     ).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """wrk's report: req/s, p50/p99 ms (with --latency), requests answered 2xx/3xx
+    (`ok`), non-2xx/3xx answers, socket errors, and the seconds the load ran."""
 
     def latency(label: str) -> float:
         match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -122,10 +128,24 @@ def run_wrk(url: str, duration: int, connections: int, pause_ms: float = 0.0) ->
         return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
+    assert done is not None, out
+    total = int(done.group(1))
+    seconds = float(done.group(2)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[done.group(3)]
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = int(non2xx.group(1)) if non2xx else 0
-    return {"rps": rps, "p50": latency("50"), "p99": latency("99"), "ok": total - errors}
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    return {
+        "rps": rps,
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "ok": total - errors,
+        "non2xx": errors,
+        "socket_errors": sum(int(n) for n in sockets.groups()) if sockets else 0,
+        "seconds": seconds,
+    }
 
 
 def measure(proc: subprocess.Popen[bytes], port: int, args: argparse.Namespace) -> dict[str, float]:

@@ -1,0 +1,129 @@
+"""Helpers shared by bench/replicas.py and bench/compare_sqlite.py: what machine and
+what code a run is on, process CPU time from /proc, relay's counters from /metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """CPU model, cores, kernel, Python, redis-server and wrk versions, in one line."""
+    models, cpus = set(), 0
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            models.add(value.strip())
+        elif key.strip() == "processor":
+            cpus += 1
+    parts = [
+        f"{cpus} cores ({', '.join(sorted(models)) or 'unknown CPU'})",
+        f"Linux {platform.release()}",
+        f"Python {platform.python_version()}",
+    ]
+    if shutil.which("redis-server"):
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"v=(\S+)", out)
+        parts.append(f"redis-server {match.group(1) if match else out.strip()}")
+    if shutil.which("wrk"):
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+        first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
+        parts.append(first.split(" [")[0] or "wrk")
+    return "; ".join(parts)
+
+
+def snapshot_code(into: Path) -> tuple[Path, str]:
+    """Copy relay/ as it is now (work tree, uncommitted changes included) to `into`, so
+    that edits made while the benchmark runs do not change the code under test halfway.
+    Returns the folder to put on PYTHONPATH and a description of the code."""
+    shutil.copytree(ROOT / "relay", into / "relay", ignore=shutil.ignore_patterns("__pycache__"))
+    return into, describe_tree(ROOT)
+
+
+def describe_tree(root: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    diff = git("diff", "HEAD", "--", "relay")
+    if not diff:
+        return f"{head} (relay/ as committed)"
+    files = len(git("diff", "HEAD", "--name-only", "--", "relay").splitlines())
+    digest = hashlib.sha256(diff.encode()).hexdigest()[:10]
+    return f"{head} + uncommitted changes to {files} file(s) in relay/ (diff sha256 {digest})"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) and of its reaped children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17.
+    return sum(int(f) for f in fields[11:15]) / TICK
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """(all, busy, steal) jiffies summed over the machine's cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total, total - idle - iowait - steal, steal
+
+
+def shares(
+    before: tuple[int, int, int], after: tuple[int, int, int], ours: float
+) -> dict[str, float]:
+    """Of the machine's CPU time between two machine_ticks(): the busy share, the share
+    stolen by the hypervisor, and the share other processes took (busy minus `ours`,
+    the CPU seconds of the processes the benchmark knows of)."""
+    total, busy, steal = (b - a for a, b in zip(before, after, strict=True))
+    if total <= 0:
+        return {"busy": 0.0, "steal": 0.0, "others": 0.0}
+    return {
+        "busy": busy / total,
+        "steal": steal / total,
+        "others": max(busy / TICK - ours, 0.0) / (total / TICK),
+    }
+
+
+def log_events(lines: list[str]) -> dict[str, int]:
+    """relay's JSON log lines counted by level and event name."""
+    found: dict[str, int] = {}
+    for line in lines:
+        try:
+            record = json.loads(line.split(": ", 1)[1] if not line.startswith("{") else line)
+            key = f"{record.get('level', '?')} {record.get('event', '?')}"
+        except (ValueError, IndexError, AttributeError):
+            key = "unparsed: " + line[:120]
+        found[key] = found.get(key, 0) + 1
+    return found
+
+
+def scrape(port: int) -> dict[str, float]:
+    """relay's /metrics as {name{labels}: value}, counters only."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "_total" not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        found[name] = float(value)
+    return found
+
+
+def counted(metrics: dict[str, float], name: str, label: str = "") -> float:
+    """Sum of a counter's series, those whose labels contain `label` if given."""
+    return sum(
+        v for k, v in metrics.items() if k.split("{")[0] == name and (not label or label in k)
+    )
