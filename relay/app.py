@@ -240,7 +240,15 @@ async def _begin_drain(app: web.Application) -> None:
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     if not runtime.leader:
-        yield  # pruning and watching are the leader's
+        # Pruning and watching are the leader's; a worker on a shared store reads its
+        # queue counts from the store (on SQLite its leader answers for it).
+        if not runtime.store.shared:
+            yield
+            return
+        counting = asyncio.create_task(runtime.watch_backlog(), name="relay-watch-backlog")
+        yield
+        counting.cancel()
+        await asyncio.gather(counting, return_exceptions=True)
         return
     tasks = [
         asyncio.create_task(_housekeep(runtime), name="relay-housekeeping"),
@@ -538,9 +546,14 @@ def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) ->
         return worker.metrics_dir
     if not leads:
         return None
-    path = Path(f"{_metrics_prefix(config)}{os.getpid()}")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    prefix = _metrics_prefix(config)
+    if isinstance(config.store, SqliteStoreConfig):
+        path = Path(f"{prefix}{os.getpid()}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    # In the shared temporary folder: a new folder of this user's only (mode 0700), never
+    # one another user could have made first under a name known in advance.
+    return Path(tempfile.mkdtemp(prefix=f"{prefix.name}{os.getpid()}-", dir=prefix.parent))
 
 
 def _metrics_prefix(config: RelayConfig) -> Path:
@@ -558,7 +571,8 @@ def _remove_stale_metrics(config: RelayConfig, keep: Path | None) -> None:
     prefix = _metrics_prefix(config)
     sqlite = isinstance(config.store, SqliteStoreConfig)
     for stale in prefix.parent.glob(f"{prefix.name}*"):
-        if stale != keep and (sqlite or not _process_exists(stale.name.rpartition("-")[2])):
+        pid = stale.name.removeprefix(prefix.name).partition("-")[0]
+        if stale != keep and (sqlite or not _process_exists(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from functools import partial
 from typing import Literal
 
@@ -44,6 +46,10 @@ def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = rando
 
 def judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) -> Settlement:
     """Turn a sink's outcome into the store's next state for that delivery."""
+    return replace(_judge(delivery, outcome, retry, now), attempts_before=delivery.attempts)
+
+
+def _judge(delivery: Delivery, outcome: Outcome, retry: RetryConfig, now: float) -> Settlement:
     if outcome.result == "defer":
         wait = outcome.retry_after or 0.0
         return Settlement(delivery.id, "pending", now + wait, None, None, attempted=False)
@@ -138,7 +144,7 @@ class Dispatcher:
         """Stop the lanes of `names` (bounded like shutdown); returns their sinks, for
         the caller to close. Their unsent deliveries stay pending in the store."""
         lanes = [self.lanes.pop(name) for name in names if name in self.lanes]
-        await _drain(lanes, grace)
+        await self._drain(lanes, grace)
         return [lane.sink for lane in lanes]
 
     async def stop(self, grace: float) -> None:
@@ -153,7 +159,7 @@ class Dispatcher:
     def begin_stop(self, grace: float) -> asyncio.Future[None]:
         """Start `stop` without waiting for it."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(_drain(list(self.lanes.values()), grace))
+            self._stopping = asyncio.ensure_future(self._drain(list(self.lanes.values()), grace))
         return self._stopping
 
     async def _work(self, lane: Lane) -> None:
@@ -243,12 +249,21 @@ class Dispatcher:
             if sink.linger and lane.caught_up and not lane.stop.is_set():
                 await asyncio.sleep(sink.linger)
 
+    async def _drain(self, lanes: Sequence[Lane], grace: float) -> None:
+        if self.store.shared:
+            await _drain(lanes, grace, self._renew, self.store.lease * RENEW_SHARE)
+        else:
+            await _drain(lanes, grace)
+
     async def _renew(self, lane: Lane) -> None:
         """Keep the claims of the sends in flight: on a shared store a claim runs out
         after the lease, and another relay would send the delivery a second time."""
         ids = [i for held in lane.claims.values() for i in held]
-        if not ids and not lane.sink.paced:
-            return  # nothing held: a paced sink still keeps its consumer hold
+        paused = lane.gone or lane.circuit.state == "open"
+        if not ids and (not lane.sink.paced or paused):
+            # Nothing held. A paced sink keeps its consumer hold while it sends; a paused
+            # one (410, open circuit) lets it go, so another relay can send meanwhile.
+            return
         try:
             lost = await self.store.renew(lane.name, ids, self.store.lease)
         except Exception as exc:
@@ -324,6 +339,10 @@ class Dispatcher:
             log.exception("dispatch.settle_failed", sink=name, batch=len(batch))
             await asyncio.sleep(1.0)
             return
+        # Settled: nothing of this send is held any more, nothing to renew.
+        current = asyncio.current_task()
+        if current is not None:
+            lane.claims.pop(current, None)
         await self._observe(lane, outcomes, now)
         if self.metrics is not None:
             self.metrics.delivery_timer(name).observe(elapsed)
@@ -365,8 +384,16 @@ class Dispatcher:
                 self.metrics.delivery_counter(name, outcome_kind).inc(count)
 
 
-async def _drain(lanes: Sequence[Lane], grace: float) -> None:
-    """Stop `lanes`: no new sends, in-flight ones get `grace` seconds, then cancel."""
+async def _drain(
+    lanes: Sequence[Lane],
+    grace: float,
+    renew: Callable[[Lane], Awaitable[None]] | None = None,
+    every: float = math.inf,
+) -> None:
+    """Stop `lanes`: no new sends, in-flight ones get `grace` seconds, then cancel. On a
+    shared store the claims of the sends still running are renewed meanwhile (`renew`
+    every `every` seconds): a drain longer than a lease must not let another relay send
+    them a second time."""
     for lane in lanes:
         lane.stop.set()
         lane.wake.set()
@@ -377,9 +404,16 @@ async def _drain(lanes: Sequence[Lane], grace: float) -> None:
     if workers:
         await asyncio.wait(workers, timeout=grace)
     sends = [task for lane in lanes for task in lane.sending]
-    unfinished: set[asyncio.Task[None]] = set()
-    if sends:
-        _, unfinished = await asyncio.wait(sends, timeout=max(deadline - time.monotonic(), 0.0))
+    unfinished: set[asyncio.Task[None]] = set(sends)
+    while unfinished:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        _, unfinished = await asyncio.wait(unfinished, timeout=min(left, every))
+        if unfinished and renew is not None:
+            for lane in lanes:
+                if lane.sending:
+                    await renew(lane)
     leftovers = [t for t in [*workers, *sends] if not t.done()]
     for task in leftovers:
         task.cancel()

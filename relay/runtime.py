@@ -142,7 +142,10 @@ class Runtime:
         result = await self.store.accept(events)
         accepted = set(result.accepted)
         queued = [sink for e in events if e.id in accepted for sink in e.sinks]
-        self.backlog.added(queued)
+        if self.leader or not self.store.shared:
+            # A worker on a shared store sees none of the deliveries that drain its
+            # counts: it reads them from the store instead (watch_backlog).
+            self.backlog.added(queued)
         self.dispatcher.wake(set(queued))
         return result
 
@@ -178,6 +181,20 @@ class Runtime:
     async def finish_quarantine(self) -> None:
         """Wait for the bodies being kept: before the store closes."""
         await asyncio.gather(*self._quarantining, return_exceptions=True)
+
+    async def watch_backlog(self, interval: float = 1.0) -> None:
+        """A worker on a shared store: its queue counts, read from the store every
+        second (the leader's every_second does this for the leader)."""
+        failing = False
+        while True:
+            try:
+                self.backlog.refresh(await self.store.queued(self.backlog.limits))
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("runtime.look_failed")
+                failing = True
+            await asyncio.sleep(interval)
 
     async def every_second(self, clock: WallClock | None = None, interval: float = 1.0) -> None:
         """The leader's regular look at what changes without telling it: the sinks'
@@ -338,6 +355,14 @@ class Runtime:
         changed = [n for n in sinks[0] if n in sinks[1] and sinks[1][n] != sinks[0][n]]
         added = [n for n in sinks[1] if n not in sinks[0]]
         fresh = await self._build(config, [*changed, *added])
+        if added and self.leader:
+            try:
+                # Before any event is routed to the added sinks: a relay still on the
+                # old config must know they are run, or it would retire their work.
+                await self.store.heartbeat([*sinks[0], *added])
+            except Exception:
+                await self._close(list(fresh.values()))
+                raise
 
         # Nothing can fail from here on: swap.
         if config.log != old.log:
@@ -383,8 +408,12 @@ class Runtime:
         self.sinks.update(started)
         for name in started:
             # A new lane starts closed and not gone: say so, or the store keeps what an
-            # earlier lane of that name last wrote (an open circuit, a 410).
-            await self.store.save_sink_state(name, "closed", 0.0, False)
+            # earlier lane of that name last wrote (an open circuit, a 410). Only what
+            # status shows: a store that refuses it must not keep the lane from starting.
+            try:
+                await self.store.save_sink_state(name, "closed", 0.0, False)
+            except Exception:
+                log.exception("dispatch.state_save_failed", sink=name)
         self.dispatcher.start(started, config.sinks)
 
     async def _close(self, sinks: list[Sink]) -> None:

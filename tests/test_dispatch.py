@@ -332,3 +332,53 @@ async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_
         await dispatcher.stop(1.0)
         await sink.close()
         await store.close()
+
+
+async def test_a_drain_longer_than_the_lease_keeps_its_sends_claimed(
+    tmp_path, aiohttp_server, redis_url
+):
+    # Redis: a relay stopping with a send in flight renews its claim while it waits for
+    # it, or another relay would take the delivery over and send it a second time.
+    from aiohttp import web
+
+    from relay.dispatch import Dispatcher
+    from relay.sinks import build_sink
+    from relay.store import NewEvent
+    from relay.store.redis import RedisStore
+    from tests.redis_server import fresh_prefix
+
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(2.0)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/events", slow)
+    server = await aiohttp_server(app)
+    config = relay_config(tmp_path, sinks={"app": http_sink(str(server.make_url("/events")))})
+    prefix = fresh_prefix()
+    mine = RedisStore(redis_url, prefix=prefix, dedupe_window=60, lease=0.6)
+    other = RedisStore(redis_url, prefix=prefix, dedupe_window=60, lease=0.6)
+    await mine.open(exclusive=True)
+    await other.open(exclusive=True)
+    sink = build_sink("app", config.sinks["app"])
+    await sink.start()
+    dispatcher = Dispatcher(mine, idle_poll=0.05)
+    try:
+        await mine.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
+        dispatcher.start({"app": sink}, config.sinks)
+        await asyncio.wait_for(started.wait(), 5)
+        stopping = asyncio.ensure_future(dispatcher.stop(3.0))
+        taken = []
+        while not stopping.done():
+            taken += await other.claim("app", 10, lease=0.6)
+            await asyncio.sleep(0.1)
+        assert taken == []
+        assert await mine.counts() == {"events": 1, "done": 1}
+    finally:
+        await dispatcher.stop(1.0)
+        await sink.close()
+        await mine.close()
+        await other.close()

@@ -24,7 +24,7 @@ import yaml
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from tests.conftest import SAMPLE_ID, TOKEN, eventually, notifier_body, sample
-from tests.processes import RelayProcess, post, run_cli
+from tests.processes import RelayProcess, free_port, post, run_cli
 from tests.redis_server import RestartableRedis, fresh_prefix
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -578,3 +578,57 @@ async def test_workers_on_redis_deliver_each_event_once(
     assert set(downstream.ids("/app").values()) == {1}
     served = {e.get("worker") for e in logged(relay, "request")}
     assert served == {1, 2}
+
+
+async def test_a_worker_on_redis_counts_its_queues_from_redis_not_from_what_it_took(
+    tmp_path: Path, redis_url: str, downstream: Downstream, processes
+):
+    # max_queue 3, and far more than 3 events over the worker's life, each delivered
+    # before the next: the queue never holds more than one, so none is refused.
+    config = replica_config(
+        redis_url,
+        fresh_prefix(),
+        {"app": http_sink(downstream.url("/app"), max_queue=3)},
+        server={"workers": 1},
+    )
+    relay = await replica(processes, tmp_path, "leader", config)
+    await eventually(lambda: logged(relay, "worker.listening"), within=20)
+    for n in range(12):
+        assert await post(relay.url(HOOK), body_for(f"counted/{n}")) == (
+            200,
+            {"accepted": 1, "duplicates": 0},
+        )
+        await eventually(lambda n=n: f"counted/{n}" in downstream.keys("/app"), within=10)
+        await asyncio.sleep(1.1)  # the worker's next look at Redis's counts
+
+
+async def test_a_reload_that_adds_a_sink_is_known_before_its_first_event(
+    tmp_path: Path, redis_url: str, aiohttp_client
+):
+    # A's reload adds `audit`; B, still on the old config, retires sinks right after
+    # A took an event for it: audit's work must stay pending, not become a dead letter.
+    from relay.app import RUNTIME, create_app
+    from relay.config import load_config
+
+    prefix = fresh_prefix()
+    nowhere = f"http://127.0.0.1:{free_port()}/x"  # nothing listens: work stays pending
+    slow = {**http_sink(nowhere), "retry": {"initial": "1h", "max": "1h"}}
+    v1 = replica_config(redis_url, prefix, {"app": slow})
+    v2 = replica_config(redis_url, prefix, {"app": slow, "audit": slow})
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "relay.yaml").write_text(yaml.safe_dump(v1))
+    apps = [
+        create_app(load_config(tmp_path / n / "relay.yaml"), tmp_path / n / "relay.yaml")
+        for n in ("a", "b")
+    ]
+    a, b = [await aiohttp_client(app) for app in apps]
+    (tmp_path / "a" / "relay.yaml").write_text(yaml.safe_dump(v2))
+    assert await apps[0][RUNTIME].reload("test")
+    answer = await a.post(HOOK, json=body_for("audited.jpg"))
+    assert (await answer.json())["accepted"] == 1
+    assert await apps[1][RUNTIME].retire_removed_sinks() == 0
+    stats = await apps[1][RUNTIME].store.sink_stats()
+    assert (stats["audit"].pending, stats["audit"].dead) == (1, 0)
+    await a.close()
+    await b.close()

@@ -433,3 +433,34 @@ async def test_work_moves_to_another_store_with_its_dedupe_claims(stores: OpenSt
     await target.settle(done, now=1010.0)
     [later] = await target.claim("a", 10, lease=60.0, now=1500.0)
     assert (later.event_id, later.attempts) == ("evt_2", 1)
+
+
+async def test_a_settlement_applied_twice_counts_once(stores: OpenStore):
+    # Its answer lost and the call run again (a retried connection): one attempt.
+    store = await stores()
+    await store.accept([event(1, ("a",))], now=1000.0)
+    [held] = await store.claim("a", limit=1, lease=60.0, now=1000.0)
+    retry = Settlement(held.id, "pending", 1100.0, 503, "busy", attempts_before=held.attempts)
+    await store.settle([retry], now=1001.0)
+    await store.settle([retry], now=1001.5)
+    record = await store.event("evt_1")
+    assert record is not None
+    assert [(d.state, d.attempts) for d in record.deliveries] == [("pending", 1)]
+
+
+async def test_moving_work_onto_an_expired_claim_of_the_same_id_keeps_the_work(
+    stores: OpenStore,
+):
+    source = await stores(window=100.0)
+    await source.accept([event(1, ("a",))], now=1000.0)
+    moved = [e async for batch in source.export_work(now=1000.0) for e in batch]
+    target = await stores(window=100.0, elsewhere=True)
+    # The target saw this id long ago: its claim expired, its delivery done and pruned.
+    await target.accept([event(1, ("a",))], now=100.0)
+    [old] = await target.claim("a", 1, lease=60.0, now=100.0)
+    await target.settle([Settlement(old.id, "done", 100.0, 200, None)], now=100.0)
+    await target.prune(keep_done=0.0, now=900.0)
+    assert await target.import_work(moved) == ["evt_1"]
+    [pending] = await target.claim("a", 1, lease=60.0, now=1000.0)
+    assert pending.event_id == "evt_1"
+    assert await target.import_work(moved) == []

@@ -131,3 +131,65 @@ async def test_a_missing_or_wrong_password_says_where_the_password_goes(redis_ur
     finally:
         await admin.config_set("requirepass", "")
         await admin.aclose()
+
+
+async def test_prune_goes_past_events_kept_for_their_dead_letters(redis_url: str, monkeypatch):
+    import relay.store.redis
+
+    monkeypatch.setattr(relay.store.redis, "PRUNE_ROUND", 3)
+    store = RedisStore(redis_url, prefix=fresh_prefix(), dedupe_window=10.0)
+    await store.open(exclusive=True)
+    try:
+        # Six dead letters expire first; four delivered events after them.
+        await store.accept([event(i) for i in range(6)], now=1000.0)
+        dead = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+        await store.settle([Settlement(d.id, "dead", 1000.0, 400, "no") for d in dead], 1000.0)
+        await store.accept([event(i) for i in range(6, 10)], now=1001.0)
+        done = await store.claim("a", limit=10, lease=60.0, now=1001.0)
+        await store.settle([Settlement(d.id, "done", 1001.0, 200, None) for d in done], 1001.0)
+        pruned = 0
+        for _ in range(4):  # each prune reads at most 3 expired events, then goes on
+            pruned += (await store.prune(keep_done=0.0, now=2000.0))[1]
+        assert pruned == 4
+        assert await store.counts() == {"events": 6, "dead": 6}
+    finally:
+        await store.close()
+
+
+async def test_a_delivery_whose_record_was_deleted_by_hand_is_dropped_not_fatal(redis_url: str):
+    prefix = fresh_prefix()
+    store = RedisStore(redis_url, prefix=prefix, dedupe_window=10.0)
+    await store.open(exclusive=True)
+    admin = Redis.from_url(redis_url)
+    try:
+        await store.accept([event(1), event(2)], now=1000.0)
+        await admin.delete(f"{{{prefix}}}:delivery:{1:016d}")
+        [left] = await store.claim("a", limit=10, lease=60.0, now=1000.0)
+        assert left.event_id == "evt_2"
+        assert (await store.sink_stats(now=1000.0))["a"].pending == 1
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_relay_restarting_at_maxmemory_opens_its_store_and_starts_its_lanes(
+    redis_url: str,
+):
+    prefix = fresh_prefix()
+    first = RedisStore(redis_url, prefix=prefix, dedupe_window=10.0)
+    await first.open(exclusive=True)
+    await first.accept([event(1)], now=1000.0)
+    await first.close()
+    admin = Redis.from_url(redis_url)
+    used = int((await admin.info("memory"))["used_memory"])
+    again = RedisStore(redis_url, prefix=prefix, dedupe_window=10.0)
+    try:
+        await admin.config_set("maxmemory", str(used))  # full: writes that grow refused
+        await again.open(exclusive=True)
+        await again.save_sink_state("a", "closed", 0.0, False, now=1000.0)
+        await again.heartbeat(["a"], now=1000.0)
+        assert len(await again.claim("a", limit=10, lease=60.0, now=1000.0)) == 1
+    finally:
+        await admin.config_set("maxmemory", "1gb")
+        await admin.aclose()
+        await again.close()

@@ -323,8 +323,11 @@ local out = {}
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', queue, m)
   local d = redis.call('HMGET', dkey(m), 'event_id', 'attempts', 'created_at')
-  local envelope = redis.call('HGET', P .. 'event:' .. d[1], 'envelope')
-  if envelope then
+  local envelope = d[1] and redis.call('HGET', P .. 'event:' .. d[1], 'envelope')
+  if not d[1] then
+    -- Its record is gone (deleted by hand, or evicted): nothing to send or to keep.
+    redis.call('ZREM', P .. 'pending:' .. sink, m)
+  elseif envelope then
     redis.call('ZADD', claimed, lease_end, m)
     redis.call('HSET', dkey(m), 'holder', TOKEN)
     out[#out + 1] = {m, d[1], d[2], d[3], envelope}
@@ -343,7 +346,7 @@ return out
 
 # ARGV: token, n releases, releases..., sink, now, lease end, <d>... Extends this
 # holder's claims among the <d>s (and its hold on the sink's consumer); returns the <d>s
-# it no longer holds.
+# another holder has claimed since.
 _RENEW = (
     _SHRINKS
     + """
@@ -352,9 +355,12 @@ local sink, lease_end = ARGV[i], ARGV[i + 2]
 local claimed, lost = P .. 'claimed:' .. sink, {}
 for j = i + 3, #ARGV do
   local m = ARGV[j]
-  if redis.call('HGET', dkey(m), 'holder') == TOKEN and redis.call('ZSCORE', claimed, m) then
+  local d = redis.call('HMGET', dkey(m), 'holder', 'state')
+  if d[1] == TOKEN and redis.call('ZSCORE', claimed, m) then
     redis.call('ZADD', claimed, 'XX', lease_end, m)
-  else
+  elseif d[2] == 'pending' and d[1] and d[1] ~= TOKEN then
+    -- Another relay holds it now: this send is a second one. (Settled meanwhile, or
+    -- back in the queue unclaimed, is nothing lost.)
     lost[#lost + 1] = m
   end
 end
@@ -390,9 +396,9 @@ return first[2]
 )
 
 # ARGV: token, n releases, releases..., now, then per settlement: <d>, state, next_at,
-# attempted, has_status, status, has_error, error. A settlement applies to a pending
-# delivery that no other holder has claimed since: what another holder sends now, or
-# has settled already, is theirs to record.
+# attempted, has_status, status, has_error, error, attempts before ('' for any). A
+# settlement applies to a pending delivery that no other holder has claimed since: what
+# another holder sends now, or has settled already, is theirs to record.
 _SETTLE = (
     _SHRINKS
     + """
@@ -402,12 +408,16 @@ i = i + 1
 while i <= #ARGV do
   local m, state, next_at, attempted = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local has_status, status, has_error, err = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  i = i + 8
+  local expected = ARGV[i + 8]
+  i = i + 9
   local k = dkey(m)
-  local d = redis.call('HMGET', k, 'sink', 'created_at', 'state', 'holder')
+  local d = redis.call('HMGET', k, 'sink', 'created_at', 'state', 'holder', 'attempts')
   local sink = d[1]
   local ours = d[4] == TOKEN or not (d[4] and redis.call('ZSCORE', P .. 'claimed:' .. sink, m))
-  if sink and d[3] == 'pending' and ours then
+  -- The attempts the settlement counts from: a settlement run twice (its answer lost,
+  -- the call retried) finds them moved on and changes nothing the second time.
+  local current = expected == '' or d[5] == expected
+  if sink and d[3] == 'pending' and ours and current then
     redis.call('HDEL', k, 'holder')
     redis.call('ZREM', P .. 'claimed:' .. sink, m)
     redis.call('ZREM', P .. 'queue:' .. sink, m)
@@ -610,9 +620,10 @@ return {stats, states}
 """
 )
 
-# ARGV: token, sink, state, now.
+# ARGV: token, sink, state, now. (Allowed at maxmemory: a replica that cannot record a
+# lane's state must still be able to start it.)
 _SAVE_STATE = (
-    _WRITES
+    _SHRINKS
     + """
 redis.call('HSET', P .. 'sinkstate:' .. ARGV[2], TOKEN, ARGV[3])
 redis.call('SADD', P .. 'sinkstates', ARGV[2])
@@ -726,13 +737,23 @@ for _, m in ipairs(done) do
   redis.call('ZREM', P .. 'done', m)
   deliveries = deliveries + 1
 end
--- Events whose dedupe window has passed and that no delivery still needs.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'events', '-inf', '(' .. ARGV[2])) do
+-- Events whose dedupe window has passed and that no delivery still needs: a round of
+-- at most ARGV[4] from where the last round stopped, so that events kept for their dead
+-- letters are not read again by every prune.
+local cursor = tonumber(redis.call('GET', P .. 'prune:offset') or '0')
+local expired = redis.call('ZRANGEBYSCORE', P .. 'events', '-inf', '(' .. ARGV[2], 'LIMIT',
+  cursor, ARGV[4])
+for _, id in ipairs(expired) do
   if redis.call('SCARD', P .. 'event_deliveries:' .. id) == 0 then
     redis.call('DEL', P .. 'event:' .. id)
     redis.call('ZREM', P .. 'events', id)
     events = events + 1
   end
+end
+if #expired < tonumber(ARGV[4]) then
+  redis.call('DEL', P .. 'prune:offset')
+else
+  redis.call('SET', P .. 'prune:offset', cursor + #expired - events)
 end
 for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'minutes', '-inf', '(' .. ARGV[3])) do
   redis.call('DEL', P .. 'received:' .. minute, P .. 'duplicates:' .. minute)
@@ -820,16 +841,28 @@ for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[i + 5])
   i = i + 6
   local ek = P .. 'event:' .. id
+  -- Idempotent per event and sink: what a run before moved is not added twice, and an
+  -- expired claim of the same id left here takes the moved work.
+  local has = {}
+  for _, m in ipairs(redis.call('SMEMBERS', P .. 'event_deliveries:' .. id)) do
+    local s = redis.call('HGET', dkey(m), 'sink')
+    if s then has[s] = true end
+  end
   local fresh = redis.call('EXISTS', ek) == 0
+  local any = fresh
   if fresh then
-    added[#added + 1] = id
     redis.call('HSET', ek, 'source', source, 'envelope', envelope, 'received_at', received,
       'expires_at', expires)
     redis.call('ZADD', P .. 'events', expires, id)
+  elseif tonumber(redis.call('HGET', ek, 'expires_at') or '0') < tonumber(expires) then
+    redis.call('HSET', ek, 'expires_at', expires)
+    redis.call('ZADD', P .. 'events', expires, id)
   end
   for _ = 1, n do
-    if fresh then
-      local sink, state = ARGV[i], ARGV[i + 1]
+    local sink, state = ARGV[i], ARGV[i + 1]
+    if not has[sink] then
+      has[sink] = true
+      any = true
       local m = string.format('%016d', redis.call('INCR', P .. 'seq:delivery'))
       redis.call('HSET', dkey(m), 'event_id', id, 'sink', sink, 'state', state,
         'attempts', ARGV[i + 2], 'next_at', ARGV[i + 3], 'created_at', ARGV[i + 4],
@@ -847,6 +880,7 @@ for _ = 1, tonumber(ARGV[2]) do
     end
     i = i + 10
   end
+  if any then added[#added + 1] = id end
 end
 return added
 """
@@ -952,15 +986,19 @@ class RedisStore:
         client: Redis | RedisCluster
         if self.cluster:
             # Any node's address: the client learns the slots and follows MOVED, and all
-            # of relay's keys sit in the one slot of `{prefix}`.
-            client = RedisCluster.from_url(self.url, **options)
+            # of relay's keys sit in the one slot of `{prefix}`. No retry: the cluster
+            # client would retry a timeout too, and run a script twice that may still run.
+            client = RedisCluster.from_url(self.url, **{**options, "retry": Retry(NoBackoff(), 0)})
         else:
             client = Redis.from_url(self.url, retry_on_timeout=False, **options)
         try:
             meta = self._tag + "meta"
-            if create:
-                await client.hsetnx(meta, "schema", SCHEMA_VERSION)
             version = await client.hget(meta, "schema")
+            if version is None and create:
+                # Only when missing: at maxmemory Redis refuses even this write, and a
+                # relay restarting then must still be able to open the store it has.
+                await client.hsetnx(meta, "schema", SCHEMA_VERSION)
+                version = await client.hget(meta, "schema")
             if version is None:
                 raise StoreUnavailable(
                     f"no store at {self._where} (is --config, or RELAY_CONFIG, the"
@@ -1211,6 +1249,7 @@ class RedisStore:
                 "" if s.status is None else str(int(s.status)),
                 "0" if s.error is None else "1",
                 s.error or "",
+                "" if s.attempts_before is None else str(s.attempts_before),
             ]
         await self._run_releasing("settle", args)
         # Recorded: whatever comes of them next is the store's, not the claim's.

@@ -686,18 +686,19 @@ class SqliteStore:
     def _settle(self, settlements: Sequence[Settlement], now: float) -> None:
         # Settlements alike but for their id (a delivered batch, typically) become one
         # UPDATE over an id list instead of one statement each.
-        alike: dict[tuple[str, float, bool, int | None, str | None], list[int]] = {}
+        alike: dict[tuple[str, float, bool, int | None, str | None, int | None], list[int]] = {}
         for s in settlements:
-            key = (s.state, s.next_at, s.attempted, s.status, s.error)
+            key = (s.state, s.next_at, s.attempted, s.status, s.error, s.attempts_before)
             alike.setdefault(key, []).append(s.delivery_id)
         with self._transaction() as db:
-            for (state, next_at, attempted, status, error), ids in alike.items():
+            for (state, next_at, attempted, status, error, before), ids in alike.items():
                 for chunk, marks in _in_chunks(ids):
                     db.execute(
                         "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
                         " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
                         " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
-                        f" updated_at = ? WHERE id IN ({marks}) AND state = 'pending'",
+                        f" updated_at = ? WHERE id IN ({marks}) AND state = 'pending'"
+                        " AND (? IS NULL OR attempts = ?)",
                         (
                             state,
                             next_at,
@@ -708,6 +709,8 @@ class SqliteStore:
                             error,
                             now,
                             *chunk,
+                            before,
+                            before,
                         ),
                     )
 

@@ -31,6 +31,9 @@ class Settlement:
     status: int | None
     error: str | None
     attempted: bool = True  # False: the sink held it back; the attempt is not counted
+    # The attempts the delivery had when claimed: where given, the settlement applies
+    # only while they still are (a settlement applied twice counts once).
+    attempts_before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
