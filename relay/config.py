@@ -525,11 +525,28 @@ class WeComSinkConfig(_ChatSinkBase):
     # 20 messages a minute per robot: one every 3 s.
     pace: PositiveDuration = 3.0
 
+    @model_validator(mode="after")
+    def _mentions_need_text(self) -> WeComSinkConfig:
+        at = self.at
+        if self.msgtype == "markdown" and (at.mobiles or at.user_ids or at.all):
+            raise ValueError("at needs msgtype: text (a WeCom markdown message cannot mention)")
+        return self
+
+
+def _check_discord_username(value: str | None) -> str | None:
+    # Discord refuses (400) a webhook username containing these: every message would
+    # be dead-lettered.
+    if value is not None and any(w in value.lower() for w in ("discord", "clyde")):
+        raise ValueError('username must not contain "discord" or "clyde" (Discord refuses it)')
+    return value
+
 
 class DiscordSinkConfig(_ChatSinkBase):
     kind: Literal["discord"]
-    username: str | None = Field(None, min_length=1, max_length=80)
-    avatar_url: str | None = None
+    username: Annotated[
+        str | None, Field(min_length=1, max_length=80), AfterValidator(_check_discord_username)
+    ] = None
+    avatar_url: Annotated[str, AfterValidator(_check_http_url)] | None = None
     language: ChatLanguage = "en"
     # 5 requests per 2 s per webhook, 30 messages a minute per channel: one every 2 s.
     pace: PositiveDuration = 2.0

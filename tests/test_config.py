@@ -136,7 +136,8 @@ def test_every_problem_is_reported_with_its_path(tmp_path):
 
 def test_missing_kind_and_bad_names(tmp_path):
     assert problems_of({"sinks": {"a": {"path": "x"}}}, tmp_path) == [
-        "sinks.a.kind: missing (expected one of: file, http, slack)"
+        "sinks.a.kind: missing (expected one of: file, http, slack, dingtalk, feishu, wecom,"
+        " discord, teams)"
     ]
     assert problems_of({"sinks": {"a b/c": {"kind": "file", "path": "x"}}}, tmp_path) == [
         "sinks.a b/c: names are 1-64 letters, digits, '_', '.' or '-'"

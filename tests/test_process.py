@@ -169,7 +169,10 @@ sinks:
     result = run_cli("check-config", str(path))
     assert result.returncode == 2
     problems = result.stderr.splitlines()
-    unknown = "sinks.app.kind: unknown kind 'nosuchsink' (expected one of: file, http, slack)"
+    unknown = (
+        "sinks.app.kind: unknown kind 'nosuchsink' (expected one of: file, http, slack,"
+        " dingtalk, feishu, wecom, discord, teams)"
+    )
     assert unknown in problems
     assert "server.colour: unknown key" in problems
     assert "sinks.archive.path: required" in problems

@@ -29,10 +29,15 @@ from yarl import URL
 from relay.models import Delivery
 from relay.sinks.base import Answer, Outcome, PostingSink, backoff_ceiling, post
 from relay.sinks.chat.events import parse_envelope, where
+from relay.sinks.chat.text import clip
 from relay.sinks.pacing import Pacer
 from relay.templates import compile_template, render
 
 log = structlog.get_logger("relay.sinks.chat")
+
+# Characters of one envelope value a message text is rendered with (UTF-16 units):
+# more than any platform shows in one message, less than would crowd out the rest.
+VALUE_LIMIT = 1000
 
 
 def escape_tree(value: Any, escape: Any) -> Any:
@@ -145,10 +150,11 @@ class ChatSink(PostingSink):
             outcome = await self._post(message)
             self._last_was_digest = False
             outcomes.append(outcome)
-            if outcome.result == "retry":
-                # The robot is unwell or asked us to wait: the rest of this batch goes
-                # back to the store rather than holding already-sent outcomes unsettled
-                # through a long wait (a shutdown then would resend them).
+            if outcome.result == "retry" or outcome.gone:
+                # The robot is unwell, asked us to wait, or is gone: the rest of this
+                # batch goes back to the store rather than holding already-sent outcomes
+                # unsettled through a long wait (a shutdown then would resend them), or
+                # meeting the same refusal one by one.
                 rest = Outcome("defer", retry_after=self._pacer.left() or None)
                 outcomes.extend([rest] * (len(batch) - len(outcomes)))
                 break
@@ -158,7 +164,14 @@ class ChatSink(PostingSink):
         """The message text: the sink's template, else the platform's default. Values are
         escaped, the template's own text is not: an operator's template may carry the
         platform's markup (links, mentions); user data never becomes markup."""
-        context = escape_tree(envelope, self.escape)
+        # A value longer than any message can show (a 48 KB object key) is cut first:
+        # cut only with the whole message, it would take the text's markup and all the
+        # lines after it along.
+        shown = {
+            k: clip(v, VALUE_LIMIT, "utf16") if isinstance(v, str) else v
+            for k, v in envelope.items()
+        }
+        context = escape_tree(shown, self.escape)
         if self._template is not None:
             try:
                 return render(self._template, context)

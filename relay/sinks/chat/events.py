@@ -175,7 +175,8 @@ def event_facts(envelope: Mapping[str, Any], language: Language = "en") -> Event
         title, review, attention = tupu_review(envelope.get("data"), language)
     key = text_of(envelope.get("key"))
     target = key or where(envelope)
-    headline = f"{title}: {target}" if target else title
+    colon = "：" if language == "zh-CN" else ": "
+    headline = f"{title}{colon}{target}" if target else title
     facts: list[tuple[str, str]] = []
     for label, value in ((words["bucket"], envelope.get("bucket")), (words["key"], key)):
         if isinstance(value, str) and value:

@@ -1,9 +1,9 @@
-"""Messages in the markdown the chat robots share (DingTalk, WeCom, Feishu's lark_md,
-Discord, Teams): a title, the text, the object's facts, and a line naming the source and
-the event; or a digest of a burst. Pure.
+"""Messages in the markdown DingTalk and WeCom share: a title, the text, the object's
+facts, and a line naming the source and the event; or a digest of a burst. Pure. Its
+escaping and `fit` serve Discord and Teams too; Feishu escapes with HTML entities and
+builds its cards itself.
 
-Only `**bold**`, `> quotes`, `- lists` and plain lines are used: the subset every one of
-these platforms renders. User data is escaped (`escape`): a key named `**x**` or
+Only `**bold**`, `> quotes`, `- lists` and plain lines are used. User data is escaped (`escape`): a key named `**x**` or
 `[a](b)` must show as itself, never as markup. Each platform counts its limit its own
 way (`unit`); every value is cut to a share of the limit first, and the whole message
 cut last without leaving a mark open.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.sinks.chat.events import WORDS, Language, digest_of, event_facts
-from relay.sinks.chat.text import Unit, clean, clip, measure
+from relay.sinks.chat.text import ELLIPSIS, Unit, clean, clip, measure
 
 # Marks that would turn user data into markup. Not `_` (no platform here italicises
 # inside a word, and envelope types such as create_object must stay comparable in a
@@ -38,23 +38,27 @@ def plain(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
-def close_marks(text: str) -> str:
-    """`text` without a mark a cut left open at its end: an odd `**` on the last line
-    (cut from it), or a lone trailing backslash."""
-    head, _, last = text.rpartition("\n")
-    if last.count("**") % 2:
-        last = last[: last.rindex("**")]
-    if last.endswith("\\") and not last.endswith("\\\\"):
-        last = last[:-1]
-    return f"{head}\n{last}" if head else last
+def _escaped_last(text: str) -> bool:
+    """Whether the last character of `text` is escaped (an odd run of backslashes)."""
+    body = text[:-1]
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 1
 
 
-def fit(text: str, limit: int, unit: Unit) -> str:
-    """The whole message within `limit`, cut without breaking a character or a mark."""
+def fit(text: str, limit: int, unit: Unit, *, tail: re.Pattern[str] | None = None) -> str:
+    """The whole message within `limit`, cut without breaking a character or a mark: a
+    bold the cut went through is closed after the ellipsis (`**bucket/很长的…**`), not
+    dropped with the object's name; no lone backslash is left to escape the ellipsis;
+    `tail`, a platform's own half-cut markup (an HTML entity), is removed."""
     if measure(text, unit) <= limit:
         return text
-    # Room for the ellipsis that clip adds, after close_marks may have shortened it.
-    return close_marks(clip(text, limit, unit)[:-1]) + "…"
+    # Room for the ellipsis and a closing mark.
+    head = clip(text, max(limit - measure("**", unit), 1), unit, tail=tail)[: -len(ELLIPSIS)]
+    while head.endswith("*") and not _escaped_last(head):
+        head = head[:-1]  # half a mark, or a mark with nothing after it
+    if head and _escaped_last(head + "x"):
+        head = head[:-1]  # a backslash whose character was cut off
+    last = head.rpartition("\n")[2]
+    return head + ELLIPSIS + ("**" if last.count("**") % 2 else "")
 
 
 @dataclass(frozen=True)

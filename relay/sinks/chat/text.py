@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 Unit = Literal["utf8", "utf16", "chars"]
+T = TypeVar("T")
 
 ELLIPSIS = "…"
 
@@ -55,6 +57,22 @@ def clip(
     if tail is not None:
         cut = tail.sub("", cut)
     return cut + ELLIPSIS
+
+
+def shrink_to_fit(
+    build: Callable[[int], T], size: Callable[[T], int], target: int, floor: int
+) -> T:
+    """`build(limit)` for about the largest `limit` whose result's `size` is within
+    `target`: for a platform that bounds the whole body (Feishu, Teams), where JSON
+    escaping and the message's structure count too. Each try lowers `limit` in
+    proportion to the overshoot; at `floor` the result is taken as it is."""
+    limit = target
+    while True:
+        built = build(limit)
+        measured = size(built)
+        if measured <= target or limit <= floor:
+            return built
+        limit = max(int(limit * target / measured * 0.9), floor)
 
 
 def human_size(size: int) -> str:
