@@ -17,8 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.app import STORE
+from relay.config import RelayConfig, build_config
 from relay.models import NotifierBatch, notifier_envelopes
-from tests.conftest import eventually
+from tests.conftest import TOKEN, eventually
 
 # A scripted answer: (status, body, headers).
 Answer = tuple[int, str, dict[str, str]]
@@ -101,3 +102,22 @@ async def settled(client: Any, ids: list[str], within: float = 10.0) -> list[tup
 
     result: list[tuple[Any, ...]] = await eventually(check, within=within)
     return result
+
+
+FAST_RETRY = {"max_attempts": 3, "initial": "10ms", "max": "20ms"}
+
+
+def chat_config(tmp_path: Any, name: str, kind: str, url: str, **sink: Any) -> RelayConfig:
+    """A relay with a token-protected qingstor source and one chat sink `name` of `kind`
+    posting to `url`, paced 50 ms with fast retries; a key given as None takes its
+    default."""
+    section = {"kind": kind, "url": url, "pace": "50ms", "retry": FAST_RETRY, **sink}
+    return build_config(
+        {
+            "store": {"path": "relay.db"},
+            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+            "sinks": {name: {k: v for k, v in section.items() if v is not None}},
+        },
+        base_dir=tmp_path,
+        env={},
+    )

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.dingtalk import sign
-from tests.chat_robot import Robot, ids_of, robot_fixture, settled
+from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -32,22 +33,8 @@ robot = robot_fixture("/robot/send", (200, '{"errcode":0,"errmsg":"ok"}', {}))
 
 
 def config(tmp_path: Path, robot: Robot, **sink: Any):
-    return build_config(
-        {
-            "store": {"path": "relay.db"},
-            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-            "sinks": {
-                "ding": {
-                    "kind": "dingtalk",
-                    "url": f"{robot.url}?access_token={ACCESS_TOKEN}",
-                    "pace": "50ms",
-                    "retry": FAST_RETRY,
-                    **sink,
-                }
-            },
-        },
-        base_dir=tmp_path,
-        env={},
+    return chat_config(
+        tmp_path, "ding", "dingtalk", f"{robot.url}?access_token={ACCESS_TOKEN}", **sink
     )
 
 
@@ -197,3 +184,27 @@ def test_config_problems_never_show_the_secret(tmp_path):
             env={},
         )
     assert SECRET not in repr(caught.value.problems)
+
+
+async def test_a_bulk_upload_of_5000_objects_is_a_few_digests_not_hours_of_messages(
+    tmp_path, start_relay, robot
+):
+    # 5,000 messages at DingTalk's 20 a minute would take over four hours. Rolled up, a
+    # digest stands for up to 500 events, and digests go rollup_threshold paces apart.
+    client = await start_relay(config(tmp_path, robot, pace="20ms"))
+    ids: list[str] = []
+    for start in range(0, 5000, 1000):  # server.max_records: 1000 events per POST
+        body = notifier_body(*(f"bulk/{n:04}.jpg" for n in range(start, start + 1000)))
+        assert (await client.post(HOOK, json=body)).status == 200
+        ids += ids_of(body)
+    rows = await settled(client, ids, within=60)
+    assert {state for state, *_ in rows} == {"done"}
+    messages = len(robot.requests)
+    assert messages <= 15
+    # At the default pace (3 s) and threshold (5), the same messages would take:
+    assert (messages - 1) * 3.0 * 5 / 60 < 4  # minutes, not hours
+    counted = sum(
+        int(re.search(r"(\d+) 个事件", m["markdown"]["text"]).group(1))  # type: ignore[union-attr]
+        for m in robot.messages
+    )
+    assert counted == 5000

@@ -20,7 +20,7 @@ from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.discord import DEFAULT_RETRY_AFTER, DiscordSink, classify
-from tests.chat_robot import Robot, deliveries, ids_of, robot_fixture, settled
+from tests.chat_robot import Robot, chat_config, deliveries, ids_of, robot_fixture, settled
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -37,23 +37,7 @@ robot = robot_fixture(f"/api/webhooks/{WEBHOOK_ID}/{WEBHOOK_TOKEN}", (200, SAVED
 
 
 def config(tmp_path: Path, robot: Robot, query: str = "", **sink: Any):
-    return build_config(
-        {
-            "store": {"path": "relay.db"},
-            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-            "sinks": {
-                "chan": {
-                    "kind": "discord",
-                    "url": robot.url + query,
-                    "pace": "50ms",
-                    "retry": FAST_RETRY,
-                    **sink,
-                }
-            },
-        },
-        base_dir=tmp_path,
-        env={},
-    )
+    return chat_config(tmp_path, "chan", "discord", robot.url + query, **sink)
 
 
 def units(text: str) -> int:

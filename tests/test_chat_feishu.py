@@ -22,7 +22,7 @@ from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.feishu import FeishuSink, sign
 from relay.templates import SAMPLE_ENVELOPES
-from tests.chat_robot import Robot, ids_of, robot_fixture, settled
+from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -35,17 +35,7 @@ robot = robot_fixture(f"/open-apis/bot/v2/hook/{BOT_TOKEN}", (200, OK, {}))
 
 
 def config(tmp_path: Path, robot: Robot, **sink: Any):
-    section = {"kind": "feishu", "url": robot.url, "pace": "50ms", "retry": FAST_RETRY}
-    section.update(sink)
-    return build_config(
-        {
-            "store": {"path": "relay.db"},
-            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-            "sinks": {"lark": {k: v for k, v in section.items() if v is not None}},
-        },
-        base_dir=tmp_path,
-        env={},
-    )
+    return chat_config(tmp_path, "lark", "feishu", robot.url, **sink)
 
 
 def expected_sign(secret: str, timestamp: str) -> str:

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from relay.app import STORE
 from relay.config import build_config
-from tests.chat_robot import Robot, ids_of, robot_fixture, settled
+from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -38,23 +38,7 @@ robot = robot_fixture(PATH, (202, "", {}))
 
 
 def config(tmp_path: Path, robot: Robot, **sink: Any):
-    return build_config(
-        {
-            "store": {"path": "relay.db"},
-            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-            "sinks": {
-                "team": {
-                    "kind": "teams",
-                    "url": f"{robot.url}?{QUERY}",
-                    "pace": "50ms",
-                    "retry": FAST_RETRY,
-                    **sink,
-                }
-            },
-        },
-        base_dir=tmp_path,
-        env={},
-    )
+    return chat_config(tmp_path, "team", "teams", f"{robot.url}?{QUERY}", **sink)
 
 
 def card(message: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.chat.markdown import fit
-from tests.chat_robot import Robot, ids_of, robot_fixture, settled
+from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -31,23 +31,7 @@ robot = robot_fixture("/cgi-bin/webhook/send", (200, '{"errcode":0,"errmsg":"ok"
 
 
 def config(tmp_path: Path, robot: Robot, **sink: Any):
-    """A relay sending to the robot; a key given as None takes its default."""
-    section = {
-        "kind": "wecom",
-        "url": f"{robot.url}?key={KEY}",
-        "pace": "50ms",
-        "retry": FAST_RETRY,
-        **sink,
-    }
-    return build_config(
-        {
-            "store": {"path": "relay.db"},
-            "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-            "sinks": {"wx": {k: v for k, v in section.items() if v is not None}},
-        },
-        base_dir=tmp_path,
-        env={},
-    )
+    return chat_config(tmp_path, "wx", "wecom", f"{robot.url}?key={KEY}", **sink)
 
 
 def flagged_review() -> dict[str, Any]:
@@ -330,7 +314,7 @@ async def test_a_burst_is_rolled_up_into_one_digest(tmp_path, start_relay, robot
     message = robot.messages[0]
     assert list(message) == ["msgtype", "markdown"] and list(message["markdown"]) == ["content"]
     content = message["markdown"]["content"]
-    assert content.startswith("**max-test2 于 40 个事件**")
+    assert content.startswith("**max-test2：40 个事件**")
     assert "40 create_object" in content
     assert "- max-test2/uploads/000.jpg" in content and "uploads/003.jpg" not in content
     assert "另有 37 个" in content

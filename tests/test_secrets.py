@@ -113,7 +113,7 @@ class Downstream:
 
     base: str = ""
     received: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"app": [], "robot": [], "bot": [], "slack": []}
+        default_factory=lambda: {"app": [], "robot": [], "bot": [], "slack": [], "chat": []}
     )
 
     async def record(self, name: str, request: web.Request) -> int:
@@ -148,6 +148,21 @@ class Downstream:
         await self.record("bot", request)
         return reset(request)
 
+    async def chat(self, request: web.Request) -> web.Response:
+        # Each chat robot kind: first a debug page quoting the whole request (its URL with
+        # token, key, signature, the body with Feishu's sign), then its own success.
+        n = await self.record("chat", request)
+        path = request.path
+        if sum(r["path_qs"].split("?")[0] == path for r in self.received["chat"][:n]) == 1:
+            body = (await request.read()).decode()
+            return web.Response(status=200, text=debug_page(request) + "\n" + body)
+        if request.path.startswith("/api/webhooks/"):
+            return web.Response(status=204)
+        if request.path.startswith("/workflows/"):
+            return web.Response(status=202)
+        field = "code" if request.path.startswith("/open-apis/") else "errcode"
+        return web.json_response({field: 0, "msg": "ok"})
+
     async def slack(self, request: web.Request) -> web.Response:
         if await self.record("slack", request) == 1:
             return web.Response(status=500, text=f"rollup_error at {request.url}")
@@ -161,6 +176,11 @@ async def downstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Do
     app.router.add_post("/events", sinks.app)
     app.router.add_post("/robot/send", sinks.robot)
     app.router.add_post("/open-apis/bot/v2/hook/{token}", sinks.bot)
+    app.router.add_post("/open-apis/bot/v2/hooks/{token}", sinks.chat)
+    app.router.add_post("/robot2/send", sinks.chat)
+    app.router.add_post("/cgi-bin/webhook/send", sinks.chat)
+    app.router.add_post("/api/webhooks/{id}/{token}", sinks.chat)
+    app.router.add_post("/workflows/{id}/triggers/manual/paths/invoke", sinks.chat)
     # An incoming webhook's path is its credential; relay is given this server's URL.
     app.router.add_post("/services/{team}/{bot}/{token}", sinks.slack)
     server = await aiohttp_server(app)
@@ -219,6 +239,16 @@ def generation(
         base64.b64encode(f"robot:{robot_password}".encode()).decode(),
     )
     discord_token = add(f"discord webhook path token {name}", secret(f"discord-{name}"))
+    chat = {
+        "ding_token": add(f"dingtalk access_token {name}", secret(f"dtoken-{name}")),
+        "ding_secret": add(f"dingtalk signing secret {name}", "SEC" + secret(f"dsec-{name}")),
+        "feishu_token": add(f"feishu hook token {name}", secret(f"ftoken-{name}")),
+        "feishu_secret": add(f"feishu signing secret {name}", secret(f"fsec-{name}")),
+        "wecom_key": add(f"wecom robot key {name}", secret(f"wkey-{name}")),
+        "discord_token": add(f"discord sink token {name}", secret(f"dsink-{name}")),
+        "teams_sig": add(f"teams workflow sig {name}", secret(f"tsig-{name}")),
+    }
+    chat_sink = {"pace": "20ms", "retry": FAST_RETRY, "circuit": NO_CIRCUIT}
     host = downstream.base.removeprefix("http://")
     gen.config = {
         "store": {"path": "data/relay.db", "prune_interval": "1h"},
@@ -269,6 +299,34 @@ def generation(
                 "url": f"http://127.0.0.1:{free_port()}/api/webhooks/123/{discord_token}",
                 "retry": FEW_RETRIES,
                 "circuit": NO_CIRCUIT,
+            },
+            "ding": {
+                "kind": "dingtalk",
+                "url": f"{downstream.base}/robot2/send?access_token={chat['ding_token']}",
+                "secret": chat["ding_secret"],
+                **chat_sink,
+            },
+            "lark": {
+                "kind": "feishu",
+                "url": f"{downstream.base}/open-apis/bot/v2/hooks/{chat['feishu_token']}",
+                "secret": chat["feishu_secret"],
+                **chat_sink,
+            },
+            "wework": {
+                "kind": "wecom",
+                "url": f"{downstream.base}/cgi-bin/webhook/send?key={chat['wecom_key']}",
+                **chat_sink,
+            },
+            "guild": {
+                "kind": "discord",
+                "url": f"{downstream.base}/api/webhooks/42/{chat['discord_token']}",
+                **chat_sink,
+            },
+            "channel": {
+                "kind": "teams",
+                "url": f"{downstream.base}/workflows/7/triggers/manual/paths/invoke"
+                f"?api-version=1&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig={chat['teams_sig']}",
+                **chat_sink,
             },
             "team": {
                 "kind": "slack",
@@ -578,6 +636,11 @@ async def test_no_secret_comes_out_of_a_full_run(
         second.bot_token,
     }
     assert all(r["headers"]["Authorization"].startswith("Basic ") for r in received["robot"])
+    # Every chat robot kind was sent to, and the signing ones signed.
+    chat_paths = {r["path_qs"].split("/")[1] for r in received["chat"]}
+    assert chat_paths == {"robot2", "open-apis", "cgi-bin", "api", "workflows"}
+    assert all("&sign=" in r["path_qs"] for r in received["chat"] if "/robot2/" in r["path_qs"])
+    assert all('"sign"' in r["body"] for r in received["chat"] if "/open-apis/" in r["path_qs"])
     log = relay.logs()
     assert {
         "config.reload_failed",

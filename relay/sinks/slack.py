@@ -11,13 +11,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import structlog
 
 from relay.config import SlackSinkConfig
-from relay.sinks.base import Outcome, parse_retry_after
+from relay.sinks.answers import judge
+from relay.sinks.base import Outcome
 from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.events import digest_of, event_facts
 from relay.sinks.chat.text import clean, measure
@@ -166,12 +168,9 @@ def digest_message(
 # --- answers ----------------------------------------------------------------------------
 
 
-def _retry_after(value: str | None) -> float | None:
-    return parse_retry_after(value, time.time())
-
-
-def classify(status: int, body: str, retry_after: str | None = None) -> Outcome:
-    """Judge one answer from the webhook."""
+def read_body(status: int, body: str) -> Outcome | None:
+    """What Slack's answer body says, before the shared status ladder: its error codes
+    (whatever the status), and `ok`, the only body that confirms a posted message."""
     code = body.strip()
     shown = clip(clean(code).replace("\n", " "), 100, escaped=False)
     error = f"HTTP {status}: {shown}" if shown else f"HTTP {status}"
@@ -179,30 +178,27 @@ def classify(status: int, body: str, retry_after: str | None = None) -> Outcome:
         return Outcome("dead", status=status, error=error)
     if code in TRANSIENT_ERRORS:
         return Outcome("retry", status=status, error=error)
-    if status == 200 and code == "ok":
-        return Outcome("done", status=status)
-    if status == 429:
-        wait = _retry_after(retry_after)
-        # Slack always sends Retry-After with a 429; without one, wait its 1 msg/s.
-        wait = DEFAULT_RETRY_AFTER if wait is None else wait
-        return Outcome("retry", status=status, error=error, retry_after=wait)
-    if status >= 500:
-        floor = _retry_after(retry_after)
-        return Outcome("retry", status=status, error=error, retry_after=floor)
     if 200 <= status < 300:
         # Slack answers exactly `ok`; anything else (a proxy's page, say) does not
         # confirm the message was posted. Retrying risks a duplicate, never a loss, and
         # max_attempts bounds it.
-        return Outcome("retry", status=status, error=error)
-    if status in (408, 409, 425):
-        # Timeout, conflict, too early: about this moment, not about the message.
-        return Outcome("retry", status=status, error=error)
-    # Any other 4xx (an error code Slack added after this list was written, such as
-    # `invalid_blocks`, or a 401/403/404/410 from the webhook endpoint) and 3xx (a
-    # webhook URL never redirects; a redirect means a wrong URL): sending the same
-    # payload to the same URL will get the same answer. Dead-letter it, where an
-    # operator sees it and can replay after fixing the config.
-    return Outcome("dead", status=status, error=error)
+        return Outcome("done", status=status) if code == "ok" else Outcome("retry", status, error)
+    if status == 410:
+        # Not the endpoint gone for good (as the ladder reads a 410): an archived
+        # channel Slack named in a body this list does not know yet. Dead-letter it.
+        return Outcome("dead", status=status, error=error)
+    return None
+
+
+def classify(status: int, body: str, retry_after: str | None = None) -> Outcome:
+    """Judge one answer from the webhook: Slack's body first, then the status ladder
+    every sink shares (a 429 or 5xx retried after Retry-After, other 4xx and redirects
+    dead-lettered: the same payload to the same URL gets the same answer)."""
+    outcome = judge(status, retry_after, body, time.time(), read_body)
+    if status == 429 and outcome.retry_after is None:
+        # Slack always sends Retry-After with a 429; without one, wait its 1 msg/s.
+        outcome = replace(outcome, retry_after=DEFAULT_RETRY_AFTER)
+    return outcome
 
 
 # --- the sink ---------------------------------------------------------------------------

@@ -3,10 +3,10 @@ facts, and a line naming the source and the event; or a digest of a burst. Pure.
 escaping and `fit` serve Discord and Teams too; Feishu escapes with HTML entities and
 builds its cards itself.
 
-Only `**bold**`, `> quotes`, `- lists` and plain lines are used. User data is escaped (`escape`): a key named `**x**` or
-`[a](b)` must show as itself, never as markup. Each platform counts its limit its own
-way (`unit`); every value is cut to a share of the limit first, and the whole message
-cut last without leaving a mark open.
+Only `**bold**`, `> quotes`, `- lists` and plain lines are used. User data is escaped
+(`escape`): a key named `**x**` or `[a](b)` must show as itself, never as markup. Each
+platform counts its limit its own way (`unit`); every value is cut to a share of the
+limit first, and the whole message cut last without leaving a mark open.
 """
 
 from __future__ import annotations
@@ -110,11 +110,8 @@ def digest_markdown(
     zh = language == "zh-CN"
     head = f"{digest.count} {words['events']}"
     if digest.bucket is not None:
-        head = (
-            f"{escape(digest.bucket)} {words['in']} {head}"
-            if zh
-            else f"{head} {words['in']} {escape(digest.bucket)}"
-        )
+        bucket = escape(digest.bucket)
+        head = f"{bucket}：{head}" if zh else f"{head} {words['in']} {bucket}"
     title = clip(clean(head.replace("\\", "")), 64, unit)
     breakdown = ", ".join(f"{n} {escape(kind)}" for kind, n in digest.types)
     lines = [f"**{head}**", "", breakdown, ""]
