@@ -412,8 +412,9 @@ class SuccessConfig(_Model):
     equals: int | bool | str
 
 
-# Chat robots whose answers only their own sink kind reads: behind `kind: http` a 200
-# carrying an error would be recorded as delivered.
+# Chat webhooks whose answers only their own sink kind reads: behind `kind: http` a 200
+# carrying an error would be recorded as delivered. A host matches itself and its
+# subdomains (ptb.discord.com, a connector's <tenant>.webhook.office.com).
 _ROBOT_HOSTS = {
     "oapi.dingtalk.com": "dingtalk",
     "open.feishu.cn": "feishu",
@@ -422,7 +423,19 @@ _ROBOT_HOSTS = {
     "hooks.slack.com": "slack",
     "discord.com": "discord",
     "discordapp.com": "discord",
+    "webhook.office.com": "teams",
 }
+# Those whose success no `success:` can describe (Slack's body is `ok`, not JSON;
+# Discord answers 204 with none; a Teams connector hides its errors in text).
+_OWN_KIND_ONLY = frozenset({"slack", "discord", "teams"})
+
+
+def _robot_kind(host: str) -> str | None:
+    host = host.lower().rstrip(".")
+    for known, kind in _ROBOT_HOSTS.items():
+        if host == known or host.endswith("." + known):
+            return kind
+    return None
 
 
 class HttpSinkConfig(_SinkBase):
@@ -441,15 +454,18 @@ class HttpSinkConfig(_SinkBase):
 
     @model_validator(mode="after")
     def _robots_have_their_own_kind(self) -> HttpSinkConfig:
-        host = (URL(self.url.get_secret_value()).host or "").lower()
-        kind = _ROBOT_HOSTS.get(host)
-        if kind is not None and self.success is None:
-            # Not quoted back: the URL is a secret.
-            use = f"use kind: {kind}, which reads its answers, or " if kind in SINK_KINDS else ""
+        kind = _robot_kind(URL(self.url.get_secret_value()).host or "")
+        # Not quoted back: the URL is a secret.
+        if kind in _OWN_KIND_ONLY:
             raise ValueError(
-                f"url is a {kind} webhook: {use}set success: to what its successful answer"
-                " carries (behind kind: http, an error it answers with HTTP 200 would"
-                " count as delivered)"
+                f"url is a {kind} webhook: use kind: {kind}, which reads its answers"
+                " (kind: http cannot tell its errors from its successes)"
+            )
+        if kind is not None and self.success is None:
+            raise ValueError(
+                f"url is a {kind} webhook: use kind: {kind}, which reads its answers, or set"
+                " success: to what its successful answer carries (behind kind: http, an"
+                " error it answers with HTTP 200 would count as delivered)"
             )
         return self
 
@@ -529,7 +545,10 @@ class WeComSinkConfig(_ChatSinkBase):
     def _mentions_need_text(self) -> WeComSinkConfig:
         at = self.at
         if self.msgtype == "markdown" and (at.mobiles or at.user_ids or at.all):
-            raise ValueError("at needs msgtype: text (a WeCom markdown message cannot mention)")
+            raise ValueError(
+                "at needs msgtype: text (relay mentions through mentioned_list, which only"
+                " WeCom's text messages take)"
+            )
         return self
 
 

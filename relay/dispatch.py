@@ -283,7 +283,10 @@ class Dispatcher:
         # Throttling (429, or any Retry-After) is the sink pacing us, not failing: it is
         # honoured through Retry-After, and must not open the circuit on top of that.
         failed = not succeeded and any(
-            o.result == "retry" and o.status != 429 and o.retry_after is None for o in outcomes
+            o.failure
+            if o.failure is not None
+            else o.result == "retry" and o.status != 429 and o.retry_after is None
+            for o in outcomes
         )
         changed = circuit.record(succeeded, failed, now)
         if changed == "open":

@@ -116,3 +116,20 @@ def test_a_robot_url_behind_kind_http_is_refused_unless_success_is_said(tmp_path
     assert problem.startswith("sinks.robot: url is a dingtalk webhook")
     assert "0123456789abcdef0123" not in problem
     relay_with(tmp_path, url, success={"field": "errcode", "equals": 0})  # accepted
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("https://hooks.slack.com/services/T0/B0/0123456789abcdefghij", "slack"),
+        ("https://ptb.discord.com/api/webhooks/1/0123456789abcdefghij", "discord"),
+        ("https://acme.webhook.office.com/webhookb2/0123456789abcdefghij", "teams"),
+    ],
+)
+def test_webhooks_whose_success_no_body_check_can_tell_are_refused_outright(
+    tmp_path: Path, url: str, kind: str
+):
+    with pytest.raises(ConfigError) as caught:
+        relay_with(tmp_path, url, success={"field": "ok", "equals": True})
+    [problem] = caught.value.problems
+    assert f"use kind: {kind}" in problem and "0123456789abcdefghij" not in problem

@@ -108,10 +108,10 @@ async def test_too_fast_is_retried_after_the_robot_s_block(tmp_path, start_relay
         delivery = record.deliveries[0] if record else None
         return delivery if delivery and delivery.attempts == 1 else None
 
-    # Pending, due after DingTalk's minute, not at the backoff's 10 ms.
+    # Pending, due after DingTalk's ten-minute block, not at the backoff's 10 ms.
     delivery = await eventually(scheduled)
     assert delivery.state == "pending" and "errcode 130101" in delivery.last_error
-    assert 55 < delivery.next_at - time.time() <= 60
+    assert 590 < delivery.next_at - time.time() <= 600
 
 
 async def test_too_fast_then_ok_is_delivered_on_the_retry(
@@ -208,3 +208,40 @@ async def test_a_bulk_upload_of_5000_objects_is_a_few_digests_not_hours_of_messa
         for m in robot.messages
     )
     assert counted == 5000
+
+
+async def test_the_access_token_never_reaches_an_error(tmp_path, start_relay, robot):
+    # A gateway page quoting the configured URL, then DingTalk naming the token.
+    quoted = f"bad gateway for {robot.url}?access_token={ACCESS_TOKEN}"
+    robot.answers = [
+        (502, quoted, {}),
+        (200, json.dumps({"errcode": 300001, "errmsg": f"token {ACCESS_TOKEN} is not exist"}), {}),
+    ]
+    client = await start_relay(config(tmp_path, robot, secret=SECRET))
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, attempts, _, error)] = await settled(client, ids_of(body))
+    assert (state, attempts) == ("dead", 2)
+    assert ACCESS_TOKEN not in error and SECRET not in error
+    assert "errcode 300001" in error
+
+
+async def test_an_object_size_no_one_means_does_not_cost_the_batch(tmp_path, start_relay, robot):
+    body = notifier_body("a.jpg", "b.jpg", "c.jpg")
+    body["events"][1]["qingstor"]["object"]["size"] = 10**400
+    client = await start_relay(config(tmp_path, robot, rollup_threshold=50))
+    await client.post(HOOK, json=body)
+    rows = await settled(client, ids_of(body))
+    assert [state for state, *_ in rows] == ["done"] * 3
+    assert len(robot.requests) == 3  # each once: none sent again
+
+
+async def test_a_failing_digest_counts_toward_the_circuit(tmp_path, start_relay, robot):
+    from structlog.testing import capture_logs
+
+    robot.answers = [(500, "down", {})] * 20
+    sink = {"rollup_threshold": 5, "circuit": {"failures": 2, "cooldown": "1h"}}
+    client = await start_relay(config(tmp_path, robot, **sink))
+    with capture_logs() as logs:
+        await client.post(HOOK, json=notifier_body(*(f"k{i}" for i in range(10))))
+        await eventually(lambda: any(e["event"] == "circuit.open" for e in logs), within=15)

@@ -223,7 +223,7 @@ async def test_a_key_never_pings_nor_becomes_markup(tmp_path, start_relay, robot
     assert_discord_message(message)
     assert message["allowed_mentions"] == {"parse": []}
     escaped = (
-        "@everyone \\<@123\\> \\_\\_init\\_\\_.py \\*\\*b\\*\\* \\[x\\](https://evil)"
+        "@everyone \\<\u200b@123\\> \\_\\_init\\_\\_.py \\*\\*b\\*\\* \\[x\\](https://evil)"
         " \\_i\\_ \\|\\|s\\|\\| \\`c\\` my_file.txt"
     )
     assert fields_of(message)["Key"] == escaped
@@ -507,7 +507,7 @@ def test_the_defaults_are_discords(tmp_path):
     assert (section.pace, section.language) == (2.0, "en")
     assert section.username is None and section.avatar_url is None
     sink = DiscordSink("chan", section)
-    assert sink.secrets() == (WEBHOOK_TOKEN,)
+    assert WEBHOOK_TOKEN in sink.secrets()
 
 
 def test_a_discord_url_behind_kind_http_names_its_kind_and_never_the_token(tmp_path):
@@ -527,3 +527,22 @@ def test_a_discord_url_behind_kind_http_names_its_kind_and_never_the_token(tmp_p
         )
     problems = repr(caught.value.problems)
     assert "kind: discord" in problems and WEBHOOK_TOKEN not in problems
+
+
+async def test_a_digest_answered_404_pauses_the_sink_and_keeps_the_rest_waiting(
+    tmp_path, start_relay, robot
+):
+    robot.answers = [(404, '{"message": "Unknown Webhook", "code": 10015}', {})]
+    client = await start_relay(config(tmp_path, robot, rollup_threshold=5))
+    body = notifier_body(*(f"k{i}.jpg" for i in range(8)))
+    await client.post(HOOK, json=body)
+    await eventually(lambda: robot.requests)
+    store = client.app[STORE]
+
+    async def paused() -> Any:
+        stats = (await store.sink_stats())["chan"]
+        return stats if stats.gone and stats.dead == 1 else None
+
+    stats = await eventually(paused)
+    assert stats.pending == 7  # unsent, no attempt spent: waiting for the sink's fix
+    assert len(robot.requests) == 1

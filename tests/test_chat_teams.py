@@ -419,3 +419,13 @@ async def test_a_chinese_digest(tmp_path, start_relay, robot):
     message = robot.messages[0]
     shown = all_text(message)
     assert "max-test2 于 8 个事件" in shown and "另有 5 个" in shown
+
+
+def test_a_2xx_that_is_not_teams_answer_is_not_delivered():
+    from relay.sinks.teams import classify
+
+    assert classify(202, None, "", 0.0).result == "done"
+    assert classify(200, None, "1", 0.0).result == "done"
+    assert classify(200, None, '{"ok": true}', 0.0).result == "done"
+    page = classify(200, None, "<html>Sign in to your account</html>", 0.0)
+    assert page.result == "retry" and "not the webhook's answer" in (page.error or "")

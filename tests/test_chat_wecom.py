@@ -135,7 +135,8 @@ def test_mentions_with_markdown_are_a_config_error(tmp_path):
             env={},
         )
     assert caught.value.problems == [
-        "sinks.w: at needs msgtype: text (a WeCom markdown message cannot mention)"
+        "sinks.w: at needs msgtype: text (relay mentions through mentioned_list, which only"
+        " WeCom's text messages take)"
     ]
     assert KEY not in repr(caught.value.problems)
 
@@ -145,7 +146,7 @@ async def test_a_key_that_looks_like_markup_shows_as_itself(tmp_path, start_rela
     await client.post(HOOK, json=notifier_body("**x** [a](b) <@all>.jpg"))
     await eventually(lambda: robot.requests)
     content = robot.messages[0]["markdown"]["content"]
-    assert r"\*\*x\*\* \[a\](b) \<@all\>.jpg" in content
+    assert "\\*\\*x\\*\\* \\[a\\](b) \\<\u200b@all\\>.jpg" in content
     assert "<@all>" not in content
 
 

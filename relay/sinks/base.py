@@ -69,6 +69,22 @@ class _Redaction:
         return text
 
 
+def url_tokens(url: str) -> set[str]:
+    """The credentials a webhook URL carries, in every form an answer could quote back:
+    its path segments and query values long enough to be tokens (short ones are words
+    like "send"), raw and decoded, and its query string whole."""
+    parsed = URL(url)
+    raw_parts = parsed.raw_path.split("/")
+    found = {p for p in (*parsed.parts, *raw_parts, *parsed.query.values()) if len(p) >= 16}
+    for pair in parsed.raw_query_string.split("&"):
+        value = pair.partition("=")[2]
+        if len(value) >= 16:
+            found.add(value)
+    if len(parsed.raw_query_string) >= 16:
+        found.add(parsed.raw_query_string)
+    return found
+
+
 @lru_cache(maxsize=64)
 def _redaction(url: str, secrets: tuple[str, ...]) -> _Redaction:
     parsed = URL(url)
@@ -177,6 +193,9 @@ class Outcome:
     retry_after: float | None = None
     # The receiver said the endpoint is gone for good (HTTP 410): report the sink.
     gone: bool = False
+    # Whether it counts toward the circuit breaker; None: judged from the outcome (a
+    # retry without a wait the receiver asked for is a failure).
+    failure: bool | None = None
 
 
 DONE = Outcome("done")

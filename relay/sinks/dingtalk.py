@@ -42,9 +42,9 @@ ANSWERS = ErrorCodes(
     "errcode",
     transient={130101},  # too fast: the robot is blocked for a while
     permanent={310000, 300001, 300005, 460101},
-    # A robot that sent 20 in a minute is blocked for 10: try again in one, and keep
-    # trying (each attempt is one request, well within the invalid-request budget).
-    transient_wait=60.0,
+    # A robot that sent 20 in a minute is blocked for 10: try again when the block has
+    # ended, not at each minute of it (every try would cost an attempt).
+    transient_wait=600.0,
 )
 
 
@@ -109,7 +109,8 @@ class DingTalkSink(ChatSink):
         return url, body, {"Content-Type": "application/json; charset=utf-8"}
 
     def secrets(self) -> Sequence[str]:
-        return () if self._secret is None else (self._secret,)
+        # The access_token, quoted alone ("token ... is not exist") or with the query.
+        return (*super().secrets(), *(() if self._secret is None else (self._secret,)))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return judge(status, retry_after, body, time.time(), ANSWERS)

@@ -383,7 +383,7 @@ class DiscordSink(ChatSink):
         return self._send_url, body, headers
 
     def secrets(self) -> Sequence[str]:
-        return self._secrets
+        return (*super().secrets(), *self._secrets)
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return classify(status, retry_after, body, time.time())

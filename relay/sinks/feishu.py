@@ -303,7 +303,7 @@ class FeishuSink(ChatSink):
         return super().request(message)
 
     def secrets(self) -> Sequence[str]:
-        return () if self._secret is None else (self._secret,)
+        return (*super().secrets(), *(() if self._secret is None else (self._secret,)))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return judge(status, retry_after, body, time.time(), ANSWERS)

@@ -24,7 +24,7 @@ from relay.config import HttpSinkConfig
 from relay.models import Delivery, isoformat
 from relay.signatures import standard_webhooks_header, whsec_key
 from relay.sinks.answers import ExpectedField, judge, ladder
-from relay.sinks.base import Answer, Outcome, PostingSink, post
+from relay.sinks.base import Answer, Outcome, PostingSink, post, url_tokens
 from relay.sinks.pacing import Pacer
 
 # The status ladder every sink shares; the name the tests and docs know it by.
@@ -101,9 +101,8 @@ def credentials(config: HttpSinkConfig) -> tuple[str, ...]:
         value = secret.get_secret_value()
         found.update((value, value.partition(" ")[2].strip()))
     url = URL(config.url.get_secret_value())
-    # Robot URLs (DingTalk, Feishu, WeCom, Discord) carry their token as a path segment
-    # or a query value; the short ones are words like "events" and stay.
-    found.update(part for part in (*url.parts, *url.query.values()) if len(part) >= 16)
+    # Service URLs may carry their token as a path segment or a query value.
+    found.update(url_tokens(config.url.get_secret_value()))
     if url.password:
         found.update((url.password, url.raw_password or ""))
         pair = f"{url.user or ''}:{url.password}"

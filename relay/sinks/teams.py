@@ -88,12 +88,28 @@ def classify(status: int, retry_after: str | None, body: str, now: float) -> Out
         throttled = code == 429
     elif 200 <= status < 300 and _DELIVERY_FAILED.search(body):
         return Outcome("retry", status, describe(status, body))
+    elif 200 <= status < 300 and not _teams_answer(body):
+        # A proxy's or a login page: it confirms nothing was posted.
+        return Outcome("retry", status, describe(status, body) + " (not the webhook's answer)")
     else:
         outcome = ladder(status, retry_after, body, now)
         throttled = status == 429
     if throttled and outcome.result == "retry" and outcome.retry_after is None:
         outcome = replace(outcome, retry_after=THROTTLE_WAIT)
     return outcome
+
+
+def _teams_answer(body: str) -> bool:
+    """Whether a 2xx body is one Teams gives: empty (Workflows' 202), a connector's `1`,
+    or JSON."""
+    text = body.strip()
+    if text in ("", "1"):
+        return True
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def body_size(message: Mapping[str, Any]) -> int:
@@ -251,7 +267,7 @@ class TeamsSink(ChatSink):
             name, _, value = part.partition("=")
             if name.lower() == "sig" and value:
                 found |= {value, unquote_plus(value)}
-        return tuple(sorted(found))
+        return (*super().secrets(), *sorted(found))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return classify(status, retry_after, body, time.time())

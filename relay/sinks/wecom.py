@@ -111,7 +111,7 @@ class WeComSink(ChatSink):
         return {"msgtype": "text", "text": text}
 
     def secrets(self) -> Sequence[str]:
-        return () if self._key is None else (self._key,)
+        return (*super().secrets(), *(() if self._key is None else (self._key,)))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return judge(status, retry_after, body, time.time(), ANSWERS)

@@ -27,7 +27,7 @@ import structlog
 from yarl import URL
 
 from relay.models import Delivery
-from relay.sinks.base import Answer, Outcome, PostingSink, backoff_ceiling, post
+from relay.sinks.base import Answer, Outcome, PostingSink, backoff_ceiling, post, url_tokens
 from relay.sinks.chat.events import parse_envelope, where
 from relay.sinks.chat.text import clip
 from relay.sinks.pacing import Pacer
@@ -97,8 +97,10 @@ class ChatSink(PostingSink):
         return self._url, body, {"Content-Type": "application/json; charset=utf-8"}
 
     def secrets(self) -> Sequence[str]:
-        """Credentials besides the URL that an answer must never carry back."""
-        return ()
+        """Credentials that an answer must never carry back, besides the URL as sent: the
+        configured URL's tokens and query (a signing platform sends another URL), in
+        every form; a platform adds its signing secret."""
+        return tuple(sorted(url_tokens(self._url), key=len, reverse=True))
 
     # --- the mechanism ----------------------------------------------------------------
 
@@ -110,7 +112,13 @@ class ChatSink(PostingSink):
 
     async def _send_digest(self, batch: Sequence[Delivery]) -> list[Outcome]:
         envelopes = [parse_envelope(d) for d in batch]
-        message = self.digest_message(envelopes)
+        try:
+            message = self.digest_message(envelopes)
+        except Exception:
+            # An event no message builder foresaw: one by one, where it costs only
+            # itself, rather than a digest that fails for all of them at every try.
+            log.exception(f"{self.platform}.digest_failed", sink=self.name, events=len(batch))
+            return await self._send_each(batch)
         # Back-to-back digests mean a burst is still on: a digest stands for at least
         # `rollup_threshold` messages, so it waits their share of the pace. The next
         # digest then gathers more events instead of the channel getting one per pace.
@@ -125,8 +133,19 @@ class ChatSink(PostingSink):
             types=dict(Counter(e["type"] for e in envelopes)),
             result=outcome.result,
         )
+        if outcome.gone:
+            # The robot is gone: one event says so (and pauses the sink), the others wait
+            # in the store, unsent and costing no attempt, for the sink to be fixed.
+            return [outcome] + [Outcome("defer")] * (len(batch) - 1)
         if outcome.result == "retry":
-            outcome = replace(outcome, retry_after=self._together(batch, outcome.retry_after))
+            throttled = outcome.status == 429 or outcome.retry_after is not None
+            outcome = replace(
+                outcome,
+                retry_after=self._together(batch, outcome.retry_after),
+                # The regrouping floor is not the robot asking to wait: a failure still
+                # counts toward the circuit breaker.
+                failure=not throttled,
+            )
         # One message for all of them: each is accounted for by the one answer.
         return [outcome] * len(batch)
 
@@ -145,7 +164,16 @@ class ChatSink(PostingSink):
         outcomes: list[Outcome] = []
         for delivery in batch:
             envelope = parse_envelope(delivery)
-            message = self.event_message(envelope, self.render_text(envelope))
+            try:
+                message = self.event_message(envelope, self.render_text(envelope))
+            except Exception as exc:
+                # Its message cannot be built (a field no builder foresaw): it would fail
+                # at every try. Dead-lettered, where an operator sees it; the rest of the
+                # batch goes on, none of it sent twice.
+                log.exception(f"{self.platform}.message_failed", sink=self.name)
+                error = f"cannot build the message: {exc.__class__.__name__}"
+                outcomes.append(Outcome("dead", error=error))
+                continue
             await self._pacer.wait()
             outcome = await self._post(message)
             self._last_was_digest = False

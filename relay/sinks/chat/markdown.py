@@ -27,8 +27,9 @@ _LEADING_LIST = re.compile(r"^(\s*)([-+]|\d+\.)(\s)", re.MULTILINE)
 
 
 def escape(text: str) -> str:
-    """User data as markdown shows it literally."""
-    text = _SPECIAL.sub(r"\\\1", clean(text))
+    """User data as markdown shows it literally. A `<@` (WeCom markdown's mention) also
+    gets a zero-width space, where a platform might not honour the backslash."""
+    text = _SPECIAL.sub(r"\\\1", clean(text).replace("<@", "<\u200b@"))
     return _LEADING_LIST.sub(r"\1\\\2\3", text)
 
 

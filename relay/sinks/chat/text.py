@@ -76,7 +76,8 @@ def shrink_to_fit(
 
 
 def human_size(size: int) -> str:
-    if size < 1024:
+    if size < 1024 or size >= 1024**6:
+        # Beyond PiB no sender means it; floats would overflow on what it might send.
         return f"{size:,} bytes"
     exponent = min(int(math.log(size, 1024)), 5)
     unit = ("KiB", "MiB", "GiB", "TiB", "PiB")[exponent - 1]
