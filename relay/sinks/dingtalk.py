@@ -20,7 +20,6 @@ import hmac
 import json
 import time
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -31,7 +30,6 @@ from relay.sinks.answers import ErrorCodes, judge
 from relay.sinks.base import Outcome
 from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.markdown import Markdown, digest_markdown, escape, event_markdown, plain
-from relay.templates import render_chat_default
 
 # Bytes of UTF-8 DingTalk takes in one message (460101 beyond it); some room is left
 # for the JSON around the text and the mentions.
@@ -62,7 +60,7 @@ class DingTalkSink(ChatSink):
     default_throttle_wait = 60.0
 
     def __init__(self, name: str, config: DingTalkSinkConfig) -> None:
-        super().__init__(name, config, partial(_default_text, language=config.language))
+        super().__init__(name, config)
         self.config: DingTalkSinkConfig = config
         self._secret = None if config.secret is None else config.secret.get_secret_value()
 
@@ -114,7 +112,3 @@ class DingTalkSink(ChatSink):
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return judge(status, retry_after, body, time.time(), ANSWERS)
-
-
-def _default_text(context: dict[str, Any], *, language: Any) -> str:
-    return render_chat_default(context, language)

@@ -34,7 +34,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from yarl import URL
@@ -47,7 +46,6 @@ from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.events import WORDS, Language, digest_of, event_facts, text_of
 from relay.sinks.chat.markdown import fit
 from relay.sinks.chat.text import clean, clip, measure
-from relay.templates import render_chat_default
 
 # Discord's limits (characters; measured here in UTF-16 units).
 CONTENT_MAX = 2000
@@ -260,7 +258,7 @@ class DiscordSink(ChatSink):
     default_throttle_wait = DEFAULT_RETRY_AFTER
 
     def __init__(self, name: str, config: DiscordSinkConfig) -> None:
-        super().__init__(name, config, partial(_default_text, language=config.language))
+        super().__init__(name, config)
         self.config: DiscordSinkConfig = config
         parsed = URL(self._url)
         self._send_url = (
@@ -387,7 +385,3 @@ class DiscordSink(ChatSink):
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return classify(status, retry_after, body, time.time())
-
-
-def _default_text(context: dict[str, Any], *, language: Any) -> str:
-    return render_chat_default(context, language)

@@ -39,7 +39,6 @@ from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.events import WORDS, Language, digest_of, event_facts
 from relay.sinks.chat.markdown import fit
 from relay.sinks.chat.text import clean, clip, shrink_to_fit
-from relay.templates import render_chat_default
 
 # Bytes of UTF-8 Feishu takes in one request body (9499 beyond 20 KB), with room left
 # for the signature's two fields, added at send time.
@@ -172,7 +171,7 @@ class FeishuSink(ChatSink):
     default_throttle_wait = FREQUENCY_WAIT
 
     def __init__(self, name: str, config: FeishuSinkConfig) -> None:
-        super().__init__(name, config, partial(_default_text, language=config.language))
+        super().__init__(name, config)
         self.config: FeishuSinkConfig = config
         self._secret = None if config.secret is None else config.secret.get_secret_value()
 
@@ -331,7 +330,3 @@ def _note(text: str) -> dict[str, Any]:
         "tag": "note",
         "elements": [{"tag": "plain_text", "content": clip(text, NOTE_LIMIT, "utf8")}],
     }
-
-
-def _default_text(context: dict[str, Any], *, language: Language) -> str:
-    return render_chat_default(context, language)

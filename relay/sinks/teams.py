@@ -34,7 +34,6 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -47,7 +46,6 @@ from relay.sinks.chat.engine import ChatSink
 from relay.sinks.chat.events import WORDS, Language, digest_of, event_facts
 from relay.sinks.chat.markdown import escape, fit
 from relay.sinks.chat.text import clean, clip, shrink_to_fit
-from relay.templates import render_chat_default
 
 CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
@@ -230,7 +228,7 @@ class TeamsSink(ChatSink):
     default_throttle_wait = THROTTLE_WAIT
 
     def __init__(self, name: str, config: TeamsSinkConfig) -> None:
-        super().__init__(name, config, partial(render_chat_default, language=config.language))
+        super().__init__(name, config)
         self.config: TeamsSinkConfig = config
         # The query's `sp=%2Ftriggers%2F…` and `sig` are sent as copied, not re-quoted.
         printable = self._url.isascii() and not any(c.isspace() for c in self._url)

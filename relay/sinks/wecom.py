@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import structlog
@@ -38,7 +37,6 @@ from relay.sinks.chat.markdown import (
     plain,
 )
 from relay.sinks.chat.text import measure
-from relay.templates import render_chat_default
 
 log = structlog.get_logger("relay.sinks.wecom")
 
@@ -61,7 +59,7 @@ class WeComSink(ChatSink):
     default_throttle_wait = 60.0
 
     def __init__(self, name: str, config: WeComSinkConfig) -> None:
-        super().__init__(name, config, partial(render_chat_default, language=config.language))
+        super().__init__(name, config)
         self.config: WeComSinkConfig = config
         # The key is the credential: an answer quoting it alone (not the whole URL)
         # must lose it too.

@@ -21,6 +21,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, ClassVar
 
 import structlog
@@ -31,7 +32,7 @@ from relay.sinks.base import Answer, Outcome, PostingSink, backoff_ceiling, post
 from relay.sinks.chat.events import parse_envelope, where
 from relay.sinks.chat.text import clip
 from relay.sinks.pacing import Pacer
-from relay.templates import compile_template, render
+from relay.templates import compile_template, render, render_chat_default
 
 log = structlog.get_logger("relay.sinks.chat")
 
@@ -63,14 +64,18 @@ class ChatSink(PostingSink):
     default_throttle_wait: ClassVar[float] = 1.0
 
     def __init__(
-        self, name: str, config: Any, default_text: Callable[[dict[str, Any]], str]
+        self,
+        name: str,
+        config: Any,
+        default_text: Callable[[dict[str, Any]], str] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.timeout = config.timeout
         self._url: str = config.url.get_secret_value()
         self._template = compile_template(config.template) if config.template else None
-        self._default_text = default_text
+        # The markdown platforms' default text, in the sink's language.
+        self._default_text = default_text or partial(render_chat_default, language=config.language)
         self._pacer = Pacer(config.pace, from_answer=True)
         self._lock = asyncio.Lock()
         self._last_was_digest = False
