@@ -28,6 +28,7 @@ from aiohttp import web
 
 from relay import logs
 from relay.config import RelayConfig, SqliteStoreConfig
+from relay.console import console_app
 from relay.dispatch import Dispatcher
 from relay.errors import IngestError, ListenError, StoreUnavailable
 from relay.exposure import exposure_of, exposure_warnings, listen_url, trial_note
@@ -157,6 +158,10 @@ async def hook_expect(request: web.Request) -> web.StreamResponse | None:
     # The body was not read and may still come: this connection cannot carry another.
     response.force_close()
     return response
+
+
+async def _to_console(request: web.Request) -> web.Response:
+    raise web.HTTPPermanentRedirect("/console/")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -310,6 +315,9 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if config.console is not None:
+        app.add_subapp("/console/", console_app(runtime))
+        app.router.add_get("/console", _to_console)
     app.on_shutdown.append(_begin_drain)
     # Entered in order, left in reverse: background tasks stop first, then the sinks
     # drain and close, then the store closes.

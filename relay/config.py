@@ -121,6 +121,13 @@ class ServerConfig(_Model):
         return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
+def _check_console_token(value: SecretStr) -> SecretStr:
+    # Not quoted back: it is the console's credential.
+    if len(value.get_secret_value()) < 16:
+        raise ValueError("token must be at least 16 characters (try: openssl rand -hex 24)")
+    return value
+
+
 class _StoreBase(_Model):
     # Finished deliveries are kept this long (for inspection) before pruning.
     keep_done: Duration = 3600.0
@@ -636,8 +643,17 @@ class Route(_Model):
     to: list[str] = Field(min_length=1)
 
 
+class ConsoleConfig(_Model):
+    """The operator console: off unless a token is set. Every page and action takes
+    `Authorization: Bearer <token>`; people sign in with it through a form."""
+
+    # Long enough not to be guessed by a form posted over and over.
+    token: Annotated[SecretStr, AfterValidator(_check_console_token)]
+
+
 class RelayConfig(_Model):
     server: ServerConfig = ServerConfig()
+    console: ConsoleConfig | None = None
     # Validated even when absent, so that its relative path follows the config file.
     store: StoreConfig = Field(default_factory=lambda: {}, validate_default=True)
     dedupe: DedupeConfig = DedupeConfig()

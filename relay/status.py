@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 from relay.config import StoreView, store_description
-from relay.store import SinkStats, operator_store
+from relay.store import Observations, SinkStats, operator_store
 from relay.tables import table
 
 LOOKBACK = 3600.0  # the "last hour" of per-source figures
@@ -28,10 +28,17 @@ def _age(seconds: float) -> str:
 
 
 async def gather(config: StoreView, now: float | None = None) -> dict[str, Any]:
-    at = time.time() if now is None else now
     async with operator_store(config.store, dedupe_window=config.dedupe.window) as store:
-        stats = await store.sink_stats(at)
-        receipts = await store.receipts_since(at - LOOKBACK)
+        return await report(store, config, now)
+
+
+async def report(
+    store: Observations, config: StoreView, now: float | None = None
+) -> dict[str, Any]:
+    """What `relay status` shows (and the console's overview), from an open store."""
+    at = time.time() if now is None else now
+    stats = await store.sink_stats(at)
+    receipts = await store.receipts_since(at - LOOKBACK)
     sinks = {}
     for name in [*config.sinks, *sorted(set(stats) - set(config.sinks))]:
         current = stats.get(name, SinkStats())

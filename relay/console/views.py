@@ -1,0 +1,142 @@
+"""The console's pages, served by relay itself under /console/ (a sub-application of
+the main one): a login form, and an overview of every sink and source. Server-rendered
+(Jinja2, autoescaped), readable without JavaScript; no secret is ever rendered."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from relay import status
+from relay.config import StoreView
+from relay.console import auth
+from relay.runtime import Runtime
+
+HERE = Path(__file__).parent
+RUNTIME = web.AppKey("console_runtime", Runtime)
+
+# No inline script or style, nothing from elsewhere, never framed, no referrer.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:;"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+_PAGES = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _token(request: web.Request) -> str:
+    return request.app[RUNTIME].config.console.token.get_secret_value()  # type: ignore[union-attr]
+
+
+def _page(name: str, status_code: int = 200, **context: Any) -> web.Response:
+    html = _PAGES.get_template(name).render(**context)
+    return web.Response(text=html, status=status_code, content_type="text/html", charset="utf-8")
+
+
+def _signed_in(request: web.Request) -> bool:
+    token = _token(request)
+    if auth.token_matches(auth.bearer(request.headers.get("Authorization")), token):
+        return True
+    return auth.session_valid(request.cookies.get(auth.SESSION_COOKIE), token)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Security headers on every answer; a 401 (the login form, no hint of what exists)
+    for anything but the login itself and the stylesheet without a valid session or
+    bearer token; and a CSRF check on every POST a session (not a bearer) makes."""
+    public = request.path.endswith(("/login", "/static/console.css"))
+    try:
+        if not public and not _signed_in(request):
+            response: web.StreamResponse = _page("login.html", 401, failed=False)
+        elif request.method == "POST" and not public and not await _csrf_ok(request):
+            response = web.Response(status=403, text="403: the form has expired; reload the page")
+        else:
+            response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+async def _csrf_ok(request: web.Request) -> bool:
+    token = _token(request)
+    if auth.token_matches(auth.bearer(request.headers.get("Authorization")), token):
+        return True  # not a browser's ambient credential: no cross-site request has it
+    session = request.cookies.get(auth.SESSION_COOKIE)
+    form = await request.post()
+    given = form.get("csrf")
+    return auth.csrf_valid(given if isinstance(given, str) else None, session, token)
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return _page("login.html", failed=False)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    given = form.get("token")
+    token = _token(request)
+    if not isinstance(given, str) or not auth.token_matches(given, token):
+        return _page("login.html", 401, failed=True)
+    response = web.HTTPSeeOther(location=str(request.app.router["overview"].url_for()))
+    response.set_cookie(
+        auth.SESSION_COOKIE,
+        auth.new_session(token),
+        max_age=auth.SESSION_SECONDS,
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/console",
+    )
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    response = web.HTTPSeeOther(location=str(request.app.router["login"].url_for()))
+    response.del_cookie(auth.SESSION_COOKIE, path="/console")
+    return response
+
+
+async def overview(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    config = runtime.config
+    report = await status.report(runtime.store, StoreView.of(config), time.time())
+    session = request.cookies.get(auth.SESSION_COOKIE) or ""
+    return _page(
+        "overview.html",
+        report=report,
+        csrf=auth.csrf_token(session, _token(request)) if session else "",
+        attention=[name for name, s in report["sinks"].items() if s["dead"] or s["gone"]],
+    )
+
+
+def console_app(runtime: Runtime) -> web.Application:
+    """The console, to mount at /console/ on relay's app."""
+    app = web.Application(middlewares=[guard])
+    app[RUNTIME] = runtime
+    app.router.add_get("/", overview, name="overview")
+    app.router.add_get("/login", login_form, name="login")
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_static("/static/", HERE / "static", name="static")
+    return app

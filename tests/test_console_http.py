@@ -1,0 +1,119 @@
+"""The console over HTTP: who gets in, what every answer carries, and that no secret
+is ever on a page. Real sockets (relay's app on an aiohttp test server)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from relay.console.views import SECURITY_HEADERS
+from tests.conftest import TOKEN, eventually, notifier_body, relay_config
+
+CONSOLE_TOKEN = "console-token-0123456789abcdef"
+APP_SECRET = "app-bearer-secret-7d1f0c"
+SLACK_PATH = "T000/B000/slacksecretpath123456"
+
+
+def console_config(tmp_path: Path, url: str = "http://127.0.0.1:9/x") -> Any:
+    return relay_config(
+        tmp_path,
+        console={"token": CONSOLE_TOKEN},
+        sinks={
+            "app": {
+                "kind": "http",
+                "url": url,
+                "headers": {"Authorization": f"Bearer {APP_SECRET}"},
+                "retry": {"max_attempts": 1},
+            },
+            "team": {"kind": "slack", "url": f"http://127.0.0.1:9/services/{SLACK_PATH}"},
+        },
+        routes=[{"to": ["app"]}],
+    )
+
+
+def assert_secure(response: Any) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value, name
+    assert "'unsafe-inline'" not in response.headers["Content-Security-Policy"]
+
+
+async def test_without_the_token_every_page_is_a_401_with_no_hint(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    for path in ("/console/", "/console/nothing-here", "/console/events/evt_1"):
+        response = await client.get(path)
+        assert response.status == 401, path
+        page = await response.text()
+        assert "Sign in" in page and "app" not in re.sub(r"<[^>]+>", "", page).split()
+        assert_secure(response)
+    wrong = await client.get("/console/", headers={"Authorization": "Bearer wrong-token-xxxx"})
+    assert wrong.status == 401
+    refused = await client.post("/console/login", data={"token": "wrong-token-xxxxxxxx"})
+    assert refused.status == 401 and "not the console token" in await refused.text()
+
+
+async def test_a_bearer_token_or_a_signed_in_browser_sees_the_overview(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    await client.post(f"/hooks/qingstor?token={TOKEN}", json=notifier_body("a.jpg"))
+    store = client.app[__import__("relay.app").app.STORE]
+
+    async def dead() -> bool:
+        return (await store.sink_stats())["app"].dead == 1
+
+    await eventually(dead)
+    response = await client.get("/console/", headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})
+    assert response.status == 200
+    assert_secure(response)
+    page = await response.text()
+    assert "Needs attention" in page and "1 dead letter" in page
+
+    # A person: the login form sets an HttpOnly, SameSite=Strict session cookie.
+    signed_in = await client.post(
+        "/console/login", data={"token": CONSOLE_TOKEN}, allow_redirects=False
+    )
+    assert signed_in.status == 303
+    cookie = signed_in.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
+    assert CONSOLE_TOKEN not in cookie
+    overview = await client.get("/console/")
+    assert overview.status == 200 and "Overview" in await overview.text()
+
+
+async def test_a_post_without_the_sessions_csrf_token_is_refused(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    await client.post("/console/login", data={"token": CONSOLE_TOKEN})
+    forged = await client.post("/console/logout", data={}, allow_redirects=False)
+    assert forged.status == 403
+    page = await (await client.get("/console/")).text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    out = await client.post("/console/logout", data={"csrf": csrf}, allow_redirects=False)
+    assert out.status == 303
+    assert (await client.get("/console/")).status == 401
+
+
+async def test_no_secret_is_on_any_page(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+    pages = [
+        await (await client.get(p, headers=auth)).text() for p in ("/console/", "/console/login")
+    ]
+    for page in pages:
+        for secret in (CONSOLE_TOKEN, APP_SECRET, SLACK_PATH, TOKEN):
+            assert secret not in page
+
+
+async def test_the_console_is_off_unless_a_token_is_set(tmp_path, start_relay):
+    client = await start_relay(relay_config(tmp_path))
+    assert (await client.get("/console/")).status == 404
+
+
+def test_a_short_console_token_is_a_config_error(tmp_path):
+    import pytest
+
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        relay_config(tmp_path, console={"token": "short"})
+    assert caught.value.problems == [
+        "console.token: token must be at least 16 characters (try: openssl rand -hex 24)"
+    ]
