@@ -117,3 +117,45 @@ def test_a_short_console_token_is_a_config_error(tmp_path):
     assert caught.value.problems == [
         "console.token: token must be at least 16 characters (try: openssl rand -hex 24)"
     ]
+
+
+async def test_a_dead_letter_is_replayed_from_its_page_after_a_confirmation(
+    tmp_path, start_relay, receiver
+):
+    receiver.statuses = [400]  # dead at the first answer; fine afterwards
+    client = await start_relay(console_config(tmp_path, receiver.url))
+    body = notifier_body("photos/cat.jpg")
+    await client.post(f"/hooks/qingstor?token={TOKEN}", json=body)
+    await eventually(lambda: receiver.requests)
+    await client.post("/console/login", data={"token": CONSOLE_TOKEN})
+
+    async def listed() -> str | None:
+        page = await (await client.get("/console/dead-letters")).text()
+        return page if "photos/cat.jpg" in page else None
+
+    page = await eventually(listed)
+    event_id = re.search(r'name="event_id" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    event_page = await (await client.get(f"/console/events/{event_id}")).text()
+    assert "dead" in event_page and "HTTP 400" in event_page and "photos/cat.jpg" in event_page
+
+    asked = await client.post(
+        "/console/dead-letters/replay", data={"csrf": csrf, "event_id": event_id}
+    )
+    assert "Replay 1 dead letter?" in await asked.text()
+    assert len(receiver.requests) == 1  # nothing done before the confirmation
+    done = await client.post(
+        "/console/dead-letters/replay",
+        data={"csrf": csrf, "event_id": event_id, "confirm": "1"},
+        allow_redirects=False,
+    )
+    assert done.status == 303 and "replayed+1" in done.headers["Location"].replace("%20", "+")
+    await eventually(lambda: len(receiver.requests) == 2)
+    assert receiver.requests[1]["headers"]["webhook-id"] == event_id
+
+
+async def test_an_unknown_event_is_a_404_page(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+    response = await client.get("/console/events/evt_nope", headers=auth)
+    assert response.status == 404 and "evt_nope" in await response.text()

@@ -4,18 +4,25 @@ the main one): a login form, and an overview of every sink and source. Server-re
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from relay import status
+from relay import events, status
 from relay.config import StoreView
 from relay.console import auth
+from relay.logs import redact_text
 from relay.runtime import Runtime
+from relay.store import DeadLetter, Selection
+from relay.tables import when
+
+log = structlog.get_logger("relay.console")
 
 HERE = Path(__file__).parent
 RUNTIME = web.AppKey("console_runtime", Runtime)
@@ -130,6 +137,97 @@ async def overview(request: web.Request) -> web.Response:
     )
 
 
+def _csrf(request: web.Request) -> str:
+    session = request.cookies.get(auth.SESSION_COOKIE) or ""
+    return auth.csrf_token(session, _token(request)) if session else ""
+
+
+async def event_page(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    event_id = request.match_info["event_id"]
+    record = await runtime.store.event(event_id)
+    if record is None:
+        return _page("missing.html", 404, what=f"event {event_id}", csrf=_csrf(request))
+    data = events.report(record, StoreView.of(runtime.config), time.time())
+    return _page(
+        "event.html",
+        data=data,
+        envelope=json.dumps(data["envelope"], indent=2, ensure_ascii=False),
+        csrf=_csrf(request),
+    )
+
+
+def _letter_row(letter: DeadLetter) -> dict[str, Any]:
+    try:
+        envelope = json.loads(letter.envelope)
+    except ValueError:
+        envelope = {}
+    return {
+        "id": letter.event_id,
+        "sink": letter.sink,
+        "attempts": letter.attempts,
+        "status": letter.last_status,
+        # Receivers' answers may quote URLs; their query strings can carry secrets.
+        "error": redact_text(letter.last_error or ""),
+        "since": when(letter.dead_since),
+        "key": envelope.get("key") if isinstance(envelope, dict) else None,
+    }
+
+
+async def dead_letters_page(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    sink = request.query.get("sink") or None
+    selection = Selection(sink=sink) if sink else Selection(everything=True)
+    letters = await runtime.store.dead_letters(selection)
+    return _page(
+        "dead_letters.html",
+        letters=[_letter_row(letter) for letter in letters[:500]],
+        total=len(letters),
+        sink=sink,
+        sinks=sorted({letter.sink for letter in letters} | set(runtime.config.sinks)),
+        csrf=_csrf(request),
+        done=request.query.get("done"),
+    )
+
+
+def _selection(form: Any) -> Selection | None:
+    """What an action acts on: the ticked events, a sink's, or all (form fields)."""
+    ids = tuple(v for v in form.getall("event_id", []) if isinstance(v, str) and v)
+    sink = form.get("sink") or None
+    if ids:
+        return Selection(sink=sink if isinstance(sink, str) else None, event_ids=ids)
+    if isinstance(sink, str):
+        return Selection(sink=sink)
+    if form.get("all") == "1":
+        return Selection(everything=True)
+    return None
+
+
+async def dead_letters_action(request: web.Request) -> web.StreamResponse:
+    """Replay or purge, after a confirmation page: the first POST shows what will be
+    done; the second (confirm=1) does it."""
+    form = await request.post()
+    action = request.match_info["action"]
+    selection = _selection(form)
+    if selection is None:
+        return web.Response(status=400, text="400: select dead letters, a sink, or all")
+    store = request.app[RUNTIME].store
+    if form.get("confirm") != "1":
+        count = len(await store.dead_letters(selection))
+        return _page(
+            "confirm.html",
+            action=action,
+            count=count,
+            selection=selection,
+            csrf=_csrf(request) or str(form.get("csrf") or ""),
+        )
+    done = await (store.replay(selection) if action == "replay" else store.purge(selection))
+    verb = "replayed" if action == "replay" else "purged"
+    log.info(f"console.{action}", count=done, sink=selection.sink, events=len(selection.event_ids))
+    target = request.app.router["dead_letters"].url_for().with_query(done=f"{verb} {done}")
+    raise web.HTTPSeeOther(location=str(target))
+
+
 def console_app(runtime: Runtime) -> web.Application:
     """The console, to mount at /console/ on relay's app."""
     app = web.Application(middlewares=[guard])
@@ -138,5 +236,8 @@ def console_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/login", login_form, name="login")
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    app.router.add_get("/events/{event_id}", event_page, name="event")
+    app.router.add_get("/dead-letters", dead_letters_page, name="dead_letters")
+    app.router.add_post("/dead-letters/{action:replay|purge}", dead_letters_action)
     app.router.add_static("/static/", HERE / "static", name="static")
     return app
