@@ -79,10 +79,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         else:
             response = await handler(request)
     except web.HTTPException as exc:
-        response = exc
+        _secure(exc)
+        raise
+    _secure(response)
+    return response
+
+
+def _secure(response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-    return response
 
 
 async def _csrf_ok(request: web.Request) -> bool:
@@ -105,7 +110,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     token = _token(request)
     if not isinstance(given, str) or not auth.token_matches(given, token):
         return _page("login.html", 401, failed=True)
-    response = web.HTTPSeeOther(location=str(request.app.router["overview"].url_for()))
+    response = _see_other(str(request.app.router["overview"].url_for()))
     response.set_cookie(
         auth.SESSION_COOKIE,
         auth.new_session(token),
@@ -119,9 +124,14 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    response = web.HTTPSeeOther(location=str(request.app.router["login"].url_for()))
+    response = _see_other(str(request.app.router["login"].url_for()))
     response.del_cookie(auth.SESSION_COOKIE, path="/console")
     return response
+
+
+def _see_other(location: str) -> web.Response:
+    # A plain response, not a raised HTTPSeeOther: a cookie set on it is kept.
+    return web.Response(status=303, headers={"Location": location})
 
 
 async def overview(request: web.Request) -> web.Response:
@@ -225,7 +235,7 @@ async def dead_letters_action(request: web.Request) -> web.StreamResponse:
     verb = "replayed" if action == "replay" else "purged"
     log.info(f"console.{action}", count=done, sink=selection.sink, events=len(selection.event_ids))
     target = request.app.router["dead_letters"].url_for().with_query(done=f"{verb} {done}")
-    raise web.HTTPSeeOther(location=str(target))
+    return _see_other(str(target))
 
 
 def console_app(runtime: Runtime) -> web.Application:
