@@ -464,3 +464,31 @@ async def test_moving_work_onto_an_expired_claim_of_the_same_id_keeps_the_work(
     [pending] = await target.claim("a", 1, lease=60.0, now=1000.0)
     assert pending.event_id == "evt_1"
     assert await target.import_work(moved) == []
+
+
+async def test_recent_events_page_newest_first_through_ties_with_their_states(
+    stores: OpenStore,
+):
+    store = await stores()
+    # Two requests of three events each share a claim time within each request.
+    await store.accept([event(i, ("a", "b")) for i in (1, 2, 3)], now=1000.0)
+    await store.accept([event(i, ("a",)) for i in (4, 5, 6)], now=1001.0)
+    [held] = [
+        d for d in await store.claim("a", 10, lease=60.0, now=1001.0) if d.event_id == "evt_5"
+    ]
+    await store.settle([Settlement(held.id, "dead", 1001.0, 400, "no")], now=1001.0)
+    seen: list[str] = []
+    cursor: str | None = None
+    states: dict[str, dict[str, str]] = {}
+    for _ in range(10):
+        page = await store.recent_events(cursor, limit=2)
+        seen += [e.id for e in page.events]
+        states |= {e.id: dict(e.states) for e in page.events}
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert sorted(seen[:3]) == ["evt_4", "evt_5", "evt_6"]  # the newer request first
+    assert sorted(seen[3:]) == ["evt_1", "evt_2", "evt_3"]
+    assert len(seen) == 6
+    assert states["evt_5"] == {"a": "dead"}
+    assert states["evt_1"] == {"a": "pending", "b": "pending"}

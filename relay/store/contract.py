@@ -15,6 +15,7 @@ from relay.store.types import (
     MovedEvent,
     NewEvent,
     Quarantined,
+    RecentEvents,
     Selection,
     Settlement,
     SinkStats,
@@ -119,6 +120,10 @@ class Observations(Protocol):
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]: ...
 
     async def counts(self) -> dict[str, int]: ...
+
+    async def recent_events(self, cursor: str | None, limit: int) -> RecentEvents:
+        """Up to `limit` events, newest first (by when their dedupe claim was taken),
+        from `cursor` (None: the newest) on; an opaque cursor for the next run."""
 
     async def event(self, event_id: str) -> EventRecord | None:
         """One event and what became of it at each sink, or None if not held."""

@@ -86,10 +86,12 @@ from relay.store.types import (
     DeadLetter,
     DeliveryRecord,
     EventRecord,
+    EventSummary,
     MovedDelivery,
     MovedEvent,
     NewEvent,
     Quarantined,
+    RecentEvents,
     Selection,
     Settlement,
     SinkStats,
@@ -668,6 +670,39 @@ return out
 """
 )
 
+# ARGV: token (unused), cursor score ('+inf' for the newest), cursor id ('' for none),
+# limit. Events newest first by claim (score, then id, both descending), each with its
+# deliveries' sinks and states.
+_RECENT = (
+    _READS
+    + """
+local max_score, after, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out, count = {}, 0
+-- Ties (one request's events share a score) are passed by id, so a page never drops
+-- the rest of a batch; ask for enough to get past them.
+local batch = redis.call('ZREVRANGEBYSCORE', P .. 'events', max_score, '-inf', 'WITHSCORES',
+  'LIMIT', 0, limit + 1000)
+local cursor_score = tonumber(max_score)
+for j = 1, #batch, 2 do
+  local id, score = batch[j], batch[j + 1]
+  local passed = after == '' or tonumber(score) < cursor_score or id < after
+  if passed and count < limit then
+    local e = redis.call('HMGET', P .. 'event:' .. id, 'source', 'envelope', 'received_at')
+    if e[1] then
+      local states = {}
+      for _, m in ipairs(redis.call('SMEMBERS', P .. 'event_deliveries:' .. id)) do
+        local d = redis.call('HMGET', dkey(m), 'sink', 'state')
+        if d[1] then states[#states + 1] = {d[1], d[2]} end
+      end
+      out[#out + 1] = {id, e[1], e[2], e[3], score, states}
+      count = count + 1
+    end
+  end
+end
+return out
+"""
+)
+
 # ARGV: event id.
 _EVENT = (
     _READS
@@ -1034,6 +1069,7 @@ class RedisStore:
                 "counts": _COUNTS,
                 "receipts": _RECEIPTS,
                 "event": _EVENT,
+                "recent": _RECENT,
                 "retire": _RETIRE,
                 "heartbeat": _HEARTBEAT,
                 "save_state": _SAVE_STATE,
@@ -1395,6 +1431,23 @@ class RedisStore:
             if n:
                 result[state] = int(n)
         return result
+
+    async def recent_events(self, cursor: str | None, limit: int) -> RecentEvents:
+        """Newest first by dedupe claim (expires_at, then id), from the `events` index."""
+        score, _, after = ("+inf", "", "") if cursor is None else cursor.partition(":")
+        rows = await self._run("recent", [self.token, score, after, str(limit)])
+        events = [
+            EventSummary(
+                _str(event_id),
+                _str(source),
+                _str(envelope),
+                float(received_at),
+                tuple(sorted((_str(sink), _str(state)) for sink, state in states)),
+            )
+            for event_id, source, envelope, received_at, _, states in rows
+        ]
+        last = rows[-1] if len(rows) == limit else None
+        return RecentEvents(events, None if last is None else f"{_str(last[4])}:{_str(last[0])}")
 
     async def event(self, event_id: str) -> EventRecord | None:
         found = await self._run("event", [event_id])

@@ -37,10 +37,12 @@ from relay.store.types import (
     DeadLetter,
     DeliveryRecord,
     EventRecord,
+    EventSummary,
     MovedDelivery,
     MovedEvent,
     NewEvent,
     Quarantined,
+    RecentEvents,
     Selection,
     Settlement,
     SinkStats,
@@ -1072,6 +1074,39 @@ class SqliteStore:
 
     async def ping(self) -> None:
         await self._run(lambda: self.db.execute("SELECT 1 FROM events LIMIT 1").fetchall())
+
+    async def recent_events(self, cursor: str | None, limit: int) -> RecentEvents:
+        """Newest first by dedupe claim (expires_at, then rowid): the events_expires
+        index read backwards, no sort and no scan of what comes after the page."""
+        if cursor is None:
+            where, params = "", []
+        else:
+            expires, _, rowid = cursor.partition(":")
+            where = " WHERE expires_at < ? OR (expires_at = ? AND rowid < ?)"
+            params = [float(expires), float(expires), int(rowid)]
+
+        def query(db: sqlite3.Connection) -> RecentEvents:
+            rows = db.execute(
+                "SELECT rowid, id, source, envelope, received_at, expires_at FROM events"
+                f"{where} ORDER BY expires_at DESC, rowid DESC LIMIT ?",
+                [*params, limit],
+            ).fetchall()
+            states: dict[str, list[tuple[str, str]]] = {row[1]: [] for row in rows}
+            for chunk, marks in _in_chunks(list(states)):
+                for event_id, sink, state in db.execute(
+                    f"SELECT event_id, sink, state FROM deliveries WHERE event_id IN ({marks})"
+                    " ORDER BY sink, id",
+                    chunk,
+                ):
+                    states[event_id].append((sink, state))
+            events = [
+                EventSummary(event_id, source, envelope, received_at, tuple(states[event_id]))
+                for _, event_id, source, envelope, received_at, _ in rows
+            ]
+            last = rows[-1] if len(rows) == limit else None
+            return RecentEvents(events, None if last is None else f"{last[5]!r}:{last[0]}")
+
+        return await self._read(query)
 
     async def event(self, event_id: str) -> EventRecord | None:
         """The event with this id and each of its deliveries, or None if the store does

@@ -137,3 +137,23 @@ class MovedEvent:
     received_at: float
     expires_at: float
     deliveries: tuple[MovedDelivery, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EventSummary:
+    """An event as a listing shows it: its envelope and each routed sink's state (a
+    delivered one only for as long as `store.keep_done`)."""
+
+    id: str
+    source: str
+    envelope: str
+    received_at: float
+    states: tuple[tuple[str, str], ...]  # (sink, pending|done|dead)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentEvents:
+    """A run of events, newest first, and where the next run starts (None: no more)."""
+
+    events: list[EventSummary]
+    cursor: str | None
