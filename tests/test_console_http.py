@@ -159,3 +159,46 @@ async def test_an_unknown_event_is_a_404_page(tmp_path, start_relay):
     auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
     response = await client.get("/console/events/evt_nope", headers=auth)
     assert response.status == 404 and "evt_nope" in await response.text()
+
+
+async def test_events_are_filtered_by_key_prefix_or_glob_and_state_and_paged(tmp_path, start_relay):
+
+    client = await start_relay(console_config(tmp_path))
+    keys = [f"photos/{i:03}.jpg" for i in range(30)] + ["docs/a.pdf", "docs/b.txt"]
+    await client.post(f"/hooks/qingstor?token={TOKEN}", json=notifier_body(*keys))
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+
+    def listed(page: str) -> list[str]:
+        return re.findall(r"<td>max-test2/([^<]+)</td>", page)
+
+    page = await (await client.get("/console/events?key=docs/", headers=auth)).text()
+    assert sorted(listed(page)) == ["docs/a.pdf", "docs/b.txt"]
+    page = await (await client.get("/console/events?key=docs/*.pdf", headers=auth)).text()
+    assert listed(page) == ["docs/a.pdf"]
+    url = "/console/events?key=photos/"
+    page = await (await client.get(url, headers=auth)).text()
+    assert len(listed(page)) == 30
+    # The sink is down, one attempt each: nothing is delivered.
+    delivered = await (await client.get("/console/events?state=delivered", headers=auth)).text()
+    assert "No matching event" in delivered
+
+
+async def test_the_search_pages_resume_where_they_stopped(tmp_path, start_relay):
+    from relay.app import STORE
+    from relay.console import search
+
+    client = await start_relay(console_config(tmp_path))
+    for start in range(0, 40, 10):  # four requests of ten: ties within each
+        body = notifier_body(*(f"k/{i:02}" for i in range(start, start + 10)))
+        await client.post(f"/hooks/qingstor?token={TOKEN}", json=body)
+    store = client.app[STORE]
+    seen: list[str] = []
+    cursor = None
+    for _ in range(20):
+        found = await search.find(store, search.EventFilter(key="k/"), cursor, limit=7)
+        seen += [envelope["key"] for _, envelope in found.events]
+        cursor = found.cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == [f"k/{i:02}" for i in range(40)]
+    assert len(seen) == 40

@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from relay import events, status
 from relay.config import StoreView
-from relay.console import auth
+from relay.console import auth, search
 from relay.logs import redact_text
 from relay.runtime import Runtime
 from relay.store import DeadLetter, Selection
@@ -152,6 +152,49 @@ def _csrf(request: web.Request) -> str:
     return auth.csrf_token(session, _token(request)) if session else ""
 
 
+_STATES = ("delivered", "pending", "dead")
+
+
+async def events_page(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    q = request.query
+    state = q.get("state") or None
+    wanted = search.EventFilter(
+        source=q.get("source") or None,
+        bucket=q.get("bucket") or None,
+        key=q.get("key") or None,
+        type=q.get("type") or None,
+        state=state if state in _STATES else None,  # type: ignore[arg-type]
+    )
+    found = await search.find(runtime.store, wanted, q.get("cursor") or None)
+    rows = [
+        {
+            "id": event.id,
+            "source": event.source,
+            "type": envelope.get("type"),
+            "bucket": envelope.get("bucket"),
+            "key": envelope.get("key"),
+            "received": when(event.received_at),
+            "state": search.state_of(event),
+            "sinks": event.states,
+        }
+        for event, envelope in found.events
+    ]
+    older = None
+    if found.cursor is not None:
+        older = request.rel_url.update_query(cursor=found.cursor)
+    return _page(
+        "events.html",
+        rows=rows,
+        wanted=wanted,
+        states=_STATES,
+        sources=list(runtime.config.sources),
+        scanned=found.scanned,
+        older=older,
+        csrf=_csrf(request),
+    )
+
+
 async def event_page(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     event_id = request.match_info["event_id"]
@@ -246,6 +289,7 @@ def console_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/login", login_form, name="login")
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    app.router.add_get("/events", events_page, name="events")
     app.router.add_get("/events/{event_id}", event_page, name="event")
     app.router.add_get("/dead-letters", dead_letters_page, name="dead_letters")
     app.router.add_post("/dead-letters/{action:replay|purge}", dead_letters_action)
