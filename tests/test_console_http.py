@@ -202,3 +202,29 @@ async def test_the_search_pages_resume_where_they_stopped(tmp_path, start_relay)
             break
     assert sorted(seen) == [f"k/{i:02}" for i in range(40)]
     assert len(seen) == 40
+
+
+async def test_quarantined_bodies_are_shown_and_purged_after_a_confirmation(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    answer = await client.post(f"/hooks/qingstor?token={TOKEN}", json={"events": [{"x": 1}]})
+    assert answer.status == 400
+    await client.post("/console/login", data={"token": CONSOLE_TOKEN})
+
+    async def kept() -> str | None:
+        page = await (await client.get("/console/quarantine")).text()
+        return page if "invalid_event" in page else None
+
+    page = await eventually(kept)
+    entry = re.search(r'name="id" value="(\d+)"', page).group(1)  # type: ignore[union-attr]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    shown = await (await client.get(f"/console/quarantine?id={entry}")).text()
+    assert "&#34;x&#34;: 1" in shown or '"x": 1' in shown
+    asked = await client.post("/console/quarantine/purge", data={"csrf": csrf, "id": entry})
+    assert "Purge 1 quarantined body?" in await asked.text()
+    done = await client.post(
+        "/console/quarantine/purge",
+        data={"csrf": csrf, "id": entry, "confirm": "1"},
+        allow_redirects=False,
+    )
+    assert done.status == 303
+    assert "Nothing in quarantine" in await (await client.get("/console/quarantine")).text()

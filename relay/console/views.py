@@ -281,6 +281,57 @@ async def dead_letters_action(request: web.Request) -> web.StreamResponse:
     return _see_other(str(target))
 
 
+async def quarantine_page(request: web.Request) -> web.Response:
+    store = request.app[RUNTIME].store
+    shown = request.query.get("id")
+    entries = await store.quarantined(with_bodies=False)
+    body = None
+    if shown and shown.isdigit():
+        for entry in await store.quarantined([int(shown)]):
+            body = entry.body.decode("utf-8", "replace")
+    return _page(
+        "quarantine.html",
+        entries=[
+            {
+                "id": e.id,
+                "source": e.source,
+                "error": e.error,
+                "reason": e.reason,
+                "received": when(e.received_at),
+                "repeats": e.repeats,
+                "size": e.size,
+            }
+            for e in entries
+        ],
+        shown=int(shown) if shown and shown.isdigit() else None,
+        body=body,
+        done=request.query.get("done"),
+        csrf=_csrf(request),
+    )
+
+
+async def quarantine_purge(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    picked = [int(v) for v in form.getall("id", []) if isinstance(v, str) and v.isdigit()]
+    everything = form.get("all") == "1"
+    if not picked and not everything:
+        return web.Response(status=400, text="400: pick bodies, or all")
+    store = request.app[RUNTIME].store
+    if form.get("confirm") != "1":
+        count = len(await store.quarantined(None if everything else picked, with_bodies=False))
+        return _page(
+            "confirm_quarantine.html",
+            count=count,
+            picked=picked,
+            everything=everything,
+            csrf=_csrf(request) or str(form.get("csrf") or ""),
+        )
+    done = await store.purge_quarantine(None if everything else picked)
+    log.info("console.purge_quarantine", count=done)
+    target = request.app.router["quarantine"].url_for().with_query(done=f"purged {done}")
+    return _see_other(str(target))
+
+
 def console_app(runtime: Runtime) -> web.Application:
     """The console, to mount at /console/ on relay's app."""
     app = web.Application(middlewares=[guard])
@@ -293,5 +344,7 @@ def console_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/events/{event_id}", event_page, name="event")
     app.router.add_get("/dead-letters", dead_letters_page, name="dead_letters")
     app.router.add_post("/dead-letters/{action:replay|purge}", dead_letters_action)
+    app.router.add_get("/quarantine", quarantine_page, name="quarantine")
+    app.router.add_post("/quarantine/purge", quarantine_purge)
     app.router.add_static("/static/", HERE / "static", name="static")
     return app
