@@ -66,6 +66,8 @@ async def test_a_bearer_token_or_a_signed_in_browser_sees_the_overview(tmp_path,
     assert_secure(response)
     page = await response.text()
     assert "Needs attention" in page and "1 dead letter" in page
+    # This minute's bar of the source's chart: one event received.
+    assert '<title>1 received, 0 duplicates</title>' in page
 
     # A person: the login form sets an HttpOnly, SameSite=Strict session cookie.
     signed_in = await client.post(

@@ -208,8 +208,10 @@ async def test_sink_state_receipts_and_retirement(stores: OpenStore):
     assert (stats["a"].circuit, stats["a"].open_until, stats["a"].gone) == ("open", 1030.0, True)
     assert stats["b"].pending == 2 and stats["b"].oldest_pending_s == 0.0
     assert (await store.receipts_since(940.0))["qingstor"] == (2, 0)
+    await store.accept([event(1), event(3)], now=1060.0)  # a minute later: 1 is a retry
+    assert (await store.receipts_by_minute(900.0))["qingstor"] == {16: (2, 0), 17: (2, 1)}
     # A sink gone from the config: its queue is dead-lettered, never dropped.
-    assert await store.retire_sinks(["b"], now=1010.0) == 2
+    assert await store.retire_sinks(["b"], now=1010.0) == 3
     letters = await store.dead_letters(Selection(sink="a"))
     assert {x.last_error for x in letters} == {"sink removed"}
     assert "a" not in {s for s, st in (await store.sink_stats()).items() if st.circuit == "open"}

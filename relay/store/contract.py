@@ -119,6 +119,10 @@ class Observations(Protocol):
 
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]: ...
 
+    async def receipts_by_minute(self, since: float) -> dict[str, dict[int, tuple[int, int]]]:
+        """Per source, per minute (unix time // 60) since `since`: (received, of which
+        duplicates); minutes without any are absent."""
+
     async def counts(self) -> dict[str, int]: ...
 
     async def recent_events(self, cursor: str | None, limit: int) -> RecentEvents:

@@ -663,7 +663,7 @@ _RECEIPTS = (
     + """
 local out = {}
 for _, minute in ipairs(redis.call('ZRANGEBYSCORE', P .. 'minutes', ARGV[1], '+inf')) do
-  out[#out + 1] = {redis.call('HGETALL', P .. 'received:' .. minute),
+  out[#out + 1] = {minute, redis.call('HGETALL', P .. 'received:' .. minute),
     redis.call('HGETALL', P .. 'duplicates:' .. minute)}
 end
 return out
@@ -1415,13 +1415,23 @@ class RedisStore:
 
     async def receipts_since(self, since: float) -> dict[str, tuple[int, int]]:
         """Per source: (events received, of which duplicates) since `since`."""
+        totals: dict[str, tuple[int, int]] = {}
+        for source, minutes in (await self.receipts_by_minute(since)).items():
+            totals[source] = (
+                sum(r for r, _ in minutes.values()),
+                sum(d for _, d in minutes.values()),
+            )
+        return totals
+
+    async def receipts_by_minute(self, since: float) -> dict[str, dict[int, tuple[int, int]]]:
         rows = await self._run("receipts", [str(int(since // 60))])
-        totals: dict[str, list[int]] = {}
-        for received, duplicates in rows:
+        by: dict[str, dict[int, list[int]]] = {}
+        for minute, received, duplicates in rows:
             for column, flat in ((0, received), (1, duplicates)):
                 for source, count in zip(flat[::2], flat[1::2], strict=True):
-                    totals.setdefault(_str(source), [0, 0])[column] += int(count)
-        return {source: (r, d) for source, (r, d) in totals.items()}
+                    cell = by.setdefault(_str(source), {}).setdefault(int(minute), [0, 0])
+                    cell[column] += int(count)
+        return {s: {m: (r, d) for m, (r, d) in ms.items()} for s, ms in by.items()}
 
     async def counts(self) -> dict[str, int]:
         """Events, and deliveries by state where there are any (as SQLite's GROUP BY)."""

@@ -920,6 +920,18 @@ class SqliteStore:
 
         return await self._run(query)
 
+    async def receipts_by_minute(self, since: float) -> dict[str, dict[int, tuple[int, int]]]:
+        def query() -> dict[str, dict[int, tuple[int, int]]]:
+            by: dict[str, dict[int, tuple[int, int]]] = {}
+            for source, minute, received, dup in self.db.execute(
+                "SELECT source, minute, received, duplicates FROM receipts WHERE minute >= ?",
+                (int(since // 60),),
+            ):
+                by.setdefault(source, {})[minute] = (received, dup)
+            return by
+
+        return await self._run(query)
+
     async def save_sink_state(
         self, sink: str, circuit: str, open_until: float, gone: bool, now: float | None = None
     ) -> None:
