@@ -315,7 +315,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    if config.console is not None:
+    if config.console is not None and config.console.listen is None:
         app.add_subapp("/console/", console_app(runtime))
         app.router.add_get("/console", _to_console)
     app.on_shutdown.append(_begin_drain)
@@ -391,8 +391,11 @@ async def serve(
     )
     supervisor: Supervisor | None = None
     reserved: socket.socket | None = None
+    console_runner: web.AppRunner | None = None
     try:
         await runner.setup()
+        if config.console is not None and config.console.listen is not None and worker is None:
+            console_runner = await _console_listener(runtime, config.console.listen)
         if leads:
             assert metrics_dir is not None
             with _listening(config.server.host, config.server.port):
@@ -456,6 +459,8 @@ async def serve(
                 # sinks start draining meanwhile.
                 runtime.begin_drain()
                 await supervisor.stop(bound + 5.0)
+            if console_runner is not None:
+                await console_runner.cleanup()
             await runner.cleanup()
             if link is not None:
                 await link.close()
@@ -467,6 +472,23 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("relay.stopped")
+
+
+async def _console_listener(runtime: Runtime, listen: str) -> web.AppRunner:
+    """The console on a listener of its own (`console.listen`), under /console/ there
+    too, so that its links are the same wherever it is served."""
+    root = web.Application()
+    root.add_subapp("/console/", console_app(runtime))
+    root.router.add_get("/", _to_console)
+    root.router.add_get("/console", _to_console)
+    runner = web.AppRunner(root, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    with _listening(host, int(port)):
+        await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+    log.info("console.listening", url=listen_url(host, int(port)) + "/console/")
+    return runner
 
 
 def _already_stopping(sig: signal.Signals, bound: float) -> None:

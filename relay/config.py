@@ -649,6 +649,19 @@ class ConsoleConfig(_Model):
 
     # Long enough not to be guessed by a form posted over and over.
     token: Annotated[SecretStr, AfterValidator(_check_console_token)]
+    # A listener of its own (host:port), e.g. an internal interface while the main port
+    # faces QingStor; None: under /console/ on the main port.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("listen must be host:port, such as 127.0.0.1:8081")
+        return value.strip()
 
 
 class RelayConfig(_Model):

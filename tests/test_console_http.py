@@ -15,9 +15,12 @@ APP_SECRET = "app-bearer-secret-7d1f0c"
 SLACK_PATH = "T000/B000/slacksecretpath123456"
 
 
-def console_config(tmp_path: Path, url: str = "http://127.0.0.1:9/x") -> Any:
+def console_config(
+    tmp_path: Path, url: str = "http://127.0.0.1:9/x", store: dict[str, Any] | None = None
+) -> Any:
     return relay_config(
         tmp_path,
+        **({"store": store} if store else {}),
         console={"token": CONSOLE_TOKEN},
         sinks={
             "app": {
@@ -67,7 +70,7 @@ async def test_a_bearer_token_or_a_signed_in_browser_sees_the_overview(tmp_path,
     page = await response.text()
     assert "Needs attention" in page and "1 dead letter" in page
     # This minute's bar of the source's chart: one event received.
-    assert '<title>1 received, 0 duplicates</title>' in page
+    assert "<title>1 received, 0 duplicates</title>" in page
 
     # A person: the login form sets an HttpOnly, SameSite=Strict session cookie.
     signed_in = await client.post(
@@ -122,10 +125,11 @@ def test_a_short_console_token_is_a_config_error(tmp_path):
 
 
 async def test_a_dead_letter_is_replayed_from_its_page_after_a_confirmation(
-    tmp_path, start_relay, receiver
+    tmp_path, start_relay, receiver, store_section
 ):
+    # On each backend: the console reads and acts through the store's contract.
     receiver.statuses = [400]  # dead at the first answer; fine afterwards
-    client = await start_relay(console_config(tmp_path, receiver.url))
+    client = await start_relay(console_config(tmp_path, receiver.url, store_section))
     body = notifier_body("photos/cat.jpg")
     await client.post(f"/hooks/qingstor?token={TOKEN}", json=body)
     await eventually(lambda: receiver.requests)
@@ -185,11 +189,11 @@ async def test_events_are_filtered_by_key_prefix_or_glob_and_state_and_paged(tmp
     assert "No matching event" in delivered
 
 
-async def test_the_search_pages_resume_where_they_stopped(tmp_path, start_relay):
+async def test_the_search_pages_resume_where_they_stopped(tmp_path, start_relay, store_section):
     from relay.app import STORE
     from relay.console import search
 
-    client = await start_relay(console_config(tmp_path))
+    client = await start_relay(console_config(tmp_path, store=store_section))
     for start in range(0, 40, 10):  # four requests of ten: ties within each
         body = notifier_body(*(f"k/{i:02}" for i in range(start, start + 10)))
         await client.post(f"/hooks/qingstor?token={TOKEN}", json=body)
@@ -230,3 +234,24 @@ async def test_quarantined_bodies_are_shown_and_purged_after_a_confirmation(tmp_
     )
     assert done.status == 303
     assert "Nothing in quarantine" in await (await client.get("/console/quarantine")).text()
+
+
+async def test_the_console_on_a_listener_of_its_own(tmp_path, processes):
+    from aiohttp import ClientSession
+
+    from tests.processes import free_port
+
+    port = free_port()
+    config = {
+        "store": {"path": "data/relay.db"},
+        "console": {"token": CONSOLE_TOKEN, "listen": f"127.0.0.1:{port}"},
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {"archive": {"kind": "file", "path": "data/events.jsonl"}},
+    }
+    relay = await processes(tmp_path, config).start()
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+    async with ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/console/", headers=auth) as own:
+            assert own.status == 200 and "Overview" in await own.text()
+        async with session.get(relay.url("/console/"), headers=auth) as main:
+            assert main.status == 404  # not on the port QingStor posts to
