@@ -19,6 +19,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import secrets
 import signal
 import socket
@@ -209,6 +210,7 @@ class Generation:
     bearer: str
     slack_path: str
     bot_token: str
+    console_token: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -249,10 +251,12 @@ def generation(
         "teams_sig": add(f"teams workflow sig {name}", secret(f"tsig-{name}")),
     }
     chat_sink = {"pace": "20ms", "retry": FAST_RETRY, "circuit": NO_CIRCUIT}
+    gen.console_token = add(f"console token {name}", secret(f"console-{name}"))
     host = downstream.base.removeprefix("http://")
     gen.config = {
         "store": {"path": "data/relay.db", "prune_interval": "1h"},
         "log": {"level": "debug", "format": "json"},
+        "console": {"token": gen.console_token},
         "server": {"max_body_bytes": 65536, "drain_timeout": "2s"},
         "sources": {
             # From the environment, as the README advises; later generations write it.
@@ -598,6 +602,20 @@ async def test_no_secret_comes_out_of_a_full_run(
             401, "the rotated-out token", f"/hooks/qingstor?token={first.qingstor_token}"
         )
         await eventually(client.settled, within=30)
+
+        # Every console page, as an operator opens them: none may show a secret.
+        console = {"Authorization": f"Bearer {second.console_token}"}
+        pages = ["/console/", "/console/events", "/console/dead-letters", "/console/quarantine"]
+        for path in pages:
+            await client.expect(200, f"console {path}", path, method="GET", headers=console)
+        letters_page = client.answers[-2][1]
+        for event_id in sorted(set(re.findall(r'value="(evt_[0-9a-f]+)"', letters_page)))[:3]:
+            path = f"/console/events/{event_id}"
+            await client.expect(200, f"console {path}", path, method="GET", headers=console)
+        rotated = {"Authorization": f"Bearer {first.console_token}"}
+        await client.expect(
+            401, "the rotated-out console token", "/console/", method="GET", headers=rotated
+        )
 
     for args in (("status",), ("status", "--json"), ("dlq", "list")):
         assert (await operator.run(*args, "--config", config)).returncode == 0
