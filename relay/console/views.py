@@ -50,7 +50,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _token(request: web.Request) -> str:
-    return request.app[RUNTIME].config.console.token.get_secret_value()  # type: ignore[union-attr]
+    console = request.app[RUNTIME].config.console
+    if console is None:
+        # Turned off by a reload: nothing signs in, nothing signed before counts.
+        raise web.HTTPUnauthorized(text="401: the console is off")
+    return console.token.get_secret_value()
 
 
 def _page(name: str, status_code: int = 200, **context: Any) -> web.Response:
