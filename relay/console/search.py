@@ -69,8 +69,10 @@ async def find(
     found: list[tuple[EventSummary, dict[str, Any]]] = []
     scanned = 0
     base, skip = _parse(cursor)
+    size = limit  # a first run the size of the page: the newest, unfiltered, in one go
     while scanned < SCAN:
-        run = await store.recent_events(base, BATCH)
+        run = await store.recent_events(base, size)
+        size = BATCH
         for position, event in enumerate(run.events[skip:], start=skip):
             scanned += 1
             if wanted.matches(event, _envelope(event)):

@@ -680,8 +680,10 @@ local max_score, after, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out, count = {}, 0
 -- Ties (one request's events share a score) are passed by id, so a page never drops
 -- the rest of a batch; ask for enough to get past them.
+local extra = 0
+if after ~= '' then extra = 1000 end
 local batch = redis.call('ZREVRANGEBYSCORE', P .. 'events', max_score, '-inf', 'WITHSCORES',
-  'LIMIT', 0, limit + 1000)
+  'LIMIT', 0, limit + extra)
 local cursor_score = tonumber(max_score)
 for j = 1, #batch, 2 do
   local id, score = batch[j], batch[j + 1]
