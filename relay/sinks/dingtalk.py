@@ -39,7 +39,8 @@ TITLE_LIMIT = 64
 ANSWERS = ErrorCodes(
     "errcode",
     transient={130101},  # too fast: the robot is blocked for a while
-    permanent={310000, 300001, 300005, 460101},
+    permanent={310000, 460101},
+    gone={300001, 300005},  # the robot's token is invalid: deleted, or never was
     # A robot that sent 20 in a minute is blocked for 10: try again when the block has
     # ended, not at each minute of it (every try would cost an attempt).
     transient_wait=600.0,

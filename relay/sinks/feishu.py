@@ -61,7 +61,8 @@ ANSWERS = ErrorCodes(
     transient={11232},  # too frequent
     # Bad request (format or size), no such webhook, signature or timestamp, IP
     # allow-list, keyword check: the same message would get the same answer.
-    permanent={9499, 19001, 19021, 19022, 19024},
+    permanent={9499, 19021, 19022, 19024},
+    gone={19001},  # no such webhook: the bot was removed
     transient_wait=FREQUENCY_WAIT,
 )
 
