@@ -523,6 +523,9 @@ class DingTalkSinkConfig(_ChatSinkBase):
 
     msgtype: Literal["markdown", "text"] = "markdown"
     at: MentionsConfig = MentionsConfig()
+    # The robot's 自定义关键词 (custom keyword) security setting: a word every message must
+    # carry. relay puts it at the head of each message, digests included.
+    keyword: str | None = Field(None, min_length=1, max_length=64)
     language: ChatLanguage = "zh-CN"
     # 20 messages a minute per robot, then a 10-minute block: one every 3 s.
     pace: PositiveDuration = 3.0
@@ -533,6 +536,9 @@ class FeishuSinkConfig(_ChatSinkBase):
     # The bot's signature secret: each request carries timestamp and sign.
     secret: Annotated[SecretStr | None, AfterValidator(_check_robot_secret)] = None
     msgtype: Literal["interactive", "text", "post"] = "interactive"
+    # The robot's 自定义关键词 (custom keyword) security setting: a word every message must
+    # carry. relay puts it at the head of each message, digests included.
+    keyword: str | None = Field(None, min_length=1, max_length=64)
     language: ChatLanguage = "zh-CN"
     # 100 a minute and 5 a second per bot: one every 0.6 s keeps within both.
     pace: PositiveDuration = 0.6

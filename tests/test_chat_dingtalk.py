@@ -270,3 +270,20 @@ async def test_a_short_token_quoted_back_is_scrubbed_too(tmp_path, start_relay, 
     await client.post(HOOK, json=body)
     [(state, _, _, error)] = await settled(client, ids_of(body))
     assert state == "dead" and short not in error
+
+
+async def test_a_keyword_robot_gets_its_word_in_every_message_digests_included(
+    tmp_path, start_relay, robot
+):
+    sink = {"keyword": "告警", "rollup_threshold": 5, "template": "{{ key }}"}
+    client = await start_relay(config(tmp_path, robot, **sink))
+    one = notifier_body("single.jpg")
+    burst = notifier_body(*(f"b/{i}.jpg" for i in range(8)))
+    await client.post(HOOK, json=one)
+    await settled(client, ids_of(one))
+    await client.post(HOOK, json=burst)
+    await settled(client, ids_of(burst))
+    assert len(robot.requests) == 2  # one message, one digest
+    for message in robot.messages:
+        assert message["markdown"]["text"].startswith("【告警】")
+        assert message["markdown"]["title"].startswith("【告警】")

@@ -87,11 +87,16 @@ class DingTalkSink(ChatSink):
         at = self.config.at
         mentions = " ".join(f"@{m}" for m in [*at.mobiles, *at.user_ids])
         text = markdown.text + (f"\n\n{mentions}" if mentions else "")
+        title = markdown.title
+        if self.config.keyword:
+            # A keyword robot refuses (310000) any message without its word: digests and
+            # a template's fallback included.
+            text, title = f"【{self.config.keyword}】{text}", f"【{self.config.keyword}】{title}"
         message: dict[str, Any]
         if self.config.msgtype == "text":
             message = {"msgtype": "text", "text": {"content": plain(text)}}
         else:
-            message = {"msgtype": "markdown", "markdown": {"title": markdown.title, "text": text}}
+            message = {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
         message["at"] = {"atMobiles": at.mobiles, "atUserIds": at.user_ids, "isAtAll": at.all}
         return message
 
