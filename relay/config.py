@@ -432,9 +432,6 @@ _ROBOT_HOSTS = {
     "discordapp.com": "discord",
     "webhook.office.com": "teams",
 }
-# Those whose success no `success:` can describe (Slack's body is `ok`, not JSON;
-# Discord answers 204 with none; a Teams connector hides its errors in text).
-_OWN_KIND_ONLY = frozenset({"slack", "discord", "teams"})
 
 
 def _robot_kind(host: str) -> str | None:
@@ -462,17 +459,12 @@ class HttpSinkConfig(_SinkBase):
     @model_validator(mode="after")
     def _robots_have_their_own_kind(self) -> HttpSinkConfig:
         kind = _robot_kind(URL(self.url.get_secret_value()).host or "")
-        # Not quoted back: the URL is a secret.
-        if kind in _OWN_KIND_ONLY:
+        if kind is not None:
+            # Not quoted back: the URL is a secret. kind: http would send relay's envelope,
+            # which no robot takes, and could not tell the robot's errors from success.
             raise ValueError(
-                f"url is a {kind} webhook: use kind: {kind}, which reads its answers"
-                " (kind: http cannot tell its errors from its successes)"
-            )
-        if kind is not None and self.success is None:
-            raise ValueError(
-                f"url is a {kind} webhook: use kind: {kind}, which reads its answers, or set"
-                " success: to what its successful answer carries (behind kind: http, an"
-                " error it answers with HTTP 200 would count as delivered)"
+                f"url is a {kind} webhook: use kind: {kind}, which sends it messages it"
+                " takes and reads its answers"
             )
         return self
 
@@ -519,12 +511,28 @@ def _check_robot_secret(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+def _check_dingtalk_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not value.get_secret_value().startswith("SEC"):
+        raise ValueError("secret is the robot's 加签 secret, which starts with SEC")
+    return _check_robot_secret(value)
+
+
 class DingTalkSinkConfig(_ChatSinkBase):
     kind: Literal["dingtalk"]
     # The robot's "加签" secret (SEC...): each request is signed with it.
-    secret: Annotated[SecretStr | None, AfterValidator(_check_robot_secret)] = None
+    secret: Annotated[SecretStr | None, AfterValidator(_check_dingtalk_secret)] = None
+
+    @model_validator(mode="after")
+    def _has_access_token(self) -> DingTalkSinkConfig:
+        if not URL(self.url.get_secret_value()).query.get("access_token"):
+            raise ValueError("url has no access_token: copy the robot's whole Webhook URL")
+        return self
+
     msgtype: Literal["markdown", "text"] = "markdown"
     at: MentionsConfig = MentionsConfig()
+    # The robot's 自定义关键词 (custom keyword) security setting: a word every message must
+    # carry. relay puts it at the head of each message, digests included.
+    keyword: str | None = Field(None, min_length=1, max_length=64)
     language: ChatLanguage = "zh-CN"
     # 20 messages a minute per robot, then a 10-minute block: one every 3 s.
     pace: PositiveDuration = 3.0
@@ -535,6 +543,9 @@ class FeishuSinkConfig(_ChatSinkBase):
     # The bot's signature secret: each request carries timestamp and sign.
     secret: Annotated[SecretStr | None, AfterValidator(_check_robot_secret)] = None
     msgtype: Literal["interactive", "text", "post"] = "interactive"
+    # The robot's 自定义关键词 (custom keyword) security setting: a word every message must
+    # carry. relay puts it at the head of each message, digests included.
+    keyword: str | None = Field(None, min_length=1, max_length=64)
     language: ChatLanguage = "zh-CN"
     # 100 a minute and 5 a second per bot: one every 0.6 s keeps within both.
     pace: PositiveDuration = 0.6
@@ -599,6 +610,18 @@ SinkConfig = Annotated[
     | TeamsSinkConfig,
     Field(discriminator="kind"),
 ]
+
+
+# Other names people give the platforms.
+_KIND_ALIASES = {
+    "lark": "feishu",
+    "dingding": "dingtalk",
+    "weixin": "wecom",
+    "wechat": "wecom",
+    "wework": "wecom",
+    "msteams": "teams",
+    "webhook": "http",
+}
 
 
 def _kinds(union: Any) -> tuple[str, ...]:
@@ -801,7 +824,12 @@ def _format_error(error: Any) -> str:
         given = error["input"].get("kind") if isinstance(error["input"], dict) else error["input"]
         if given is None:
             return f"{'.'.join(loc)}: missing (expected one of: {expected})"
-        return f"{'.'.join(loc)}: unknown kind {given!r} (expected one of: {expected})"
+        kinds = SINK_KINDS if loc[0] == "sinks" else SOURCE_KINDS
+        meant = _KIND_ALIASES.get(str(given).lower()) or next(
+            iter(difflib.get_close_matches(str(given), kinds, n=1, cutoff=0.6)), None
+        )
+        hint = f"did you mean {meant!r}? " if meant in kinds else ""
+        return f"{'.'.join(loc)}: unknown kind {given!r} ({hint}expected one of: {expected})"
     if kind == "extra_forbidden" and len(loc) == 2 and loc[0] == "store":
         # A key of the other backend: say which backend it belongs to.
         tag = str(error["loc"][1]) if len(error["loc"]) > 2 else "sqlite"

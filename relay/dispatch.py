@@ -298,7 +298,8 @@ class Dispatcher:
         was_gone = lane.gone
         if any(o.gone for o in outcomes):
             if not lane.gone:
-                log.error("sink.gone", sink=name, status=410, paused=True)
+                status = next((o.status for o in outcomes if o.gone), None)
+                log.error("sink.gone", sink=name, status=status, paused=True)
             lane.gone = True
         elif succeeded:
             lane.gone = False

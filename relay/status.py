@@ -67,7 +67,7 @@ def render(report: dict[str, Any]) -> str:
             str(s["pending"]),
             _age(s["oldest_pending_s"]),
             str(s["dead"]),
-            s["circuit"] + (", gone (410)" if s["gone"] else ""),
+            s["circuit"] + (", gone" if s["gone"] else ""),
         )
         for name, s in report["sinks"].items()
     ]

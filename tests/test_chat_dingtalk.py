@@ -245,3 +245,45 @@ async def test_a_failing_digest_counts_toward_the_circuit(tmp_path, start_relay,
     with capture_logs() as logs:
         await client.post(HOOK, json=notifier_body(*(f"k{i}" for i in range(10))))
         await eventually(lambda: any(e["event"] == "circuit.open" for e in logs), within=15)
+
+
+async def test_a_deleted_robot_pauses_the_sink(tmp_path, start_relay, robot):
+    robot.answers = [(200, '{"errcode":300001,"errmsg":"token is not exist"}', {})]
+    client = await start_relay(config(tmp_path, robot, rollup_threshold=50))
+    first, second = notifier_body("a.jpg"), notifier_body("b.jpg")
+    await client.post(HOOK, json=first)
+    [(state, *_)] = await settled(client, ids_of(first))
+    assert state == "dead"
+    await client.post(HOOK, json=second)
+    stats = await eventually(lambda: client.app[STORE].sink_stats(), within=5)
+    assert stats["ding"].gone is True and stats["ding"].pending == 1
+    assert len(robot.requests) == 1  # the second event waits for a new robot, unsent
+
+
+async def test_a_short_token_quoted_back_is_scrubbed_too(tmp_path, start_relay, robot):
+    short = "PLAINtok99"
+    robot.answers = [(500, f"upstream failed for token={short} and {short}", {})] * 3
+    client = await start_relay(
+        chat_config(tmp_path, "ding", "dingtalk", f"{robot.url}?access_token={short}")
+    )
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, _, _, error)] = await settled(client, ids_of(body))
+    assert state == "dead" and short not in error
+
+
+async def test_a_keyword_robot_gets_its_word_in_every_message_digests_included(
+    tmp_path, start_relay, robot
+):
+    sink = {"keyword": "告警", "rollup_threshold": 5, "template": "{{ key }}"}
+    client = await start_relay(config(tmp_path, robot, **sink))
+    one = notifier_body("single.jpg")
+    burst = notifier_body(*(f"b/{i}.jpg" for i in range(8)))
+    await client.post(HOOK, json=one)
+    await settled(client, ids_of(one))
+    await client.post(HOOK, json=burst)
+    await settled(client, ids_of(burst))
+    assert len(robot.requests) == 2  # one message, one digest
+    for message in robot.messages:
+        assert message["markdown"]["text"].startswith("【告警】")
+        assert message["markdown"]["title"].startswith("【告警】")

@@ -383,3 +383,13 @@ def test_config_problems_never_show_the_secret(tmp_path):
             env={},
         )
     assert SECRET not in repr(caught.value.problems)
+
+
+@pytest.mark.parametrize("msgtype", ["interactive", "post", "text"])
+async def test_a_keyword_bot_gets_its_word_in_every_message_type(
+    tmp_path, start_relay, robot, msgtype
+):
+    client = await start_relay(config(tmp_path, robot, keyword="告警", msgtype=msgtype))
+    await client.post(HOOK, json=notifier_body("a.jpg"))
+    await eventually(lambda: robot.requests)
+    assert "【告警】" in robot.requests[0]["raw"].decode()

@@ -88,6 +88,9 @@ class ErrorCodes:
     permanent: Collection[int] = ()
     # Seconds to hold the sink after a transient code (the platform's rate window).
     transient_wait: float | None = None
+    # Permanent codes that mean the robot itself is gone (deleted, its token revoked):
+    # the sink pauses, as after a 410, rather than spend a request on every event.
+    gone: Collection[int] = ()
     # Other fields that may carry the code (Feishu answers `StatusCode` on some paths).
     also: tuple[str, ...] = ()
     message_fields: tuple[str, ...] = ("errmsg", "msg", "message", "StatusMessage")
@@ -117,8 +120,8 @@ class ErrorCodes:
             (str(document[f]) for f in self.message_fields if document.get(f) is not None), ""
         )
         error = f"HTTP {status}: {self.field} {code}" + (f" {message[:200]}" if message else "")
-        if code in self.permanent:
-            return Outcome("dead", status, error)
+        if code in self.permanent or code in self.gone:
+            return Outcome("dead", status, error, gone=code in self.gone)
         if code in self.transient:
             return Outcome("retry", status, error, retry_after=self.transient_wait)
         if code == self.ok:

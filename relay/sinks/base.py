@@ -69,6 +69,9 @@ class _Redaction:
         return text
 
 
+_CREDENTIAL_NAMES = ("token", "key", "sig", "secret", "password", "auth", "sign")
+
+
 def url_tokens(url: str) -> set[str]:
     """The credentials a webhook URL carries, in every form an answer could quote back:
     its path segments and query values long enough to be tokens (short ones are words
@@ -77,9 +80,12 @@ def url_tokens(url: str) -> set[str]:
     raw_parts = parsed.raw_path.split("/")
     found = {p for p in (*parsed.parts, *raw_parts, *parsed.query.values()) if len(p) >= 16}
     for pair in parsed.raw_query_string.split("&"):
-        value = pair.partition("=")[2]
-        if len(value) >= 16:
+        name, _, value = pair.partition("=")
+        # A value named as a credential is one, however short; others only when long.
+        named = any(w in name.lower() for w in _CREDENTIAL_NAMES)
+        if len(value) >= 16 or (named and len(value) >= 4):
             found.add(value)
+            found.add(URL.build(query_string=f"v={value}").query.get("v", value))
     if len(parsed.raw_query_string) >= 16:
         found.add(parsed.raw_query_string)
     return found

@@ -39,7 +39,8 @@ TITLE_LIMIT = 64
 ANSWERS = ErrorCodes(
     "errcode",
     transient={130101},  # too fast: the robot is blocked for a while
-    permanent={310000, 300001, 300005, 460101},
+    permanent={310000, 460101},
+    gone={300001, 300005},  # the robot's token is invalid: deleted, or never was
     # A robot that sent 20 in a minute is blocked for 10: try again when the block has
     # ended, not at each minute of it (every try would cost an attempt).
     transient_wait=600.0,
@@ -86,11 +87,16 @@ class DingTalkSink(ChatSink):
         at = self.config.at
         mentions = " ".join(f"@{m}" for m in [*at.mobiles, *at.user_ids])
         text = markdown.text + (f"\n\n{mentions}" if mentions else "")
+        title = markdown.title
+        if self.config.keyword:
+            # A keyword robot refuses (310000) any message without its word: digests and
+            # a template's fallback included.
+            text, title = f"【{self.config.keyword}】{text}", f"【{self.config.keyword}】{title}"
         message: dict[str, Any]
         if self.config.msgtype == "text":
             message = {"msgtype": "text", "text": {"content": plain(text)}}
         else:
-            message = {"msgtype": "markdown", "markdown": {"title": markdown.title, "text": text}}
+            message = {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
         message["at"] = {"atMobiles": at.mobiles, "atUserIds": at.user_ids, "isAtAll": at.all}
         return message
 

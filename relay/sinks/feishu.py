@@ -61,7 +61,8 @@ ANSWERS = ErrorCodes(
     transient={11232},  # too frequent
     # Bad request (format or size), no such webhook, signature or timestamp, IP
     # allow-list, keyword check: the same message would get the same answer.
-    permanent={9499, 19001, 19021, 19022, 19024},
+    permanent={9499, 19021, 19022, 19024},
+    gone={19001},  # no such webhook: the bot was removed
     transient_wait=FREQUENCY_WAIT,
 )
 
@@ -179,10 +180,27 @@ class FeishuSink(ChatSink):
         return escape(text)
 
     def event_message(self, envelope: Mapping[str, Any], text: str) -> dict[str, Any]:
-        return within_body(partial(self._event, envelope, text))
+        return self._with_keyword(within_body(partial(self._event, envelope, text)))
 
     def digest_message(self, envelopes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return within_body(partial(self._digest, envelopes))
+        return self._with_keyword(within_body(partial(self._digest, envelopes)))
+
+    def _with_keyword(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A keyword bot refuses (19024) any message without its word: at the head of
+        the title, whatever the message type, digests included."""
+        word = self.config.keyword
+        if not word:
+            return message
+        mark = f"【{word}】"
+        if message["msg_type"] == "interactive":
+            title = message["card"]["header"]["title"]
+            title["content"] = mark + title["content"]
+        elif message["msg_type"] == "post":
+            for post in message["content"]["post"].values():
+                post["title"] = mark + post["title"]
+        else:
+            message["content"]["text"] = mark + message["content"]["text"]
+        return message
 
     # --- one event ----------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ TEXT_LIMIT = 2048 - 32
 ANSWERS = ErrorCodes(
     "errcode",
     transient={45009},  # api freq out of limit: 20 messages a minute per robot
-    permanent={93000, 40058, 40008, 44004},
+    permanent={40058, 40008, 44004},
+    gone={93000},  # the webhook URL is invalid: the robot was removed
     # The robot's window is a minute: try again after one.
     transient_wait=60.0,
 )
