@@ -161,7 +161,7 @@ async def hook_expect(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _to_console(request: web.Request) -> web.Response:
-    raise web.HTTPPermanentRedirect("/console/")
+    return web.Response(status=308, headers={"Location": "/console/"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -316,8 +316,9 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     if config.console is not None and config.console.listen is None:
-        app.add_subapp("/console/", console_app(runtime))
+        # The redirect first: the sub-app's prefix would take `/console` too.
         app.router.add_get("/console", _to_console)
+        app.add_subapp("/console/", console_app(runtime))
     app.on_shutdown.append(_begin_drain)
     # Entered in order, left in reverse: background tasks stop first, then the sinks
     # drain and close, then the store closes.

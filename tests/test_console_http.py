@@ -255,3 +255,56 @@ async def test_the_console_on_a_listener_of_its_own(tmp_path, processes):
             assert own.status == 200 and "Overview" in await own.text()
         async with session.get(relay.url("/console/"), headers=auth) as main:
             assert main.status == 404  # not on the port QingStor posts to
+
+
+async def test_what_a_url_or_a_cookie_carries_cannot_get_past_the_sign_in(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    # Routes that only end like the login's are not the login.
+    for path in (
+        "/console/events/login",
+        "/console/events/x%2Flogin",
+        "/console/dead-letters/login",
+    ):
+        response = await client.get(path)
+        assert response.status == 401, path
+        assert_secure(response)
+    # A cookie in any shape is a 401, never a 500.
+    for cookie in ("١٢٣.x", "99999999999999999999.x", "a.b.c", ".", "1.é"):
+        response = await client.get("/console/", cookies={"relay_console": cookie})
+        assert response.status == 401, cookie
+    redirect = await client.get("/console", allow_redirects=False)
+    assert redirect.status == 308 and redirect.headers["Location"] == "/console/"
+
+
+async def test_bad_cursors_ids_and_outcomes_are_400s_or_ignored_never_500s(tmp_path, start_relay):
+    client = await start_relay(console_config(tmp_path))
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+    for cursor in ("x|1", "1:99999999999999999999999|0", "|²", "|" + "9" * 4301, "abc:x|0"):
+        response = await client.get("/console/events", params={"cursor": cursor}, headers=auth)
+        assert response.status == 400, cursor
+    assert (await client.get("/console/quarantine?id=²", headers=auth)).status == 200
+    spoof = await client.get(
+        "/console/dead-letters", params={"done": "Session expired, sign in at evil"}, headers=auth
+    )
+    assert "evil" not in await spoof.text()
+    assert (await client.get("/console/nothing", headers=auth)).status == 404
+
+
+async def test_the_cookie_is_secure_behind_a_trusted_https_proxy(tmp_path, start_relay):
+    config = relay_config(
+        tmp_path,
+        console={"token": CONSOLE_TOKEN},
+        server={"trusted_proxies": ["127.0.0.0/8"]},
+    )
+    client = await start_relay(config)
+    signed = await client.post(
+        "/console/login",
+        data={"token": CONSOLE_TOKEN},
+        headers={"X-Forwarded-Proto": "https"},
+        allow_redirects=False,
+    )
+    assert "Secure" in signed.headers["Set-Cookie"]
+    plain = await client.post(
+        "/console/login", data={"token": CONSOLE_TOKEN}, allow_redirects=False
+    )
+    assert "Secure" not in plain.headers["Set-Cookie"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 
 SESSION_COOKIE = "relay_console"
+_DIGITS = re.compile(r"[0-9]{1,12}")
 SESSION_SECONDS = 12 * 3600  # a night on call, not a week
 
 
@@ -56,7 +58,7 @@ def session_valid(value: str | None, token: str, now: float | None = None) -> bo
     if not value or value.count(".") != 1:
         return False
     expiry, mac = value.split(".")
-    if not expiry.isdigit():
+    if not _DIGITS.fullmatch(expiry) or not mac.isascii():
         return False
     if not hmac.compare_digest(
         mac.encode("ascii", "replace"), _mac(_key(token, b"session"), expiry).encode("ascii")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,6 +85,14 @@ async def find(
             return Found(found, None, scanned)
         base, skip = run.cursor, 0
     return Found(found, f"{base or ''}|0", scanned)
+
+
+_CURSOR = re.compile(r"([0-9.e+-]{1,32}:[^|\s]{1,300})?\|[0-9]{1,6}")
+
+
+def valid_cursor(cursor: str) -> bool:
+    """Whether `cursor` has the shape the pages hand on (`<store cursor>|<skip>`)."""
+    return bool(_CURSOR.fullmatch(cursor))
 
 
 def _parse(cursor: str | None) -> tuple[str | None, int]:

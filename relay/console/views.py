@@ -4,7 +4,9 @@ the main one): a login form, and an overview of every sink and source. Server-re
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +50,34 @@ _PAGES = Environment(
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The routes anyone may reach: signing in, and its stylesheet.
+_PUBLIC = frozenset({"login", "login_post"})
+_ID = re.compile(r"[0-9]{1,15}")
+_DONE = re.compile(r"(replayed|purged) [0-9]{1,9}")
+
+
+def _done(request: web.Request) -> str | None:
+    """The outcome an action redirected with: only what an action says, never text a
+    link put there."""
+    done = request.query.get("done")
+    return done if done and _DONE.fullmatch(done) else None
+
+
+def _over_https(request: web.Request) -> bool:
+    """Whether the browser speaks HTTPS to us: directly, or to a trusted proxy that says
+    so (`server.trusted_proxies`); the session cookie is `Secure` then."""
+    if request.secure:
+        return True
+    trusted = request.app[RUNTIME].config.server.trusted_proxies
+    peer = request.remote or ""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if not any(address in network for network in trusted):
+        return False
+    return request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
 
 def _token(request: web.Request) -> str:
     console = request.app[RUNTIME].config.console
@@ -74,7 +104,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Security headers on every answer; a 401 (the login form, no hint of what exists)
     for anything but the login itself and the stylesheet without a valid session or
     bearer token; and a CSRF check on every POST a session (not a bearer) makes."""
-    public = request.path.endswith(("/login", "/static/console.css"))
+    # By the route matched, never by how the path ends: `/events/x%2Flogin` is no login.
+    route = request.match_info.route
+    public = route.name in _PUBLIC or getattr(route.resource, "name", None) == "static"
     try:
         if not public and not _signed_in(request):
             response: web.StreamResponse = _page("login.html", 401, failed=False)
@@ -83,8 +115,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         else:
             response = await handler(request)
     except web.HTTPException as exc:
-        _secure(exc)
-        raise
+        # Answered here, not raised on: relay's error handler would build a new answer
+        # without these headers.
+        response = web.Response(status=exc.status, text=exc.text, headers=exc.headers)
     _secure(response)
     return response
 
@@ -121,7 +154,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         max_age=auth.SESSION_SECONDS,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_over_https(request),
         path="/console",
     )
     return response
@@ -192,7 +225,15 @@ async def events_page(request: web.Request) -> web.Response:
         type=q.get("type") or None,
         state=state if state in _STATES else None,  # type: ignore[arg-type]
     )
-    found = await search.find(runtime.store, wanted, q.get("cursor") or None)
+    cursor = q.get("cursor") or None
+    if cursor is not None and not search.valid_cursor(cursor):
+        return web.Response(status=400, text="400: that page cursor is not one relay made")
+    try:
+        found = await search.find(runtime.store, wanted, cursor)
+    except (ValueError, OverflowError):
+        # A cursor of the right shape that no store made (a SQLite rowid that is not
+        # a number, say): the client's mistake, not the store's failure.
+        return web.Response(status=400, text="400: that page cursor is not one relay made")
     rows = [
         {
             "id": event.id,
@@ -265,7 +306,7 @@ async def dead_letters_page(request: web.Request) -> web.Response:
         sink=sink,
         sinks=sorted({letter.sink for letter in letters} | set(runtime.config.sinks)),
         csrf=_csrf(request),
-        done=request.query.get("done"),
+        done=_done(request),
     )
 
 
@@ -312,7 +353,7 @@ async def quarantine_page(request: web.Request) -> web.Response:
     shown = request.query.get("id")
     entries = await store.quarantined(with_bodies=False)
     body = None
-    if shown and shown.isdigit():
+    if shown and _ID.fullmatch(shown):
         for entry in await store.quarantined([int(shown)]):
             body = entry.body.decode("utf-8", "replace")
     return _page(
@@ -329,16 +370,16 @@ async def quarantine_page(request: web.Request) -> web.Response:
             }
             for e in entries
         ],
-        shown=int(shown) if shown and shown.isdigit() else None,
+        shown=int(shown) if shown and _ID.fullmatch(shown) else None,
         body=body,
-        done=request.query.get("done"),
+        done=_done(request),
         csrf=_csrf(request),
     )
 
 
 async def quarantine_purge(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    picked = [int(v) for v in form.getall("id", []) if isinstance(v, str) and v.isdigit()]
+    picked = [int(v) for v in form.getall("id", []) if isinstance(v, str) and _ID.fullmatch(v)]
     everything = form.get("all") == "1"
     if not picked and not everything:
         return web.Response(status=400, text="400: pick bodies, or all")
@@ -364,7 +405,7 @@ def console_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     app.router.add_get("/", overview, name="overview")
     app.router.add_get("/login", login_form, name="login")
-    app.router.add_post("/login", login)
+    app.router.add_post("/login", login, name="login_post")
     app.router.add_post("/logout", logout)
     app.router.add_get("/events", events_page, name="events")
     app.router.add_get("/events/{event_id}", event_page, name="event")
