@@ -308,3 +308,23 @@ async def test_the_cookie_is_secure_behind_a_trusted_https_proxy(tmp_path, start
         "/console/login", data={"token": CONSOLE_TOKEN}, allow_redirects=False
     )
     assert "Secure" not in plain.headers["Set-Cookie"]
+
+
+def test_the_pages_and_stylesheet_ship_in_the_package():
+    # An installed relay (pip install ., the image) has only what package-data names.
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["relay.console"]
+    console = root / "relay" / "console"
+    shipped = [
+        p
+        for p in console.rglob("*")
+        if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts
+    ]
+    assert shipped
+    for path in shipped:
+        relative = str(path.relative_to(console))
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
