@@ -10,7 +10,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay ./relay
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels . && sha256sum /wheels/*.whl > /wheels.sha256
 
 # --- runtime: the wheels installed, no source tree, no build tools ----------------------
 FROM python:3.11-slim
@@ -21,7 +21,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RELAY_CONFIG=/etc/relay/relay.yaml
 
 # Installed offline from the build stage's wheels; the bind mount keeps them out of
-# the image's layers.
+# the image's layers. A builder may not key its cache on a mount's content (buildah
+# does not): the wheels' checksums, copied first, make a new relay a new layer.
+COPY --from=build /wheels.sha256 /usr/local/share/relay-wheels.sha256
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels qingstor-relay
 
