@@ -77,9 +77,9 @@ class Lane:
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
-        self.sending: set[asyncio.Task[None]] = set()
-        # What each send in flight holds: on a shared store, renewed until settled.
-        self.claims: dict[asyncio.Task[None], list[int]] = {}
+        # The sends in flight, each with the claims it holds until settled (renewed on a
+        # shared store).
+        self.sending: dict[asyncio.Task[None], list[int]] = {}
         self.renew_at = 0.0  # monotonic
         self.caught_up = True  # the last look found less than it could take
         self.store_failing = False  # the last look at the store failed
@@ -172,8 +172,7 @@ class Dispatcher:
         lane.renew_at = time.monotonic() + renew_every
 
         def finished(ids: list[int], task: asyncio.Task[None]) -> None:
-            lane.sending.discard(task)
-            lane.claims.pop(task, None)
+            lane.sending.pop(task, None)
             # Settled ones were released by settle(); these were not (cancelled by a
             # drain, or the settlement failed): due again now, as before the claim.
             self.store.release(ids)
@@ -223,8 +222,7 @@ class Dispatcher:
                             batch = due[start : start + limit]
                             ids = [d.id for d in batch]
                             task = asyncio.create_task(self._deliver(lane, batch))
-                            lane.sending.add(task)
-                            lane.claims[task] = ids
+                            lane.sending[task] = ids
                             task.add_done_callback(partial(finished, ids))
                         continue
                     next_at = await store.next_due_at(name)
@@ -258,7 +256,7 @@ class Dispatcher:
     async def _renew(self, lane: Lane) -> None:
         """Keep the claims of the sends in flight: on a shared store a claim runs out
         after the lease, and another relay would send the delivery a second time."""
-        ids = [i for held in lane.claims.values() for i in held]
+        ids = [i for held in lane.sending.values() for i in held]
         paused = lane.gone or lane.circuit.state == "open"
         if not ids and (not lane.sink.paced or paused):
             # Nothing held. A paced sink keeps its consumer hold while it sends; a paused
@@ -345,8 +343,8 @@ class Dispatcher:
             return
         # Settled: nothing of this send is held any more, nothing to renew.
         current = asyncio.current_task()
-        if current is not None:
-            lane.claims.pop(current, None)
+        if current in lane.sending:
+            lane.sending[current] = []
         await self._observe(lane, outcomes, now)
         if self.metrics is not None:
             self.metrics.delivery_timer(name).observe(elapsed)

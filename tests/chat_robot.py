@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from relay.app import STORE
 from relay.config import RelayConfig, build_config
 from relay.models import NotifierBatch, notifier_envelopes
-from tests.conftest import TOKEN, eventually
+from tests.conftest import TOKEN, eventually, notifier_body
 
 # A scripted answer: (status, body, headers).
 Answer = tuple[int, str, dict[str, str]]
@@ -121,3 +121,43 @@ def chat_config(tmp_path: Any, name: str, kind: str, url: str, **sink: Any) -> R
         base_dir=tmp_path,
         env={},
     )
+
+
+HOOK = f"/hooks/qingstor?token={TOKEN}"
+
+
+async def assert_paced(client: Any, robot: Robot) -> None:
+    """Four events posted one by one, to a sink paced 300 ms with roll-ups out of reach:
+    they reach the robot at least that far apart."""
+    for key in ("a", "b", "c", "d"):
+        await client.post(HOOK, json=notifier_body(f"{key}.jpg"))
+    await eventually(lambda: len(robot.requests) == 4)
+    assert min(robot.gaps()) >= 0.29
+
+
+async def assert_a_foreign_200_is_not_delivered(client: Any, robot: Robot) -> None:
+    """The robot (three max_attempts) answers 200 with a page that is not its JSON: the
+    event is dead-lettered, never counted as delivered."""
+    robot.answers = [(200, "<html>gateway</html>", {})] * 3
+    body = notifier_body("a.jpg")
+    await client.post(HOOK, json=body)
+    [(state, attempts, _, error)] = await settled(client, ids_of(body))
+    assert (state, attempts) == ("dead", 3)
+    assert "not the robot's answer" in error
+
+
+async def after_first_try(client: Any, robot: Robot) -> Any:
+    """Post one event and return its delivery once the robot answered it the first time
+    (its DeliveryRecord: state, attempts, last status and error, when it is due next)."""
+    body = notifier_body("a.jpg")
+    [event_id] = ids_of(body)
+    await client.post(HOOK, json=body)
+    await eventually(lambda: robot.requests)
+    store = client.app[STORE]
+
+    async def tried() -> Any:
+        record = await store.event(event_id)
+        delivery = record.deliveries[0] if record else None
+        return delivery if delivery and delivery.attempts == 1 else None
+
+    return await eventually(tried)

@@ -21,7 +21,16 @@ from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.dingtalk import sign
-from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
+from tests.chat_robot import (
+    Robot,
+    after_first_try,
+    assert_a_foreign_200_is_not_delivered,
+    assert_paced,
+    chat_config,
+    ids_of,
+    robot_fixture,
+    settled,
+)
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -97,19 +106,8 @@ async def test_a_permanent_code_is_dead_lettered_after_one_request(
 async def test_too_fast_is_retried_after_the_robot_s_block(tmp_path, start_relay, robot):
     robot.answers = [(200, '{"errcode":130101,"errmsg":"send too fast"}', {})]
     client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    [event_id] = ids_of(body)
-    await client.post(HOOK, json=body)
-    await eventually(lambda: robot.requests)
-    store = client.app[STORE]
-
-    async def scheduled() -> Any:
-        record = await store.event(event_id)
-        delivery = record.deliveries[0] if record else None
-        return delivery if delivery and delivery.attempts == 1 else None
-
     # Pending, due after DingTalk's ten-minute block, not at the backoff's 10 ms.
-    delivery = await eventually(scheduled)
+    delivery = await after_first_try(client, robot)
     assert delivery.state == "pending" and "errcode 130101" in delivery.last_error
     assert 590 < delivery.next_at - time.time() <= 600
 
@@ -131,21 +129,13 @@ async def test_too_fast_then_ok_is_delivered_on_the_retry(
 
 
 async def test_a_200_that_is_not_the_robot_s_answer_is_not_delivered(tmp_path, start_relay, robot):
-    robot.answers = [(200, "<html>gateway</html>", {})] * 3
-    client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    await client.post(HOOK, json=body)
-    [(state, attempts, _, error)] = await settled(client, ids_of(body))
-    assert (state, attempts) == ("dead", 3)
-    assert "not the robot's answer" in error
+    await assert_a_foreign_200_is_not_delivered(await start_relay(config(tmp_path, robot)), robot)
 
 
 async def test_messages_keep_the_pace_at_the_robot(tmp_path, start_relay, robot):
-    client = await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50))
-    for key in ("a", "b", "c", "d"):
-        await client.post(HOOK, json=notifier_body(f"{key}.jpg"))
-    await eventually(lambda: len(robot.requests) == 4)
-    assert min(robot.gaps()) >= 0.29
+    await assert_paced(
+        await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50)), robot
+    )
 
 
 async def test_a_long_chinese_key_is_cut_within_the_byte_limit(tmp_path, start_relay, robot):

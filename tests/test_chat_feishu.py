@@ -17,12 +17,19 @@ from typing import Any
 
 import pytest
 
-from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.feishu import FeishuSink, sign
 from relay.templates import SAMPLE_ENVELOPES
-from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
+from tests.chat_robot import (
+    Robot,
+    after_first_try,
+    assert_a_foreign_200_is_not_delivered,
+    chat_config,
+    ids_of,
+    robot_fixture,
+    settled,
+)
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -211,19 +218,8 @@ async def test_an_answer_quoting_the_secret_never_shows_it(tmp_path, start_relay
 async def test_too_frequent_is_retried_after_a_minute(tmp_path, start_relay, robot):
     robot.answers = [(200, '{"code":11232,"msg":"frequency limited psm","data":{}}', {})]
     client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    [event_id] = ids_of(body)
-    await client.post(HOOK, json=body)
-    await eventually(lambda: robot.requests)
-    store = client.app[STORE]
-
-    async def scheduled() -> Any:
-        record = await store.event(event_id)
-        delivery = record.deliveries[0] if record else None
-        return delivery if delivery and delivery.attempts == 1 else None
-
     # Pending, due after the bot's minute, not at the backoff's 10 ms.
-    delivery = await eventually(scheduled)
+    delivery = await after_first_try(client, robot)
     assert delivery.state == "pending" and "code 11232" in delivery.last_error
     assert 55 < delivery.next_at - time.time() <= 60
 
@@ -259,13 +255,7 @@ async def test_the_legacy_status_code_answer_is_delivered(tmp_path, start_relay,
 
 
 async def test_a_200_that_is_not_the_bot_s_answer_is_not_delivered(tmp_path, start_relay, robot):
-    robot.answers = [(200, "<html>gateway</html>", {})] * 3
-    client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    await client.post(HOOK, json=body)
-    [(state, attempts, _, error)] = await settled(client, ids_of(body))
-    assert (state, attempts) == ("dead", 3)
-    assert "not the robot's answer" in error
+    await assert_a_foreign_200_is_not_delivered(await start_relay(config(tmp_path, robot)), robot)
 
 
 async def test_messages_keep_the_default_pace_at_the_bot(tmp_path, start_relay, robot):

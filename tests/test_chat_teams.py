@@ -14,7 +14,15 @@ from structlog.testing import capture_logs
 
 from relay.app import STORE
 from relay.config import build_config
-from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
+from tests.chat_robot import (
+    Robot,
+    after_first_try,
+    assert_paced,
+    chat_config,
+    ids_of,
+    robot_fixture,
+    settled,
+)
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -249,18 +257,8 @@ async def test_throttling_without_retry_after_waits_a_minute(
 ):
     robot.answers = [(status, body, {})]
     client = await start_relay(config(tmp_path, robot))
-    [event_id] = ids_of(notifier_body("a.jpg"))
-    await client.post(HOOK, json=notifier_body("a.jpg"))
-    await eventually(lambda: robot.requests)
-    store = client.app[STORE]
-
-    async def scheduled() -> Any:
-        record = await store.event(event_id)
-        delivery = record.deliveries[0] if record else None
-        return delivery if delivery and delivery.attempts == 1 else None
-
     # Pending and due after a minute, not at the backoff's 10 ms.
-    delivery = await eventually(scheduled)
+    delivery = await after_first_try(client, robot)
     assert delivery.state == "pending" and delivery.last_status == status
     assert 55 < delivery.next_at - time.time() <= 60
     if status == 200:
@@ -347,11 +345,9 @@ def test_english_and_one_message_a_second_by_default(tmp_path):
 
 
 async def test_messages_keep_the_pace_at_the_webhook(tmp_path, start_relay, robot):
-    client = await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50))
-    for key in ("a", "b", "c", "d"):
-        await client.post(HOOK, json=notifier_body(f"{key}.jpg"))
-    await eventually(lambda: len(robot.requests) == 4)
-    assert min(robot.gaps()) >= 0.29
+    await assert_paced(
+        await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50)), robot
+    )
 
 
 @pytest.mark.parametrize("language", ["en", "zh-CN"])

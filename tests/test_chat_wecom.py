@@ -13,11 +13,19 @@ from typing import Any
 
 import pytest
 
-from relay.app import STORE
 from relay.config import build_config
 from relay.errors import ConfigError
 from relay.sinks.chat.markdown import fit
-from tests.chat_robot import Robot, chat_config, ids_of, robot_fixture, settled
+from tests.chat_robot import (
+    Robot,
+    after_first_try,
+    assert_a_foreign_200_is_not_delivered,
+    assert_paced,
+    chat_config,
+    ids_of,
+    robot_fixture,
+    settled,
+)
 from tests.conftest import TOKEN, eventually, notifier_body, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -179,19 +187,8 @@ async def test_the_robot_s_key_never_comes_back_in_an_error(tmp_path, start_rela
 async def test_too_fast_is_retried_after_the_robot_s_minute(tmp_path, start_relay, robot):
     robot.answers = [(200, '{"errcode":45009,"errmsg":"api freq out of limit"}', {})]
     client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    [event_id] = ids_of(body)
-    await client.post(HOOK, json=body)
-    await eventually(lambda: robot.requests)
-    store = client.app[STORE]
-
-    async def scheduled() -> Any:
-        record = await store.event(event_id)
-        delivery = record.deliveries[0] if record else None
-        return delivery if delivery and delivery.attempts == 1 else None
-
     # Pending, due after WeCom's minute, not at the backoff's 10 ms.
-    delivery = await eventually(scheduled)
+    delivery = await after_first_try(client, robot)
     assert delivery.state == "pending" and "errcode 45009" in delivery.last_error
     assert 55 < delivery.next_at - time.time() <= 60
     assert len(robot.requests) == 1
@@ -233,21 +230,13 @@ async def test_a_gateway_error_is_retried(tmp_path, start_relay, robot):
 
 
 async def test_a_200_that_is_not_the_robot_s_answer_is_not_delivered(tmp_path, start_relay, robot):
-    robot.answers = [(200, "<html>gateway</html>", {})] * 3
-    client = await start_relay(config(tmp_path, robot))
-    body = notifier_body("a.jpg")
-    await client.post(HOOK, json=body)
-    [(state, attempts, _, error)] = await settled(client, ids_of(body))
-    assert (state, attempts) == ("dead", 3)
-    assert "not the robot's answer" in error
+    await assert_a_foreign_200_is_not_delivered(await start_relay(config(tmp_path, robot)), robot)
 
 
 async def test_messages_keep_the_pace_at_the_robot(tmp_path, start_relay, robot):
-    client = await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50))
-    for key in ("a", "b", "c", "d"):
-        await client.post(HOOK, json=notifier_body(f"{key}.jpg"))
-    await eventually(lambda: len(robot.requests) == 4)
-    assert min(robot.gaps()) >= 0.29
+    await assert_paced(
+        await start_relay(config(tmp_path, robot, pace="300ms", rollup_threshold=50)), robot
+    )
 
 
 async def test_by_default_the_robot_gets_at_most_twenty_a_minute(tmp_path, start_relay, robot):

@@ -32,6 +32,7 @@ from relay.sinks.slack import (
     slack_length,
 )
 from relay.templates import DEFAULT_SLACK_TEMPLATE, SAMPLE_ENVELOPES, check_template
+from tests.chat_robot import deliveries
 from tests.conftest import SAMPLE_ID, TOKEN, eventually, notifier_body, relay_config, sample
 
 HOOK = f"/hooks/qingstor?token={TOKEN}"
@@ -101,14 +102,8 @@ def ids_of(body: dict[str, Any]) -> list[str]:
 async def last_errors(client: Any, ids: Sequence[str]) -> list[tuple[Any, ...]]:
     """(state, attempts, last_status, last_error) of every delivery in the store, whose
     events are `ids`."""
-    store = client.app[STORE]
-    assert (await store.counts())["events"] == len(ids)
-    rows: list[tuple[Any, ...]] = []
-    for event_id in ids:
-        record = await store.event(event_id)
-        assert record is not None, event_id
-        rows += [(d.state, d.attempts, d.last_status, d.last_error) for d in record.deliveries]
-    return rows
+    assert (await client.app[STORE].counts())["events"] == len(ids)
+    return await deliveries(client, list(ids))
 
 
 def assert_within_limits(message: dict[str, Any]) -> None:

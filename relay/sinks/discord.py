@@ -65,8 +65,6 @@ CONTENT_LINE = 300  # of CONTENT_MAX
 FOOTER_BUDGET = 512  # of FOOTER_MAX
 SHORT_VALUE = 256
 TYPE_NAME = 64
-# A value in the rendered text: a 5,000-character key must leave the text its line.
-TEXT_VALUE = 1000
 
 # A 429 without a wait is not Discord's API answering (it always sends `retry_after`
 # and Retry-After) but Cloudflare's ban page: wait a minute, at most ten invalid
@@ -162,27 +160,6 @@ def field(
     }
 
 
-def clipped(value: Any, limit: int = TEXT_VALUE) -> Any:
-    """Every string in `value` within `limit` characters (keys untouched)."""
-    if isinstance(value, str):
-        return clip(value, limit, "utf16")
-    if isinstance(value, Mapping):
-        return {k: clipped(v, limit) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clipped(v, limit) for v in value]
-    return value
-
-
-def webhook_token(url: str) -> str | None:
-    """The token of a `/api/webhooks/{id}/{token}` URL, the credential in its path."""
-    parts = URL(url).parts
-    if "webhooks" in parts:
-        rest = parts[parts.index("webhooks") + 1 :]
-        if len(rest) >= 2 and len(rest[1]) >= 8:
-            return rest[1]
-    return None
-
-
 # --- answers ----------------------------------------------------------------------------
 
 
@@ -264,8 +241,6 @@ class DiscordSink(ChatSink):
         self._send_url = (
             self._url if "wait" in parsed.query else str(parsed.update_query({"wait": "true"}))
         )
-        token = webhook_token(self._url)
-        self._secrets: tuple[str, ...] = () if token is None else (token,)
 
     @property
     def language(self) -> Language:
@@ -273,11 +248,6 @@ class DiscordSink(ChatSink):
 
     def escape(self, text: str) -> str:
         return escape(text)
-
-    def render_text(self, envelope: dict[str, Any]) -> str:
-        # Values cut before rendering: a huge key would otherwise fill the description,
-        # and the cut at its end would take the mark around it and all that follows.
-        return super().render_text(clipped(envelope))
 
     def event_message(self, envelope: Mapping[str, Any], text: str) -> dict[str, Any]:
         words = WORDS[self.language]
@@ -379,9 +349,6 @@ class DiscordSink(ChatSink):
     def request(self, message: dict[str, Any]) -> tuple[str | URL, bytes, dict[str, str]]:
         _, body, headers = super().request(message)
         return self._send_url, body, headers
-
-    def secrets(self) -> Sequence[str]:
-        return (*super().secrets(), *self._secrets)
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return classify(status, retry_after, body, time.time())

@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote_plus
 
 from yarl import URL
 
@@ -255,17 +254,6 @@ class TeamsSink(ChatSink):
     def request(self, message: dict[str, Any]) -> tuple[str | URL, bytes, dict[str, str]]:
         _, body, headers = super().request(message)
         return self._target, body, headers
-
-    def secrets(self) -> Sequence[str]:
-        """The URL's `sig`, raw and decoded: an error page quoting the query alone (not
-        the whole URL, which is scrubbed anyway) must not carry it into a log."""
-        found: set[str] = set()
-        query = self._url.partition("?")[2].partition("#")[0]
-        for part in query.split("&"):
-            name, _, value = part.partition("=")
-            if name.lower() == "sig" and value:
-                found |= {value, unquote_plus(value)}
-        return (*super().secrets(), *sorted(found))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return classify(status, retry_after, body, time.time())

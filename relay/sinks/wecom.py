@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
-from yarl import URL
 
 from relay.config import WeComSinkConfig
 from relay.sinks.answers import ErrorCodes, judge
@@ -62,10 +61,6 @@ class WeComSink(ChatSink):
     def __init__(self, name: str, config: WeComSinkConfig) -> None:
         super().__init__(name, config)
         self.config: WeComSinkConfig = config
-        # The key is the credential: an answer quoting it alone (not the whole URL)
-        # must lose it too.
-        key = URL(self._url).query.get("key", "")
-        self._key = key if len(key) >= 8 else None
         at = config.at
         self._mentioned = [*at.user_ids, *(["@all"] if at.all else [])]
         self._mentioned_mobiles = list(at.mobiles)
@@ -108,9 +103,6 @@ class WeComSink(ChatSink):
         if self._mentioned_mobiles:
             text["mentioned_mobile_list"] = self._mentioned_mobiles
         return {"msgtype": "text", "text": text}
-
-    def secrets(self) -> Sequence[str]:
-        return (*super().secrets(), *(() if self._key is None else (self._key,)))
 
     def read_answer(self, status: int, retry_after: str | None, body: str) -> Outcome:
         return judge(status, retry_after, body, time.time(), ANSWERS)

@@ -73,6 +73,8 @@ class ChatSink(PostingSink):
         self.config = config
         self.timeout = config.timeout
         self._url: str = config.url.get_secret_value()
+        # Worked out once: the same for every send.
+        self._url_secrets = tuple(sorted(url_tokens(self._url), key=len, reverse=True))
         self._template = compile_template(config.template) if config.template else None
         # The markdown platforms' default text, in the sink's language.
         self._default_text = default_text or partial(render_chat_default, language=config.language)
@@ -105,7 +107,7 @@ class ChatSink(PostingSink):
         """Credentials that an answer must never carry back, besides the URL as sent: the
         configured URL's tokens and query (a signing platform sends another URL), in
         every form; a platform adds its signing secret."""
-        return tuple(sorted(url_tokens(self._url), key=len, reverse=True))
+        return self._url_secrets
 
     # --- the mechanism ----------------------------------------------------------------
 
@@ -200,11 +202,7 @@ class ChatSink(PostingSink):
         # A value longer than any message can show (a 48 KB object key) is cut first:
         # cut only with the whole message, it would take the text's markup and all the
         # lines after it along.
-        shown = {
-            k: clip(v, VALUE_LIMIT, "utf16") if isinstance(v, str) else v
-            for k, v in envelope.items()
-        }
-        context = escape_tree(shown, self.escape)
+        context = escape_tree(envelope, lambda v: self.escape(clip(v, VALUE_LIMIT, "utf16")))
         if self._template is not None:
             try:
                 return render(self._template, context)
