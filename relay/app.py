@@ -67,42 +67,56 @@ async def request_context(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """One log line per request, a request id on it, and every error as JSON."""
-    structlog.contextvars.clear_contextvars()
+    # The context starts empty: each request clears its own when it ends, and
+    # hook_expect clears what it bound before the body is read.
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID.match(given) else os.urandom(16).hex()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    response: web.StreamResponse
     try:
-        response = await handler(request)
+        response = await _answer(request, handler)
+        response.headers["X-Request-Id"] = request_id
+        _count(request, response.status, started)
+        level = (
+            logging.DEBUG
+            if request.path in _QUIET_PATHS and response.status < 400
+            else logging.INFO
+        )
+        if logs.enabled(level):
+            _log_request(level, request, response.status, started)
+        return response
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The handler's answer, or the JSON error that stands for what it raised."""
+    try:
+        return await handler(request)
     except IngestError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         response.headers.update(exc.headers)
         if exc.closes_connection:
             response.force_close()
+        return response
     except StoreUnavailable as exc:
         log.error("ingest.store_unavailable", error=str(exc))
         response = error_response(
             503, "store_unavailable", "relay cannot persist events right now; retry later"
         )
         response.headers["Retry-After"] = "1"
+        return response
     except web.HTTPException as exc:
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         response = error_response(exc.status, code, message)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("request.unhandled")
-        response = error_response(500, "internal_error", "relay failed; see its log")
-    response.headers["X-Request-Id"] = request_id
-    _count(request, response.status, started)
-    level = (
-        logging.DEBUG if request.path in _QUIET_PATHS and response.status < 400 else logging.INFO
-    )
-    if logs.enabled(level):
-        _log_request(level, request, response.status, started)
-    structlog.contextvars.clear_contextvars()
-    return response
+        return error_response(500, "internal_error", "relay failed; see its log")
 
 
 def _count(request: web.Request, status: int, started: float) -> None:
@@ -117,14 +131,15 @@ def _count(request: web.Request, status: int, started: float) -> None:
 
 
 def _log_request(level: int, request: web.Request, status: int, started: float) -> None:
-    log.log(
+    logs.request_line(
         level,
-        "request",
-        method=request.method,
-        path=request.path,  # never the query string: tokens travel there
-        status=status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        peer=request.remote,
+        {
+            "method": request.method,
+            "path": request.path,  # never the query string: tokens travel there
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "peer": request.remote,
+        },
     )
 
 

@@ -1,13 +1,22 @@
-"""structlog setup: JSON lines off a terminal, readable lines on one, secrets scrubbed."""
+"""structlog setup: JSON lines off a terminal, readable lines on one, secrets scrubbed;
+and the request line, the one line per request that is most of the log's volume."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
+import json
 import logging
+import os
 import re
 import sys
+import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -73,8 +82,15 @@ def scrub_secrets(
     return event_dict
 
 
+# Every pattern above needs one of these characters: a string without any is left as it
+# is, which spares the log line's usual values (names, ids, paths) five regexes each.
+_MAY_HOLD_SECRET = re.compile(r"[:?&]")
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
+        if _MAY_HOLD_SECRET.search(value) is None:
+            return value
         # Paths too, unlike redact_text: a log line has no use for a webhook's path,
         # while the commands that print URLs (send-test, qingstor) need theirs.
         return redact_text(redact_url_paths(value))
@@ -136,13 +152,171 @@ def _message_first(
     return event_dict
 
 
+# A write to a pipe of at most this many bytes arrives whole (POSIX PIPE_BUF on Linux):
+# processes sharing stdout (the workers) cannot cut into it.
+_WHOLE_WRITE = 4096
+
+
+class LineOutput:
+    """The stream every log line goes to, written in whole lines only.
+
+    Lines logged as things happen are written at once (structlog and the standard
+    library flush after each). Request lines, most of the log's volume, are held until
+    the event loop's current turn ends and then written together: under load one write
+    carries the lines of many requests, in writes of whole lines of at most 4 KiB. A
+    line is held for one turn of the loop (well under a millisecond at rest), and a line
+    logged meanwhile flushes the held ones first, so the order stays as it happened. A
+    `kill -9` can take the request lines of the turn it interrupted."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO and the like
+            self._fd = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._lock = threading.Lock()
+        self._flush_pending = False
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._held.append(text.encode("utf-8", "backslashreplace"))
+        return len(text)
+
+    def hold(self, line: bytes) -> None:
+        """Keep a line for the end of the loop's turn (or now, off the loop)."""
+        with self._lock:
+            self._held.append(line)
+            self._held_bytes += len(line)
+            if self._flush_pending and self._held_bytes < 16 * _WHOLE_WRITE:
+                return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._held_bytes >= 16 * _WHOLE_WRITE:
+            self.flush()
+        else:
+            self._flush_pending = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            held, self._held, self._held_bytes = self._held, [], 0
+            self._flush_pending = False
+            if not held:
+                return
+            chunks: list[bytes] = []
+            chunk: list[bytes] = []
+            size = 0
+            for line in held:
+                if chunk and size + len(line) > _WHOLE_WRITE:
+                    chunks.append(b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            chunks.append(b"".join(chunk))
+            # A closed stdout (the reading end of the pipe gone): nowhere to say so.
+            with contextlib.suppress(OSError, ValueError):
+                self._write(chunks)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if self._fd is None:
+            for chunk in chunks:
+                self.stream.write(chunk.decode("utf-8", "replace"))
+            self.stream.flush()
+            return
+        self.stream.flush()  # whatever was print()ed before goes first
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+
+_output: LineOutput | None = None
+# The processors configure() gave structlog: while they are in place (not replaced by a
+# test's capture_logs, say), request lines are written straight to the output.
+_processors: list[Any] | None = None
+
+
+def _fallback(value: Any) -> Any:
+    return repr(value)
+
+
+def dumps(value: Any, **_: Any) -> str:
+    """A log line's JSON: orjson where it can, the standard library where it cannot (an
+    integer beyond 64 bits, a lone surrogate)."""
+    try:
+        return orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, default=_fallback)
+
+
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info"}
+_SECRET_KEY: dict[str, bool] = {}
+
+
+def request_line(level: int, fields: dict[str, Any]) -> None:
+    """The line logged for each request: `fields` (method, path, status and so on), the
+    request's bound context (request id, source, counts, error) and the process's tags.
+
+    It is the one line written per request, so it skips structlog's general processor
+    chain where the fields are known: it is built as that chain would (the same keys,
+    the same scrubbing of secrets), encoded by orjson, and held for one write per turn
+    of the event loop. Elsewhere (a terminal, a test capturing logs) it goes through
+    structlog like any line."""
+    output = _output
+    if output is None or structlog.get_config()["processors"] is not _processors:
+        structlog.get_logger("relay.app").log(level, "request", **fields)
+        return
+    line = fields
+    line["event"] = "request"
+    for key, value in structlog.contextvars.get_contextvars().items():
+        line.setdefault(key, value)
+    for key, value in _tags.items():
+        line.setdefault(key, value)
+    for key, value in line.items():
+        secret = _SECRET_KEY.get(key)
+        if secret is None:
+            secret = _SECRET_KEY[key] = _SECRET_KEYS.search(key) is not None
+        if secret:
+            line[key] = "[redacted]"
+        elif not isinstance(value, _PLAIN) and value is not None:
+            line[key] = _scrub(value)
+    line["level"] = _LEVELS.get(level) or logging.getLevelName(level).lower()
+    line["timestamp"] = _timestamp()
+    output.hold(dumps(line).encode() + b"\n")
+
+
+_PLAIN = (int, float)
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp() -> str:
+    """Now as structlog's `TimeStamper(fmt="iso", utc=True)` writes it, the date and
+    time formatted once a second rather than once a line."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    global _threshold
-    out = stream or sys.stdout
+    global _threshold, _output, _processors
+    if _output is not None:
+        _output.flush()
+    out = LineOutput(stream or sys.stdout)
     _threshold = logging.getLevelNamesMapping()[level.upper()]
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=dumps)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
@@ -173,14 +347,23 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
+    processors = [*shared, *readable, renderer]
     structlog.configure(
-        processors=[*shared, *readable, renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_threshold),
-        # One write per line: workers share the leader's stdout, and print() writes the
-        # line and its newline apart when Python runs unbuffered (PYTHONUNBUFFERED=1, as
-        # most container images set), so two processes' lines could run into each other.
-        # On a pipe a write is whole up to 4 KiB; a longer line (a traceback) can still
-        # be split by another process's.
-        logger_factory=structlog.WriteLoggerFactory(out),
+        # Whole lines per write: workers share the leader's stdout, and print() writes
+        # the line and its newline apart when Python runs unbuffered (PYTHONUNBUFFERED=1,
+        # as most container images set), so two processes' lines could run into each
+        # other. On a pipe a write is whole up to 4 KiB; a longer line (a traceback) can
+        # still be split by another process's.
+        logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    _output = out
+    _processors = processors if as_json else None
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _output is not None:
+        _output.flush()
