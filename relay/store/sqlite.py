@@ -288,6 +288,9 @@ class SqliteStore:
         self.path = path
         self.dedupe_window = dedupe_window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
+        # Whether the writer connection runs synchronous=FULL, as every acknowledging
+        # commit must: settlements lower it for their own commit (see _settle_group).
+        self._fsyncs = False
         # The dispatcher's reads get their own connection and thread: WAL lets them run
         # beside the writer, so looking for due work never delays an ingest commit.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
@@ -510,7 +513,9 @@ class SqliteStore:
         """Claim and enqueue for a whole group in one transaction, with a handful of
         bulk statements rather than several per event."""
         # Whatever a failed settlement left behind, an acknowledging commit fsyncs.
-        self.db.execute("PRAGMA synchronous=FULL")
+        if not self._fsyncs:
+            self.db.execute("PRAGMA synchronous=FULL")
+            self._fsyncs = True
         with self._transaction(acknowledging=True) as db:
             ids = list({event.id for events, _ in group for event in events})
             claimed: dict[str, float] = {}
@@ -677,12 +682,14 @@ class SqliteStore:
         # delivery with the same id, which at-least-once allows; a process crash loses
         # nothing, the WAL is in the OS's cache. With an fsync each, settlements took a
         # fifth of the writer's time under load, and ingest commits queued behind them.
+        self._fsyncs = False
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
             settlements = [s for batch, _ in group for s in batch]
             self._settle(settlements, max(n for _, n in group))
         finally:
             self.db.execute("PRAGMA synchronous=FULL")
+            self._fsyncs = True
         return [None] * len(group)
 
     def _settle(self, settlements: Sequence[Settlement], now: float) -> None:
