@@ -23,10 +23,10 @@ from relay import logs
 from relay.circuit import CircuitBreaker
 from relay.config import RetryConfig, SinkConfig
 from relay.metrics import Metrics
-from relay.models import Delivery
+from relay.models import Delivery, mark_late
 from relay.sinks import Outcome, Sink
 from relay.sinks.base import backoff_ceiling
-from relay.store import Deliveries, Settlement
+from relay.store import Deliveries, Ordering, Settlement
 
 log = structlog.get_logger("relay.dispatch")
 
@@ -72,6 +72,8 @@ class Lane:
         self.name = name
         self.sink = sink
         self.retry = config.retry
+        # order: per_key: claims take only the head of each object's events.
+        self.order = Ordering(config.order_timeout) if config.order == "per_key" else None
         self.circuit = CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
         self.gone = False  # the receiver answered 410 Gone, until a send succeeds
         self.wake = asyncio.Event()
@@ -207,8 +209,14 @@ class Dispatcher:
                     # Enough for every free slot in one look: a sink of single sends
                     # (HTTP) fills its connections without a query per delivery.
                     due = await store.claim(
-                        name, limit * free, lease=store.lease, exclusive=sink.paced
+                        name,
+                        limit * free,
+                        lease=store.lease,
+                        exclusive=sink.paced,
+                        order=lane.order,
                     )
+                    if lane.order is not None:
+                        due = [mark_late(d) if d.late else d for d in due]
                     if lane.store_failing:
                         lane.store_failing = False
                         log.info("dispatch.store_recovered", sink=name)

@@ -177,7 +177,7 @@ class Ingest:
                 raise TooManyRecords(
                     f"the body holds {len(envelopes)} events; the limit is {limits.max_records}"
                 )
-            events = self._events(name, envelopes)
+            events = self._events(name, envelopes, received_at.timestamp())
         except RecursionError:
             # Only with max_json_depth raised far past its default: orjson reads nesting
             # the standard library cannot write back. The sender's mistake, not ours.
@@ -205,7 +205,7 @@ class Ingest:
         answer = f'{{"accepted": {len(result.accepted)}, "duplicates": {len(result.duplicates)}}}'
         return web.Response(body=answer.encode(), content_type="application/json")
 
-    def _events(self, name: str, envelopes: Sequence[Envelope]) -> list[NewEvent]:
+    def _events(self, name: str, envelopes: Sequence[Envelope], received: float) -> list[NewEvent]:
         events = []
         for envelope in envelopes:
             sinks = self.router.sinks_for(envelope)
@@ -215,7 +215,14 @@ class Ingest:
                 raise InvalidBody(
                     "body contains an unpaired UTF-16 surrogate escape", code="invalid_json"
                 ) from None
-            events.append(NewEvent(envelope.id, name, text, sinks))
+            ordered = self.router.ordered
+            if ordered and (key := envelope.order_key()) is not None:
+                held = tuple(s for s in sinks if s in ordered)
+                events.append(
+                    NewEvent(envelope.id, name, text, sinks, key, envelope.order_at(received), held)
+                )
+            else:
+                events.append(NewEvent(envelope.id, name, text, sinks))
         return events
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -130,6 +130,22 @@ class Delivery:
     attempts: int  # attempts made before this one
     created_at: float
     envelope: str  # the envelope's JSON, sent as stored
+    # An ordered sink's delivery whose object already had a later event delivered to
+    # this sink (the sender's retry came late): sent, marked late.
+    late: bool = False
+
+
+def mark_late(delivery: Delivery) -> Delivery:
+    """The delivery with `"late": true` in the envelope it sends: a later event of its
+    object reached this sink before it (order: per_key)."""
+    try:
+        envelope = json.loads(delivery.envelope)
+    except ValueError:
+        return delivery
+    if not isinstance(envelope, dict):
+        return delivery
+    envelope["late"] = True
+    return replace(delivery, envelope=jsoncodec.dumps(envelope))
 
 
 # --- the envelope ----------------------------------------------------------------------
@@ -165,6 +181,26 @@ class Envelope:
     def to_json(self) -> str:
         """Compact JSON; raises UnicodeEncodeError when `data` holds a lone surrogate."""
         return jsoncodec.dumps(self.to_dict())
+
+    def order_key(self) -> str | None:
+        """The object this event is about, as a sink with `order: per_key` orders by:
+        its source, bucket and key, hashed to a fixed length (keys run to 1,024 bytes).
+        None for an event about no object (a generic webhook): it is never held."""
+        if not self.bucket or self.key is None:
+            return None
+        name = "\x1f".join((self.source, self.bucket, self.key))
+        return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def order_at(self, fallback: float) -> float:
+        """Where this event sorts among its object's: its own time, as the sender
+        stamped it (epoch seconds); `fallback` (the receipt) when it has none."""
+        try:
+            moment = datetime.fromisoformat(self.time)
+        except (TypeError, ValueError):
+            return fallback
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
 
 
 def notifier_envelopes(

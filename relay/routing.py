@@ -61,8 +61,10 @@ def matches(when: When | None, event: Envelope) -> bool:
 
 
 class Router:
-    def __init__(self, routes: list[Route]) -> None:
+    def __init__(self, routes: list[Route], ordered: frozenset[str] = frozenset()) -> None:
         self.routes = routes
+        # The sinks with `order: per_key`: their deliveries carry the object's key.
+        self.ordered = ordered
 
     def sinks_for(self, event: Envelope) -> tuple[str, ...]:
         """Every sink of every matching route, each once, in the order first named."""

@@ -385,7 +385,9 @@ class Runtime:
         # Sources and router built whole, then swapped in together between two
         # requests: a request sees the old pair or the new one.
         sources = {name: build_source(name, src) for name, src in config.sources.items()}
-        self.ingest.sources, self.ingest.router = sources, Router(config.effective_routes)
+        ordered = frozenset(n for n, sink in config.sinks.items() if sink.order == "per_key")
+        self.ingest.sources = sources
+        self.ingest.router = Router(config.effective_routes, ordered)
         self.ingest.limits = config.server
         self.backlog.set_limits({name: sink.max_queue for name, sink in config.sinks.items()})
 

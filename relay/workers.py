@@ -116,7 +116,10 @@ class LeaderLink:
         key = next(self._ids)
         answer: asyncio.Future[AcceptResult] = asyncio.get_running_loop().create_future()
         self._waiting[key] = answer
-        rows = [(e.id, e.source, e.envelope, e.sinks) for e in events]
+        rows = [
+            (e.id, e.source, e.envelope, e.sinks, e.order_key, e.order_at, e.ordered)
+            for e in events
+        ]
         try:
             await _send(self._writer, [key, rows])
             return await answer
@@ -171,7 +174,8 @@ async def serve_worker(
 
     async def answer(key: int, rows: list[list[Any]]) -> None:
         events = [
-            NewEvent(i, source, envelope, tuple(sinks)) for i, source, envelope, sinks in rows
+            NewEvent(i, source, envelope, tuple(sinks), key, at, tuple(ordered))
+            for i, source, envelope, sinks, key, at, ordered in rows
         ]
         message: list[Any]
         try:

@@ -14,10 +14,12 @@ from pydantic import TypeAdapter
 
 from relay.config import SqliteStoreConfig, StoreConfig
 from relay.errors import StoreUnavailable
+from relay.models import Delivery
 from relay.store import (
     BACKENDS,
     MovedDelivery,
     NewEvent,
+    Ordering,
     Quarantined,
     Selection,
     Settlement,
@@ -65,6 +67,7 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
     # Whether claims are shared between processes and so run out with their lease.
     make.shared_claims = request.param != "sqlite"  # type: ignore[attr-defined]
+    make.backend = request.param  # type: ignore[attr-defined]
     yield make
     for store in opened:
         await store.close()
@@ -494,3 +497,114 @@ async def test_recent_events_page_newest_first_through_ties_with_their_states(
     assert len(seen) == 6
     assert states["evt_5"] == {"a": "dead"}
     assert states["evt_1"] == {"a": "pending", "b": "pending"}
+
+
+# --- order: per_key -------------------------------------------------------------------
+
+ORDER = Ordering(timeout=60.0)
+
+
+def on_object(i: int, key: str, at: float, sinks: tuple[str, ...] = ("a",)) -> NewEvent:
+    """An event about object `key`, sorting at `at`, to sinks that order by object."""
+    envelope = json.dumps({"id": f"evt_{i}", "key": key})
+    return NewEvent(f"evt_{i}", "qingstor", envelope, sinks, key, at, sinks)
+
+
+def ordering(stores: OpenStore) -> None:
+    if stores.backend != "sqlite":  # type: ignore[attr-defined]
+        pytest.skip("order: per_key is built for the SQLite store only so far")
+
+
+def ids(deliveries: list[Delivery]) -> list[str]:
+    return sorted(d.event_id for d in deliveries)
+
+
+async def test_an_ordered_claim_takes_one_event_per_object_in_the_events_order(stores):
+    ordering(stores)
+    store = await stores()
+    # Accepted out of their own order: the delete's time comes after the create's.
+    await store.accept([on_object(2, "A", 20.0), on_object(1, "A", 10.0)], now=1000.0)
+    await store.accept([on_object(3, "B", 10.0)], now=1000.0)
+    first = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    assert ids(first) == ["evt_1", "evt_3"]
+    assert await store.claim("a", 10, 30.0, now=1000.0, order=ORDER) == []  # A is out
+    await store.settle([Settlement(d.id, "done", 1000.0, 200, None) for d in first])
+    assert ids(await store.claim("a", 10, 30.0, now=1001.0, order=ORDER)) == ["evt_2"]
+
+
+async def test_without_order_the_same_events_are_claimed_together(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
+    assert ids(await store.claim("a", 10, 30.0, now=1000.0)) == ["evt_1", "evt_2"]
+
+
+async def test_a_failed_event_holds_its_object_until_done_or_held_too_long(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
+    [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.settle([Settlement(create.id, "pending", 1010.0, 503, "busy")], now=1000.0)
+    # Waiting for its retry, the create still holds the delete back.
+    assert await store.claim("a", 10, 30.0, now=1005.0, order=ORDER) == []
+    [again] = await store.claim("a", 10, 30.0, now=1010.0, order=ORDER)
+    assert again.event_id == "evt_1" and again.attempts == 1
+    await store.settle([Settlement(again.id, "pending", 1100.0, 503, "busy")], now=1010.0)
+    # Held from its first failure (1000) for order.timeout (60 s): then the delete goes.
+    assert await store.claim("a", 10, 30.0, now=1059.0, order=ORDER) == []
+    [delete] = await store.claim("a", 10, 30.0, now=1061.0, order=ORDER)
+    assert delete.event_id == "evt_2" and not delete.late
+    await store.settle([Settlement(delete.id, "done", 1061.0, 200, None)], now=1061.0)
+    # The create, when it goes at last, comes after its object's later event: late.
+    [late] = await store.claim("a", 10, 30.0, now=1100.0, order=ORDER)
+    assert late.event_id == "evt_1" and late.late
+
+
+async def test_an_object_out_for_delivery_holds_even_an_earlier_event_that_comes_later(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(2, "A", 20.0)], now=1000.0)
+    [out] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.accept([on_object(1, "A", 10.0)], now=1001.0)  # the sender's late retry
+    assert await store.claim("a", 10, 30.0, now=1001.0, order=ORDER) == []
+    await store.settle([Settlement(out.id, "done", 1002.0, 200, None)], now=1002.0)
+    [late] = await store.claim("a", 10, 30.0, now=1002.0, order=ORDER)
+    assert late.event_id == "evt_1" and late.late
+
+
+async def test_a_dead_letter_releases_its_object(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
+    [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.settle([Settlement(create.id, "dead", 1000.0, 400, "refused")], now=1000.0)
+    assert ids(await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)) == ["evt_2"]
+
+
+async def test_an_event_about_no_object_and_an_unordered_sink_are_never_held(stores):
+    ordering(stores)
+    store = await stores()
+    plain = [event(1, sinks=("a",)), event(2, sinks=("a",))]  # no object key
+    await store.accept(plain, now=1000.0)
+    both = NewEvent("evt_3", "qingstor", "{}", ("a", "b"), "A", 10.0, ("a",))
+    later = NewEvent("evt_4", "qingstor", "{}", ("a", "b"), "A", 20.0, ("a",))
+    await store.accept([both, later], now=1000.0)
+    assert ids(await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)) == [
+        "evt_1",
+        "evt_2",
+        "evt_3",
+    ]
+    # Sink b does not order by object: it takes both events of A at once.
+    assert ids(await store.claim("b", 10, 30.0, now=1000.0, order=ORDER)) == ["evt_3", "evt_4"]
+
+
+async def test_order_holds_across_a_restart(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
+    [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.settle([Settlement(create.id, "pending", 1005.0, 503, "busy")], now=1000.0)
+    await store.close()
+    store = await stores()
+    assert await store.claim("a", 10, 30.0, now=1001.0, order=ORDER) == []
+    assert ids(await store.claim("a", 10, 30.0, now=1005.0, order=ORDER)) == ["evt_1"]

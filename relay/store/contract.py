@@ -14,6 +14,7 @@ from relay.store.types import (
     EventRecord,
     MovedEvent,
     NewEvent,
+    Ordering,
     Quarantined,
     RecentEvents,
     Selection,
@@ -55,9 +56,15 @@ class Deliveries(Protocol):
         now: float | None = None,
         *,
         exclusive: bool = False,
+        order: Ordering | None = None,
     ) -> list[Delivery]:
         """Up to `limit` of `sink`'s due deliveries: nobody else gets them until they
-        are settled or released. Where claims are shared between processes (Redis),
+        are settled or released. With `order` (a sink with `order: per_key`), only the
+        head of each object's events: a delivery with an object key is taken only while
+        no other of its key is claimed (by anyone), and no other of its key that sorts
+        before it is pending, unless that one failed first more than `order.timeout`
+        ago. A delivery taken after a later one of its key was done comes `late`.
+        Where claims are shared between processes (Redis),
         they are held for `lease` seconds, after which a holder that died is presumed
         dead and anyone may claim them again; a backend whose claims live and die with
         their one process (SQLite) never lets them run out. `exclusive`: nothing while

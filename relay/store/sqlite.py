@@ -41,6 +41,7 @@ from relay.store.types import (
     MovedDelivery,
     MovedEvent,
     NewEvent,
+    Ordering,
     Quarantined,
     RecentEvents,
     Selection,
@@ -110,9 +111,21 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
-# What a new store gets, at SCHEMA_VERSION: version 1's until a migration changes it,
-# then its own text (tests/test_store_upgrade.py checks a migrated store matches it).
-SCHEMA = _SCHEMA_1
+# Schema version 2: per-object ordering. A delivery to a sink with `order: per_key`
+# carries its object's key and its place among that object's events; one that failed
+# holds the key from `blocking_since` until it settles or `released_at`.
+_SCHEMA_2_CHANGES = """
+ALTER TABLE deliveries ADD COLUMN order_key TEXT;
+ALTER TABLE deliveries ADD COLUMN order_at REAL NOT NULL DEFAULT 0;
+ALTER TABLE deliveries ADD COLUMN blocking_since REAL;
+ALTER TABLE deliveries ADD COLUMN released_at REAL;
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (sink, order_key, state, order_at)
+    WHERE order_key IS NOT NULL;
+"""
+
+# What a new store gets, at SCHEMA_VERSION: the statements of every version in turn, so
+# a new store and a migrated one are the same (tests/test_store_upgrade.py checks it).
+SCHEMA = _SCHEMA_1 + _SCHEMA_2_CHANGES
 
 # Receipts older than this are pruned; `relay status` looks back one hour.
 RECEIPTS_KEPT = 86400.0
@@ -150,6 +163,13 @@ _SCHEMA_0_1_0 = {
 }
 
 
+def _place(event: NewEvent, sink: str) -> tuple[str | None, float]:
+    """A delivery's object key and place: only for a sink that orders by object."""
+    if event.order_key is not None and sink in event.ordered:
+        return event.order_key, event.order_at
+    return None, 0.0
+
+
 def _adopt_0_1_0(db: sqlite3.Connection) -> None:
     """0 -> 1: relay 0.1.0 wrote schema 1 without stamping it. A database without its
     first table is not relay's and is refused, not stamped. 0.1.0 created its tables
@@ -170,7 +190,16 @@ def _adopt_0_1_0(db: sqlite3.Connection) -> None:
 # the schema, append a function here and make SCHEMA what it produces
 # (tests/test_store_upgrade.py checks that a migrated store matches a new one).
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_adopt_0_1_0,)
+
+
+def _add_ordering(db: sqlite3.Connection) -> None:
+    """1 -> 2: the columns and index of per-object ordering; existing deliveries have no
+    object key, so no sink holds them."""
+    for statement in _statements(_SCHEMA_2_CHANGES):
+        db.execute(statement)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_adopt_0_1_0, _add_ordering)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -310,6 +339,9 @@ class SqliteStore:
         self._shut_down = False
         # Claimed deliveries: id -> sink. See claim().
         self._claims: dict[int, str] = {}
+        # The object keys of claims made in order (order: per_key): while one of a key's
+        # deliveries is out, none other of that key is claimed.
+        self._claim_keys: dict[int, str] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -527,8 +559,10 @@ class SqliteStore:
                 )
             fresh: list[tuple[str, str, str, float, float]] = []
             reclaimed: list[tuple[str, str, float, float, str]] = []
-            new_deliveries: list[tuple[str, str, float, float, float]] = []
-            old_deliveries: list[tuple[str, str, float, float, float, str, str]] = []
+            new_deliveries: list[tuple[str, str, float, float, float, str | None, float]] = []
+            old_deliveries: list[
+                tuple[str, str, float, float, float, str | None, float, str, str]
+            ] = []
             receipts: dict[tuple[str, int], list[int]] = {}
             results = []
             for events, now in group:
@@ -548,7 +582,8 @@ class SqliteStore:
                         # A new id has no deliveries: events are pruned only once none
                         # references them.
                         new_deliveries.extend(
-                            (event.id, s, now, now, now) for s in dict.fromkeys(event.sinks)
+                            (event.id, s, now, now, now, *_place(event, s))
+                            for s in dict.fromkeys(event.sinks)
                         )
                     else:
                         # A claim that has outlived its window is taken again: after the
@@ -557,7 +592,8 @@ class SqliteStore:
                             (event.source, event.envelope, now, now + self.dedupe_window, event.id)
                         )
                         old_deliveries.extend(
-                            (event.id, s, now, now, now, event.id, s) for s in event.sinks
+                            (event.id, s, now, now, now, *_place(event, s), event.id, s)
+                            for s in event.sinks
                         )
                 if events:
                     counts = receipts.setdefault((events[0].source, int(now // 60)), [0, 0])
@@ -571,14 +607,17 @@ class SqliteStore:
                 reclaimed,
             )
             _insert_rows(
-                db, "deliveries (event_id, sink, next_at, created_at, updated_at)", new_deliveries
+                db,
+                "deliveries (event_id, sink, next_at, created_at, updated_at, order_key, order_at)",
+                new_deliveries,
             )
             # A re-claimed event may still have a delivery pending from its first claim:
             # one pending delivery per event and sink is enough. INDEXED BY: the planner
             # otherwise picks (sink, state) and walks the sink's whole backlog.
             db.executemany(
-                "INSERT INTO deliveries (event_id, sink, next_at, created_at, updated_at)"
-                " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
+                "INSERT INTO deliveries"
+                " (event_id, sink, next_at, created_at, updated_at, order_key, order_at)"
+                " SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM deliveries"
                 "  INDEXED BY deliveries_event"
                 "  WHERE event_id = ? AND sink = ? AND state = 'pending')",
                 old_deliveries,
@@ -607,6 +646,7 @@ class SqliteStore:
         now: float | None = None,
         *,
         exclusive: bool = False,
+        order: Ordering | None = None,
     ) -> list[Delivery]:
         """Up to `limit` of `sink`'s due deliveries, oldest first: no other claim gets
         them until they are settled or released. The claims live here, in this process:
@@ -618,18 +658,60 @@ class SqliteStore:
         async with self._claiming.setdefault(sink, asyncio.Lock()):
             held = self._held(sink)
             skip = _not_in(held)
-
-            def query(db: sqlite3.Connection) -> list[Delivery]:
-                rows = db.execute(
+            if order is None:
+                sql = (
                     "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
                     " FROM deliveries d JOIN events e ON e.id = d.event_id"
                     f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
-                    " ORDER BY d.next_at, d.id LIMIT ?",
-                    (sink, at, *held, limit),
-                ).fetchall()
-                return [Delivery(*row) for row in rows]
+                    " ORDER BY d.next_at, d.id LIMIT ?"
+                )
+                params: tuple[Any, ...] = (sink, at, *held, limit)
+            else:
+                keys = tuple({self._claim_keys[i] for i in held if i in self._claim_keys})
+                busy = f" AND d.order_key NOT IN ({','.join('?' * len(keys))})" if keys else ""
+                # Only the head of each object: nothing of its key out now, and nothing
+                # before it still pending, unless that one has held the key too long.
+                sql = (
+                    "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope,"
+                    " EXISTS (SELECT 1 FROM deliveries x INDEXED BY deliveries_order"
+                    "  WHERE x.sink = d.sink AND x.order_key = d.order_key"
+                    "  AND x.state = 'done' AND x.order_at > d.order_at) AS late,"
+                    " d.order_key"
+                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                    f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
+                    f" AND (d.order_key IS NULL OR (1{busy} AND NOT EXISTS (SELECT 1"
+                    "  FROM deliveries p INDEXED BY deliveries_order"
+                    "  WHERE p.sink = d.sink AND p.order_key = d.order_key"
+                    "  AND p.state = 'pending'"
+                    "  AND (p.order_at < d.order_at OR (p.order_at = d.order_at AND p.id < d.id))"
+                    "  AND p.released_at IS NULL"
+                    "  AND (p.blocking_since IS NULL OR p.blocking_since > ?))))"
+                    " ORDER BY d.next_at, d.id LIMIT ?"
+                )
+                params = (sink, at, *held, *keys, at - order.timeout, limit)
 
-            taken = await self._read(query)
+            def query(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+                return db.execute(sql, params).fetchall()
+
+            taken: list[Delivery] = []
+            heads: set[str] = set()
+            for row in await self._read(query):
+                if order is None:
+                    taken.append(Delivery(*row))
+                    continue
+                if row[7] is not None:
+                    # Two of one object can both be heads when the first held it too
+                    # long: still one at a time.
+                    if row[7] in heads:
+                        continue
+                    heads.add(row[7])
+                delivery_id, event_id, name, attempts, created_at, envelope = row[:6]
+                delivery = Delivery(
+                    delivery_id, event_id, name, attempts, created_at, envelope, bool(row[6])
+                )
+                if row[7] is not None:
+                    self._claim_keys[delivery.id] = row[7]
+                taken.append(delivery)
             for delivery in taken:
                 self._claims[delivery.id] = sink
         return taken
@@ -643,6 +725,7 @@ class SqliteStore:
         whose settlement failed): their deliveries are due again at once."""
         for delivery_id in ids:
             self._claims.pop(delivery_id, None)
+            self._claim_keys.pop(delivery_id, None)
 
     async def renew(
         self, sink: str, ids: Collection[int], lease: float, now: float | None = None
@@ -706,6 +789,10 @@ class SqliteStore:
                         "UPDATE deliveries SET state = ?, next_at = ?, attempts = attempts + ?,"
                         " last_status = CASE WHEN ? THEN ? ELSE last_status END,"
                         " last_error = CASE WHEN ? THEN ? ELSE last_error END,"
+                        # A failed attempt left pending holds its object's later events
+                        # (order: per_key) from the first such failure on.
+                        " blocking_since = CASE WHEN ? THEN COALESCE(blocking_since, ?)"
+                        " ELSE blocking_since END,"
                         f" updated_at = ? WHERE id IN ({marks}) AND state = 'pending'"
                         " AND (? IS NULL OR attempts = ?)",
                         (
@@ -716,6 +803,8 @@ class SqliteStore:
                             status,
                             attempted,
                             error,
+                            attempted and state == "pending",
+                            now,
                             now,
                             *chunk,
                             before,

@@ -13,6 +13,21 @@ class NewEvent:
     source: str
     envelope: str  # the envelope's JSON, stored and sent as is
     sinks: tuple[str, ...]
+    # For the sinks among `sinks` with `order: per_key` (`ordered`): the object it is
+    # about (None: it is held by none) and where it sorts among that object's events
+    # (ties: the order of acceptance).
+    order_key: str | None = None
+    order_at: float = 0.0
+    ordered: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    """How a sink with `order: per_key` is claimed (see Deliveries.claim): a pending
+    delivery stops holding up its object's later events `timeout` seconds after its
+    first failed attempt."""
+
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
