@@ -73,7 +73,9 @@ class Lane:
         self.sink = sink
         self.retry = config.retry
         # order: per_key: claims take only the head of each object's events.
-        self.order = Ordering(config.order_timeout) if config.order == "per_key" else None
+        self.order = (
+            Ordering(config.order_timeout, config.coalesce) if config.order == "per_key" else None
+        )
         self.circuit = CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
         self.gone = False  # the receiver answered 410 Gone, until a send succeeds
         self.wake = asyncio.Event()
@@ -164,6 +166,37 @@ class Dispatcher:
             self._stopping = asyncio.ensure_future(self._drain(list(self.lanes.values()), grace))
         return self._stopping
 
+    def _in_order(self, name: str, delivery: Delivery) -> Delivery:
+        """What an ordered claim decided about `delivery`, told and counted; a late one
+        goes out marked late."""
+        for event_id, held in delivery.overtakes:
+            # An object held longer than order_timeout: its later events go on without
+            # the event that held it, which keeps its retries and will come late.
+            log.warning(
+                "order.released",
+                sink=name,
+                event_id=event_id,
+                held_for_s=held,
+                next_event_id=delivery.event_id,
+            )
+            if self.metrics is not None:
+                self.metrics.order_released(name).inc()
+        if delivery.supersedes:
+            log.info(
+                "order.coalesced",
+                sink=name,
+                event_id=delivery.event_id,
+                coalesced=len(delivery.supersedes),
+            )
+            if self.metrics is not None:
+                self.metrics.delivery_counter(name, "coalesced").inc(len(delivery.supersedes))
+        if not delivery.late:
+            return delivery
+        log.info("order.late", sink=name, event_id=delivery.event_id)
+        if self.metrics is not None:
+            self.metrics.order_late(name).inc()
+        return mark_late(delivery)
+
     async def _work(self, lane: Lane) -> None:
         """Keep up to `sink.concurrency` sends of up to `sink.batch_size` in flight,
         as far as the sink's circuit allows."""
@@ -216,7 +249,7 @@ class Dispatcher:
                         order=lane.order,
                     )
                     if lane.order is not None:
-                        due = [mark_late(d) if d.late else d for d in due]
+                        due = [self._in_order(name, d) for d in due]
                     if lane.store_failing:
                         lane.store_failing = False
                         log.info("dispatch.store_recovered", sink=name)

@@ -74,8 +74,21 @@ class Metrics:
         )
         self.deliveries = Counter(
             "relay_deliveries",
-            "Delivery attempts by outcome: done, retry or dead.",
+            "Delivery attempts by outcome: done, retry or dead; and deliveries coalesced"
+            " (order: per_key with coalesce: a newer event of their object went instead).",
             ["sink", "outcome"],
+            registry=r,
+        )
+        self.late = Counter(
+            "relay_order_late",
+            "Events sent to an order: per_key sink after a later event of their object.",
+            ["sink"],
+            registry=r,
+        )
+        self.released = Counter(
+            "relay_order_released",
+            "Events that held their object longer than order_timeout and were passed.",
+            ["sink"],
             registry=r,
         )
         self.ingest_seconds = Histogram(
@@ -101,6 +114,12 @@ class Metrics:
 
     def delivery_counter(self, sink: str, outcome: str) -> Any:
         return self._child(self.deliveries, sink, outcome)
+
+    def order_late(self, sink: str) -> Any:
+        return self._child(self.late, sink)
+
+    def order_released(self, sink: str) -> Any:
+        return self._child(self.released, sink)
 
     def delivery_timer(self, sink: str) -> Any:
         return self._child(self.delivery_seconds, sink)

@@ -130,9 +130,16 @@ class Delivery:
     attempts: int  # attempts made before this one
     created_at: float
     envelope: str  # the envelope's JSON, sent as stored
-    # An ordered sink's delivery whose object already had a later event delivered to
-    # this sink (the sender's retry came late): sent, marked late.
+    # Only for sinks with `order: per_key`:
+    # an object already had a later event delivered to this sink (the sender's retry
+    # came late): sent all the same, marked late;
     late: bool = False
+    # coalesce: the ids of the object's older waiting events this one stands in for,
+    # which the claim settled as coalesced;
+    supersedes: tuple[str, ...] = ()
+    # earlier events of its object that held it longer than order_timeout and that this
+    # one now goes past: (event id, seconds held since its first failure), each once.
+    overtakes: tuple[tuple[str, float], ...] = ()
 
 
 def mark_late(delivery: Delivery) -> Delivery:

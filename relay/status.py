@@ -50,6 +50,7 @@ async def report(
             "pending": current.pending,
             "oldest_pending_s": round(current.oldest_pending_s, 1),
             "dead": current.dead,
+            "coalesced": current.coalesced,
             "circuit": circuit,
             "gone": current.gone,
         }
@@ -67,6 +68,7 @@ def render(report: dict[str, Any]) -> str:
             str(s["pending"]),
             _age(s["oldest_pending_s"]),
             str(s["dead"]),
+            str(s["coalesced"]),
             s["circuit"] + (", gone" if s["gone"] else ""),
         )
         for name, s in report["sinks"].items()
@@ -78,7 +80,7 @@ def render(report: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             f"store: {report['store']}",
-            table(("SINK", "PENDING", "OLDEST", "DEAD", "CIRCUIT"), sink_rows),
+            table(("SINK", "PENDING", "OLDEST", "DEAD", "COALESCED", "CIRCUIT"), sink_rows),
             table(("SOURCE", "RECEIVED (1H)", "DUPLICATES (1H)"), source_rows),
         ]
     )

@@ -608,3 +608,57 @@ async def test_order_holds_across_a_restart(stores):
     store = await stores()
     assert await store.claim("a", 10, 30.0, now=1001.0, order=ORDER) == []
     assert ids(await store.claim("a", 10, 30.0, now=1005.0, order=ORDER)) == ["evt_1"]
+
+
+COALESCE = Ordering(timeout=60.0, coalesce=True)
+
+
+async def states(store: Store, event_id: str, sink: str = "a") -> list[str]:
+    record = await store.event(event_id)
+    assert record is not None
+    return [d.state for d in record.deliveries if d.sink == sink]
+
+
+async def test_coalescing_takes_the_newest_of_an_object_and_settles_the_rest(stores):
+    ordering(stores)
+    store = await stores()
+    burst = [on_object(1, "A", 10.0), on_object(3, "A", 30.0), on_object(2, "A", 20.0)]
+    await store.accept([*burst, on_object(4, "B", 10.0)], now=1000.0)
+    taken = await store.claim("a", 10, 30.0, now=1000.0, order=COALESCE)
+    assert ids(taken) == ["evt_3", "evt_4"]
+    newest = next(d for d in taken if d.event_id == "evt_3")
+    assert sorted(newest.supersedes) == ["evt_1", "evt_2"]
+    assert await states(store, "evt_1") == await states(store, "evt_2") == ["coalesced"]
+    assert (await store.sink_stats(now=1000.0))["a"].coalesced == 2
+    # Nothing of A goes beside the newest, and coalesced ones never come back.
+    await store.accept([on_object(5, "A", 50.0)], now=1001.0)
+    assert await store.claim("a", 10, 30.0, now=1001.0, order=COALESCE) == []
+    await store.settle([Settlement(d.id, "done", 1002.0, 200, None) for d in taken])
+    [last] = await store.claim("a", 10, 30.0, now=1002.0, order=COALESCE)
+    assert last.event_id == "evt_5" and last.supersedes == ()
+
+
+async def test_coalescing_supersedes_an_event_waiting_for_its_retry(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0)], now=1000.0)
+    [first] = await store.claim("a", 10, 30.0, now=1000.0, order=COALESCE)
+    await store.settle([Settlement(first.id, "pending", 1050.0, 503, "busy")], now=1000.0)
+    await store.accept([on_object(2, "A", 20.0), on_object(3, "A", 30.0)], now=1001.0)
+    [newest] = await store.claim("a", 10, 30.0, now=1001.0, order=COALESCE)
+    assert newest.event_id == "evt_3" and sorted(newest.supersedes) == ["evt_1", "evt_2"]
+    assert await store.claim("a", 10, 30.0, now=1050.0, order=COALESCE) == []
+
+
+async def test_an_object_held_too_long_is_reported_once_as_its_next_event_goes(stores):
+    ordering(stores)
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
+    [stuck] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.settle([Settlement(stuck.id, "pending", 1100.0, 503, "busy")], now=1000.0)
+    [goes] = await store.claim("a", 10, 30.0, now=1061.0, order=ORDER)
+    assert goes.event_id == "evt_2" and goes.overtakes == (("evt_1", 61.0),)
+    await store.settle([Settlement(goes.id, "done", 1061.0, 200, None)], now=1061.0)
+    await store.accept([on_object(3, "A", 30.0)], now=1062.0)
+    [next_one] = await store.claim("a", 10, 30.0, now=1062.0, order=ORDER)
+    assert next_one.event_id == "evt_3" and next_one.overtakes == ()

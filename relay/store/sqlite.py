@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Seque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -656,65 +657,130 @@ class SqliteStore:
         Retry-After, say) must not be handed out a second time while it goes on."""
         at = time.time() if now is None else now
         async with self._claiming.setdefault(sink, asyncio.Lock()):
+            if order is not None:
+                return await self._claim_in_order(sink, limit, at, order)
             held = self._held(sink)
             skip = _not_in(held)
-            if order is None:
-                sql = (
+
+            def query(db: sqlite3.Connection) -> list[Delivery]:
+                rows = db.execute(
                     "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
                     " FROM deliveries d JOIN events e ON e.id = d.event_id"
                     f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
-                    " ORDER BY d.next_at, d.id LIMIT ?"
-                )
-                params: tuple[Any, ...] = (sink, at, *held, limit)
-            else:
-                keys = tuple({self._claim_keys[i] for i in held if i in self._claim_keys})
-                busy = f" AND d.order_key NOT IN ({','.join('?' * len(keys))})" if keys else ""
-                # Only the head of each object: nothing of its key out now, and nothing
-                # before it still pending, unless that one has held the key too long.
-                sql = (
-                    "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope,"
-                    " EXISTS (SELECT 1 FROM deliveries x INDEXED BY deliveries_order"
-                    "  WHERE x.sink = d.sink AND x.order_key = d.order_key"
-                    "  AND x.state = 'done' AND x.order_at > d.order_at) AS late,"
-                    " d.order_key"
-                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
-                    f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
-                    f" AND (d.order_key IS NULL OR (1{busy} AND NOT EXISTS (SELECT 1"
-                    "  FROM deliveries p INDEXED BY deliveries_order"
-                    "  WHERE p.sink = d.sink AND p.order_key = d.order_key"
-                    "  AND p.state = 'pending'"
-                    "  AND (p.order_at < d.order_at OR (p.order_at = d.order_at AND p.id < d.id))"
-                    "  AND p.released_at IS NULL"
-                    "  AND (p.blocking_since IS NULL OR p.blocking_since > ?))))"
-                    " ORDER BY d.next_at, d.id LIMIT ?"
-                )
-                params = (sink, at, *held, *keys, at - order.timeout, limit)
+                    " ORDER BY d.next_at, d.id LIMIT ?",
+                    (sink, at, *held, limit),
+                ).fetchall()
+                return [Delivery(*row) for row in rows]
 
-            def query(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
-                return db.execute(sql, params).fetchall()
-
-            taken: list[Delivery] = []
-            heads: set[str] = set()
-            for row in await self._read(query):
-                if order is None:
-                    taken.append(Delivery(*row))
-                    continue
-                if row[7] is not None:
-                    # Two of one object can both be heads when the first held it too
-                    # long: still one at a time.
-                    if row[7] in heads:
-                        continue
-                    heads.add(row[7])
-                delivery_id, event_id, name, attempts, created_at, envelope = row[:6]
-                delivery = Delivery(
-                    delivery_id, event_id, name, attempts, created_at, envelope, bool(row[6])
-                )
-                if row[7] is not None:
-                    self._claim_keys[delivery.id] = row[7]
-                taken.append(delivery)
+            taken = await self._read(query)
             for delivery in taken:
                 self._claims[delivery.id] = sink
         return taken
+
+    async def _claim_in_order(
+        self, sink: str, limit: int, at: float, order: Ordering
+    ) -> list[Delivery]:
+        """claim() for a sink with `order: per_key` (see the contract): one read for the
+        heads and what they go past or stand in for, then one write for what that
+        settles (coalesced events; objects reported released)."""
+        held = self._held(sink)
+        skip = _not_in(held)
+        keys = tuple({self._claim_keys[i] for i in held if i in self._claim_keys})
+        busy = f" AND d.order_key NOT IN ({','.join('?' * len(keys))})" if keys else ""
+        if order.coalesce:
+            # The newest of each object: its older waiting events are settled for it.
+            rule = "(p.order_at > d.order_at OR (p.order_at = d.order_at AND p.id > d.id))"
+            params: tuple[Any, ...] = (sink, at, *held, *keys, limit)
+        else:
+            # The first of each object, unless what is before it held it too long.
+            rule = (
+                "(p.order_at < d.order_at OR (p.order_at = d.order_at AND p.id < d.id))"
+                " AND p.released_at IS NULL"
+                " AND (p.blocking_since IS NULL OR p.blocking_since > ?)"
+            )
+            params = (sink, at, *held, *keys, at - order.timeout, limit)
+        sql = (
+            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope,"
+            " EXISTS (SELECT 1 FROM deliveries x INDEXED BY deliveries_order"
+            "  WHERE x.sink = d.sink AND x.order_key = d.order_key"
+            "  AND x.state = 'done' AND x.order_at > d.order_at),"
+            " d.order_key, d.order_at"
+            " FROM deliveries d JOIN events e ON e.id = d.event_id"
+            f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
+            f" AND (d.order_key IS NULL OR (1{busy} AND NOT EXISTS (SELECT 1"
+            "  FROM deliveries p INDEXED BY deliveries_order"
+            "  WHERE p.sink = d.sink AND p.order_key = d.order_key AND p.state = 'pending'"
+            f"  AND {rule})))"
+            " ORDER BY d.next_at, d.id LIMIT ?"
+        )
+        others = (
+            "SELECT id, event_id, blocking_since FROM deliveries INDEXED BY deliveries_order"
+            " WHERE sink = ? AND order_key = ? AND state = 'pending' AND id != ?"
+        )
+        if not order.coalesce:
+            others += (
+                " AND released_at IS NULL AND blocking_since <= ?"
+                " AND (order_at < ? OR (order_at = ? AND id < ?))"
+            )
+
+        Found = list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]
+
+        def query(db: sqlite3.Connection) -> Found:
+            found: Found = []
+            heads: set[str] = set()
+            for row in db.execute(sql, params).fetchall():
+                key, place = row[7], row[8]
+                if key is None:
+                    found.append((row, []))
+                    continue
+                if key in heads:
+                    # Two of one object are both first when what was before them held
+                    # it too long: still one at a time.
+                    continue
+                heads.add(key)
+                extra = (at - order.timeout, place, place, row[0]) if not order.coalesce else ()
+                found.append((row, db.execute(others, (sink, key, row[0], *extra)).fetchall()))
+            return found
+
+        taken: list[Delivery] = []
+        settled: list[int] = []
+        released: list[int] = []
+        for row, past in await self._read(query):
+            delivery = Delivery(*row[:6], late=bool(row[6]))  # type: ignore[misc]
+            if order.coalesce and past:
+                settled.extend(p[0] for p in past)
+                delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
+            elif past:
+                released.extend(p[0] for p in past)
+                delivery = replace(
+                    delivery, overtakes=tuple((p[1], round(at - p[2], 3)) for p in past)
+                )
+            if row[7] is not None:
+                self._claim_keys[delivery.id] = row[7]
+            self._claims[delivery.id] = sink
+            taken.append(delivery)
+        if settled or released:
+            try:
+                await self._run(partial(self._order_settle, settled, released, at))
+            except BaseException:
+                self.release([d.id for d in taken])
+                raise
+        return taken
+
+    def _order_settle(self, coalesced: list[int], released: list[int], at: float) -> None:
+        """On the writer thread: what an ordered claim decided, in one transaction."""
+        with self._transaction() as db:
+            for chunk, marks in _in_chunks(coalesced):
+                db.execute(
+                    "UPDATE deliveries SET state = 'coalesced', updated_at = ?,"
+                    " last_error = 'coalesced: a newer event of its object went instead'"
+                    f" WHERE id IN ({marks}) AND state = 'pending'",
+                    (at, *chunk),
+                )
+            for chunk, marks in _in_chunks(released):
+                db.execute(
+                    f"UPDATE deliveries SET released_at = ? WHERE id IN ({marks})", (at, *chunk)
+                )
 
     def _held(self, sink: str) -> tuple[int, ...]:
         """The ids of `sink` under a claim."""
@@ -936,13 +1002,15 @@ class SqliteStore:
             stats: dict[str, SinkStats] = {}
             for sink, state, count, oldest in self.db.execute(
                 "SELECT sink, state, COUNT(*), MIN(created_at) FROM deliveries"
-                " WHERE state IN ('pending', 'dead') GROUP BY sink, state"
+                " WHERE state IN ('pending', 'dead', 'coalesced') GROUP BY sink, state"
             ):
                 current = stats.get(sink, SinkStats())
                 if state == "pending":
                     current = replace(current, pending=count, oldest_pending_s=at - oldest)
-                else:
+                elif state == "dead":
                     current = replace(current, dead=count)
+                else:
+                    current = replace(current, coalesced=count)
                 stats[sink] = current
             for sink, circuit, open_until, gone in self.db.execute(
                 "SELECT sink, circuit, open_until, gone FROM sink_state"
@@ -1158,7 +1226,8 @@ class SqliteStore:
         def work() -> tuple[int, int]:
             with self._transaction() as db:
                 deliveries = db.execute(
-                    "DELETE FROM deliveries WHERE state = 'done' AND updated_at < ?",
+                    "DELETE FROM deliveries WHERE state IN ('done', 'coalesced')"
+                    " AND updated_at < ?",
                     (at - keep_done,),
                 ).rowcount
                 events = db.execute(

@@ -25,9 +25,11 @@ class NewEvent:
 class Ordering:
     """How a sink with `order: per_key` is claimed (see Deliveries.claim): a pending
     delivery stops holding up its object's later events `timeout` seconds after its
-    first failed attempt."""
+    first failed attempt; `coalesce`: of an object's waiting events, only the newest
+    is taken and the others are settled as coalesced."""
 
     timeout: float
+    coalesce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,9 @@ class SinkStats:
     pending: int = 0
     oldest_pending_s: float = 0.0
     dead: int = 0
+    # Deliveries a newer event of their object stood in for (coalesce: true), kept as
+    # long as delivered ones (store.keep_done).
+    coalesced: int = 0
     circuit: str = "closed"
     open_until: float = 0.0
     gone: bool = False
@@ -105,7 +110,7 @@ class DeliveryRecord:
     """One delivery of an event to one sink, as the store has it now."""
 
     sink: str
-    state: Literal["pending", "done", "dead"]
+    state: Literal["pending", "done", "dead", "coalesced"]
     attempts: int
     last_status: int | None
     last_error: str | None

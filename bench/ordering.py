@@ -1,0 +1,135 @@
+"""Delivery rate with `order: per_key` on and off, over 1, 100 and 10,000 objects.
+
+Fills a store with N acknowledged events spread over K objects (each object's events
+in time order), starts `relay serve` on it with one HTTP sink (concurrency 32, the
+given `order`), and times from the first request the local receiver sees until it has
+them all. Every configuration runs in each round, in a rotated order; the table gives
+the median events/s and, per object count, the rate with order against without.
+
+    python bench/ordering.py [--events 10000] [--rounds 2] [--keys 1 100 10000]
+
+Figures are for comparing within one run on one machine; no test asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.store import NewEvent  # noqa: E402
+from relay.store.sqlite import SqliteStore  # noqa: E402
+
+ENVELOPE = (
+    '{{"id":"{id}","source":"qingstor","type":"create_object","time":"2021-08-31T06:25:46Z",'
+    '"subject":"b/{key}","bucket":"b","key":"{key}","received_at":"2021-08-31T06:25:46Z",'
+    '"data":{{"qingstor":{{"object":{{"name":"{key}","size":1}}}}}}}}'
+)
+
+
+async def fill(db: Path, events: int, keys: int) -> None:
+    """N events to sink `app` over `keys` objects; their order fields as ingest sets them
+    for a sink that orders by object (the sink's `order` decides whether claims use
+    them)."""
+    store = SqliteStore(db, dedupe_window=86400)
+    await store.open()
+    for start in range(0, events, 500):
+        batch = []
+        for n in range(start, min(start + 500, events)):
+            key = f"k{n % keys}"
+            envelope = ENVELOPE.format(id=f"evt_{n}", key=key)
+            batch.append(NewEvent(f"evt_{n}", "qingstor", envelope, ("app",), key, n, ("app",)))
+        await store.accept(batch)
+    await store.close()
+
+
+def serve(workdir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", "relay.yaml", "--port", "0"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+async def deliver(events: int, keys: int, order: str) -> float:
+    received = 0
+    done = asyncio.Event()
+    first_at = 0.0
+
+    async def receive(request: web.Request) -> web.Response:
+        nonlocal received, first_at
+        await request.read()
+        received += 1
+        if received == 1:
+            first_at = time.monotonic()  # relay's start-up is not the sink's speed
+        if received >= events:
+            done.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/events", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        await fill(workdir / "relay.db", events, keys)
+        url = f"http://127.0.0.1:{port}/events"
+        (workdir / "relay.yaml").write_text(
+            "log: {level: warning}\nstore: {path: relay.db}\n"
+            "sources: {qingstor: {kind: qingstor}}\n"
+            f"sinks: {{app: {{kind: http, url: '{url}', concurrency: 32, order: {order}}}}}\n"
+        )
+        proc = serve(workdir)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=900)
+            return (events - 1) / (time.monotonic() - first_at)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            await runner.cleanup()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--keys", type=int, nargs="+", default=[1, 100, 10_000])
+    args = parser.parse_args()
+    runs = [(keys, order) for keys in args.keys for order in ("none", "per_key")]
+    rates: dict[tuple[int, str], list[float]] = {run: [] for run in runs}
+    for round_ in range(args.rounds):
+        turn = runs[round_ % len(runs) :] + runs[: round_ % len(runs)]
+        for keys, order in turn:
+            rate = await deliver(args.events, keys, order)
+            rates[keys, order].append(rate)
+            print(f"  round {round_ + 1}: {keys:>6} objects, order {order:8} {rate:7.0f} ev/s")
+    print(
+        f"{args.events} events to one HTTP sink (concurrency 32, a local receiver answering"
+        f" 204); medians of {args.rounds} round(s); {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    print("| objects | order: none, ev/s | order: per_key, ev/s | per_key / none |")
+    print("|---|---|---|---|")
+    for keys in args.keys:
+        off = statistics.median(rates[keys, "none"])
+        on = statistics.median(rates[keys, "per_key"])
+        print(f"| {keys} | {off:.0f} | {on:.0f} | {on / off:.2f}x |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
