@@ -28,6 +28,11 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Where relay runs from: a copy taken at start (main sets it), so edits made while the
+# benchmark runs do not change the code under test halfway.
+CODE = ROOT
+
+from machine import machine, snapshot_code  # noqa: E402
 
 from relay.store import NewEvent  # noqa: E402
 from relay.store.sqlite import SqliteStore  # noqa: E402
@@ -59,7 +64,7 @@ def serve(workdir: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", "relay.yaml", "--port", "0"],
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(CODE)},
         stdout=subprocess.DEVNULL,
     )
 
@@ -106,11 +111,15 @@ async def deliver(events: int, keys: int, order: str) -> float:
 
 
 async def main() -> None:
+    global CODE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keys", type=int, nargs="+", default=[1, 100, 10_000])
     args = parser.parse_args()
+    snapshot = tempfile.TemporaryDirectory(prefix="relay-ordering-")
+    CODE, code = snapshot_code(Path(snapshot.name))
+    print(f"machine: {machine()}\ncode: {code}")
     runs = [(keys, order) for keys in args.keys for order in ("none", "per_key")]
     rates: dict[tuple[int, str], list[float]] = {run: [] for run in runs}
     for round_ in range(args.rounds):

@@ -122,6 +122,11 @@ class Dispatcher:
             return  # shutting down: their work waits in the store for the next start
         for name, sink in sinks.items():
             lane = Lane(name, sink, configs[name])
+            if self.metrics is not None:
+                # At zero from the start, so that rate() sees the first one; and the same
+                # series whether one process or several (server.workers) answer.
+                self.metrics.order_late(name)
+                self.metrics.order_released(name)
             lane.worker = asyncio.create_task(self._work(lane), name=f"relay-sink-{name}")
             self.lanes[name] = lane
 

@@ -120,7 +120,7 @@ ALTER TABLE deliveries ADD COLUMN order_key TEXT;
 ALTER TABLE deliveries ADD COLUMN order_at REAL NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN blocking_since REAL;
 ALTER TABLE deliveries ADD COLUMN released_at REAL;
-CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (sink, order_key, state, order_at)
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (sink, state, order_key, order_at)
     WHERE order_key IS NOT NULL;
 """
 
@@ -162,6 +162,31 @@ _SCHEMA_0_1_0 = {
         "body",
     ),
 }
+
+
+# An ordered claim looks at this many objects at most; the next claim goes on from
+# where it stopped.
+_MAX_OBJECTS_PER_CLAIM = 2000
+
+
+def _object_head(
+    rows: list[tuple[Any, ...]], at: float, order: Ordering
+) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
+    """Of one object's pending deliveries (id, event id, next_at, blocking_since,
+    released_at, order_at), in their order (newest first when coalescing): the one to
+    send now, if any, and the ones it goes past (coalesced, or reported released)."""
+    if order.coalesce:
+        newest = rows[0]
+        return (newest, rows[1:]) if newest[2] <= at else (None, [])
+    past: list[tuple[Any, ...]] = []
+    for row in rows:
+        if row[2] <= at:
+            return row, past
+        if row[4] is None and (row[3] is None or row[3] > at - order.timeout):
+            return None, []  # it still holds its object: nothing after it goes
+        if row[4] is None:
+            past.append(row)  # held its object too long: passed, and reported once
+    return None, []
 
 
 def _place(event: NewEvent, sink: str) -> tuple[str | None, float]:
@@ -343,6 +368,8 @@ class SqliteStore:
         # The object keys of claims made in order (order: per_key): while one of a key's
         # deliveries is out, none other of that key is claimed.
         self._claim_keys: dict[int, str] = {}
+        # Per ordered sink, the object its last claim stopped at.
+        self._walked: dict[str, str] = {}
         self._claiming: dict[str, asyncio.Lock] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -680,88 +707,88 @@ class SqliteStore:
     async def _claim_in_order(
         self, sink: str, limit: int, at: float, order: Ordering
     ) -> list[Delivery]:
-        """claim() for a sink with `order: per_key` (see the contract): one read for the
-        heads and what they go past or stand in for, then one write for what that
-        settles (coalesced events; objects reported released)."""
+        """claim() for a sink with `order: per_key` (see the contract): one read that
+        walks the sink's objects, then one write for what it settles (coalesced events;
+        objects reported released).
+
+        The walk goes object by object through the `deliveries_order` index (sink,
+        state, key, place), from where the last claim stopped, so that no object waits
+        behind others and a claim costs the objects it looks at, not the backlog."""
         held = self._held(sink)
-        skip = _not_in(held)
-        keys = tuple({self._claim_keys[i] for i in held if i in self._claim_keys})
-        busy = f" AND d.order_key NOT IN ({','.join('?' * len(keys))})" if keys else ""
-        if order.coalesce:
-            # The newest of each object: its older waiting events are settled for it.
-            rule = "(p.order_at > d.order_at OR (p.order_at = d.order_at AND p.id > d.id))"
-            params: tuple[Any, ...] = (sink, at, *held, *keys, limit)
-        else:
-            # The first of each object, unless what is before it held it too long.
-            rule = (
-                "(p.order_at < d.order_at OR (p.order_at = d.order_at AND p.id < d.id))"
-                " AND p.released_at IS NULL"
-                " AND (p.blocking_since IS NULL OR p.blocking_since > ?)"
-            )
-            params = (sink, at, *held, *keys, at - order.timeout, limit)
-        sql = (
-            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope,"
-            " EXISTS (SELECT 1 FROM deliveries x INDEXED BY deliveries_order"
-            "  WHERE x.sink = d.sink AND x.order_key = d.order_key"
-            "  AND x.state = 'done' AND x.order_at > d.order_at),"
-            " d.order_key, d.order_at"
-            " FROM deliveries d JOIN events e ON e.id = d.event_id"
-            f" WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?{skip}"
-            f" AND (d.order_key IS NULL OR (1{busy} AND NOT EXISTS (SELECT 1"
-            "  FROM deliveries p INDEXED BY deliveries_order"
-            "  WHERE p.sink = d.sink AND p.order_key = d.order_key AND p.state = 'pending'"
-            f"  AND {rule})))"
-            " ORDER BY d.next_at, d.id LIMIT ?"
+        busy = {self._claim_keys[i] for i in held if i in self._claim_keys}
+        start = self._walked.get(sink, "")
+        newest_first = "DESC" if order.coalesce else "ASC"
+        select = (
+            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
+            " FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = ?"
         )
-        others = (
-            "SELECT id, event_id, blocking_since FROM deliveries INDEXED BY deliveries_order"
-            " WHERE sink = ? AND order_key = ? AND state = 'pending' AND id != ?"
-        )
-        if not order.coalesce:
-            others += (
-                " AND released_at IS NULL AND blocking_since <= ?"
-                " AND (order_at < ? OR (order_at = ? AND id < ?))"
-            )
 
-        Found = list[tuple[tuple[Any, ...], list[tuple[Any, ...]]]]
-
-        def query(db: sqlite3.Connection) -> Found:
-            found: Found = []
-            heads: set[str] = set()
-            for row in db.execute(sql, params).fetchall():
-                key, place = row[7], row[8]
-                if key is None:
-                    found.append((row, []))
+        def walk(db: sqlite3.Connection) -> tuple[list[Delivery], list[int], list[int], str]:
+            skip = _not_in(held)
+            plain = [
+                Delivery(*row)
+                for row in db.execute(
+                    "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
+                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                    " WHERE d.sink = ? AND d.state = 'pending' AND d.next_at <= ?"
+                    f" AND d.order_key IS NULL{skip} ORDER BY d.next_at, d.id LIMIT ?",
+                    (sink, at, *held, limit),
+                ).fetchall()
+            ]
+            taken: list[Delivery] = []
+            coalesced: list[int] = []
+            released: list[int] = []
+            key, wrapped, looked = start, False, 0
+            while len(plain) + len(taken) < limit and looked < _MAX_OBJECTS_PER_CLAIM:
+                [(following,)] = db.execute(
+                    "SELECT MIN(order_key) FROM deliveries INDEXED BY deliveries_order"
+                    " WHERE sink = ? AND state = 'pending' AND order_key > ?",
+                    (sink, key),
+                ).fetchall()
+                if following is None or (wrapped and following > start):
+                    if wrapped or not start:
+                        break
+                    wrapped, key = True, ""  # round to the first object again
                     continue
-                if key in heads:
-                    # Two of one object are both first when what was before them held
-                    # it too long: still one at a time.
+                key, looked = following, looked + 1
+                if key in busy:
                     continue
-                heads.add(key)
-                extra = (at - order.timeout, place, place, row[0]) if not order.coalesce else ()
-                found.append((row, db.execute(others, (sink, key, row[0], *extra)).fetchall()))
-            return found
+                rows = db.execute(
+                    "SELECT id, event_id, next_at, blocking_since, released_at, order_at"
+                    " FROM deliveries INDEXED BY deliveries_order"
+                    " WHERE sink = ? AND state = 'pending' AND order_key = ?"
+                    f" ORDER BY order_at {newest_first}, id {newest_first}",
+                    (sink, key),
+                ).fetchall()
+                pick, past = _object_head(rows, at, order)
+                if pick is None:
+                    continue
+                [row] = db.execute(select, (pick[0],)).fetchall()
+                [(late,)] = db.execute(
+                    "SELECT EXISTS (SELECT 1 FROM deliveries INDEXED BY deliveries_order"
+                    " WHERE sink = ? AND state = 'done' AND order_key = ? AND order_at > ?)",
+                    (sink, key, pick[5]),
+                ).fetchall()
+                delivery = replace(Delivery(*row), late=bool(late))
+                if order.coalesce:
+                    coalesced.extend(p[0] for p in past)
+                    delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
+                elif past:
+                    released.extend(p[0] for p in past)
+                    delivery = replace(
+                        delivery, overtakes=tuple((p[1], round(at - p[3], 3)) for p in past)
+                    )
+                self._claim_keys[delivery.id] = key
+                taken.append(delivery)
+            return [*plain, *taken], coalesced, released, key
 
-        taken: list[Delivery] = []
-        settled: list[int] = []
-        released: list[int] = []
-        for row, past in await self._read(query):
-            delivery = Delivery(*row[:6], late=bool(row[6]))  # type: ignore[misc]
-            if order.coalesce and past:
-                settled.extend(p[0] for p in past)
-                delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
-            elif past:
-                released.extend(p[0] for p in past)
-                delivery = replace(
-                    delivery, overtakes=tuple((p[1], round(at - p[2], 3)) for p in past)
-                )
-            if row[7] is not None:
-                self._claim_keys[delivery.id] = row[7]
+        taken, coalesced, released, stopped = await self._read(walk)
+        self._walked[sink] = stopped
+        for delivery in taken:
             self._claims[delivery.id] = sink
-            taken.append(delivery)
-        if settled or released:
+        if coalesced or released:
             try:
-                await self._run(partial(self._order_settle, settled, released, at))
+                await self._run(partial(self._order_settle, coalesced, released, at))
             except BaseException:
                 self.release([d.id for d in taken])
                 raise
