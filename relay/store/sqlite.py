@@ -167,6 +167,9 @@ _SCHEMA_0_1_0 = {
 # An ordered claim looks at this many objects at most; the next claim goes on from
 # where it stopped.
 _MAX_OBJECTS_PER_CLAIM = 2000
+# Of one object, the claim reads its first events only: more events in a row that
+# each held it past order_timeout than this, and it waits for those to settle.
+_HEAD_WINDOW = 64
 
 
 def _object_head(
@@ -187,6 +190,14 @@ def _object_head(
         if row[4] is None:
             past.append(row)  # held its object too long: passed, and reported once
     return None, []
+
+
+def _decided(first: tuple[Any, ...], at: float, order: Ordering) -> bool:
+    """Whether an object's first pending event alone settles what a claim does with the
+    object: it is due (it goes), or it still holds the object (nothing goes)."""
+    return bool(
+        first[2] <= at or (first[4] is None and (first[3] is None or first[3] > at - order.timeout))
+    )
 
 
 def _place(event: NewEvent, sink: str) -> tuple[str | None, float]:
@@ -717,9 +728,10 @@ class SqliteStore:
         held = self._held(sink)
         busy = {self._claim_keys[i] for i in held if i in self._claim_keys}
         start = self._walked.get(sink, "")
-        newest_first = "DESC" if order.coalesce else "ASC"
         select = (
-            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope"
+            "SELECT d.id, d.event_id, d.sink, d.attempts, d.created_at, e.envelope,"
+            " EXISTS (SELECT 1 FROM deliveries x INDEXED BY deliveries_order"
+            "  WHERE x.sink = ? AND x.state = 'done' AND x.order_key = ? AND x.order_at > ?)"
             " FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = ?"
         )
 
@@ -740,36 +752,40 @@ class SqliteStore:
             released: list[int] = []
             key, wrapped, looked = start, False, 0
             while len(plain) + len(taken) < limit and looked < _MAX_OBJECTS_PER_CLAIM:
-                [(following,)] = db.execute(
-                    "SELECT MIN(order_key) FROM deliveries INDEXED BY deliveries_order"
-                    " WHERE sink = ? AND state = 'pending' AND order_key > ?",
+                # The next object and its first event, in one look at the index.
+                first = db.execute(
+                    "SELECT order_key, id, event_id, next_at, blocking_since, released_at,"
+                    " order_at FROM deliveries INDEXED BY deliveries_order"
+                    " WHERE sink = ? AND state = 'pending' AND order_key > ?"
+                    " ORDER BY order_key, order_at, id LIMIT 1",
                     (sink, key),
                 ).fetchall()
-                if following is None or (wrapped and following > start):
+                if not first or (wrapped and first[0][0] > start):
                     if wrapped or not start:
                         break
                     wrapped, key = True, ""  # round to the first object again
                     continue
-                key, looked = following, looked + 1
+                key, looked = first[0][0], looked + 1
                 if key in busy:
                     continue
-                rows = db.execute(
-                    "SELECT id, event_id, next_at, blocking_since, released_at, order_at"
-                    " FROM deliveries INDEXED BY deliveries_order"
-                    " WHERE sink = ? AND state = 'pending' AND order_key = ?"
-                    f" ORDER BY order_at {newest_first}, id {newest_first}",
-                    (sink, key),
-                ).fetchall()
+                rows = [first[0][1:]]
+                if order.coalesce or not _decided(rows[0], at, order):
+                    # Coalescing wants the newest and every other; past a first event
+                    # that held the object too long, the ones after it. The first few
+                    # only: more in a row that each held it too long, and it waits.
+                    newest_first = "DESC" if order.coalesce else "ASC"
+                    rows = db.execute(
+                        "SELECT id, event_id, next_at, blocking_since, released_at, order_at"
+                        " FROM deliveries INDEXED BY deliveries_order"
+                        " WHERE sink = ? AND state = 'pending' AND order_key = ?"
+                        f" ORDER BY order_at {newest_first}, id {newest_first} LIMIT ?",
+                        (sink, key, -1 if order.coalesce else _HEAD_WINDOW),
+                    ).fetchall()
                 pick, past = _object_head(rows, at, order)
                 if pick is None:
                     continue
-                [row] = db.execute(select, (pick[0],)).fetchall()
-                [(late,)] = db.execute(
-                    "SELECT EXISTS (SELECT 1 FROM deliveries INDEXED BY deliveries_order"
-                    " WHERE sink = ? AND state = 'done' AND order_key = ? AND order_at > ?)",
-                    (sink, key, pick[5]),
-                ).fetchall()
-                delivery = replace(Delivery(*row), late=bool(late))
+                [row] = db.execute(select, (sink, key, pick[5], pick[0])).fetchall()
+                delivery = replace(Delivery(*row[:6]), late=bool(row[6]))
                 if order.coalesce:
                     coalesced.extend(p[0] for p in past)
                     delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
