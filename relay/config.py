@@ -879,17 +879,6 @@ def _check_references(data: dict[str, Any]) -> list[str]:
                 problems.append(
                     f"{section}.{name}: names are 1-64 letters, digits, '_', '.' or '-'"
                 )
-    store = data.get("store")
-    if isinstance(store, dict) and store.get("backend") == "redis":
-        declared = data.get("sinks")
-        for name, sink in declared.items() if isinstance(declared, dict) else []:
-            if isinstance(sink, dict) and sink.get("order") == "per_key":
-                # Ordering across replicas needs the Redis store's claim script to know
-                # objects; until it does, refuse rather than deliver out of order.
-                problems.append(
-                    f"sinks.{name}.order: per_key is not available with store.backend:"
-                    " redis yet; it works with the SQLite store"
-                )
     routes = data.get("routes")
     for i, route in enumerate(routes if isinstance(routes, list) else []):
         if not isinstance(route, dict):

@@ -510,17 +510,11 @@ def on_object(i: int, key: str, at: float, sinks: tuple[str, ...] = ("a",)) -> N
     return NewEvent(f"evt_{i}", "qingstor", envelope, sinks, key, at, sinks)
 
 
-def ordering(stores: OpenStore) -> None:
-    if stores.backend != "sqlite":  # type: ignore[attr-defined]
-        pytest.skip("order: per_key is built for the SQLite store only so far")
-
-
 def ids(deliveries: list[Delivery]) -> list[str]:
     return sorted(d.event_id for d in deliveries)
 
 
 async def test_an_ordered_claim_takes_one_event_per_object_in_the_events_order(stores):
-    ordering(stores)
     store = await stores()
     # Accepted out of their own order: the delete's time comes after the create's.
     await store.accept([on_object(2, "A", 20.0), on_object(1, "A", 10.0)], now=1000.0)
@@ -533,14 +527,12 @@ async def test_an_ordered_claim_takes_one_event_per_object_in_the_events_order(s
 
 
 async def test_without_order_the_same_events_are_claimed_together(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
     assert ids(await store.claim("a", 10, 30.0, now=1000.0)) == ["evt_1", "evt_2"]
 
 
 async def test_a_failed_event_holds_its_object_until_done_or_held_too_long(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
     [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
@@ -561,7 +553,6 @@ async def test_a_failed_event_holds_its_object_until_done_or_held_too_long(store
 
 
 async def test_an_object_out_for_delivery_holds_even_an_earlier_event_that_comes_later(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(2, "A", 20.0)], now=1000.0)
     [out] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
@@ -573,7 +564,6 @@ async def test_an_object_out_for_delivery_holds_even_an_earlier_event_that_comes
 
 
 async def test_a_dead_letter_releases_its_object(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
     [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
@@ -582,7 +572,6 @@ async def test_a_dead_letter_releases_its_object(stores):
 
 
 async def test_an_event_about_no_object_and_an_unordered_sink_are_never_held(stores):
-    ordering(stores)
     store = await stores()
     plain = [event(1, sinks=("a",)), event(2, sinks=("a",))]  # no object key
     await store.accept(plain, now=1000.0)
@@ -599,7 +588,6 @@ async def test_an_event_about_no_object_and_an_unordered_sink_are_never_held(sto
 
 
 async def test_order_holds_across_a_restart(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
     [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
@@ -620,7 +608,6 @@ async def states(store: Store, event_id: str, sink: str = "a") -> list[str]:
 
 
 async def test_coalescing_takes_the_newest_of_an_object_and_settles_the_rest(stores):
-    ordering(stores)
     store = await stores()
     burst = [on_object(1, "A", 10.0), on_object(3, "A", 30.0), on_object(2, "A", 20.0)]
     await store.accept([*burst, on_object(4, "B", 10.0)], now=1000.0)
@@ -639,19 +626,17 @@ async def test_coalescing_takes_the_newest_of_an_object_and_settles_the_rest(sto
 
 
 async def test_coalescing_supersedes_an_event_waiting_for_its_retry(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0)], now=1000.0)
     [first] = await store.claim("a", 10, 30.0, now=1000.0, order=COALESCE)
     await store.settle([Settlement(first.id, "pending", 1050.0, 503, "busy")], now=1000.0)
     await store.accept([on_object(2, "A", 20.0), on_object(3, "A", 30.0)], now=1001.0)
-    [newest] = await store.claim("a", 10, 30.0, now=1001.0, order=COALESCE)
+    [newest] = await store.claim("a", 10, 100.0, now=1001.0, order=COALESCE)
     assert newest.event_id == "evt_3" and sorted(newest.supersedes) == ["evt_1", "evt_2"]
     assert await store.claim("a", 10, 30.0, now=1050.0, order=COALESCE) == []
 
 
 async def test_an_object_held_too_long_is_reported_once_as_its_next_event_goes(stores):
-    ordering(stores)
     store = await stores()
     await store.accept([on_object(1, "A", 10.0), on_object(2, "A", 20.0)], now=1000.0)
     [stuck] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
