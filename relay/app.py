@@ -67,8 +67,8 @@ async def request_context(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """One log line per request, a request id on it, and every error as JSON."""
-    # The context starts empty: each request clears its own when it ends, and
-    # hook_expect clears what it bound before the body is read.
+    # Whatever is bound around the server stays off the request's line.
+    structlog.contextvars.clear_contextvars()
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID.match(given) else os.urandom(16).hex()
     structlog.contextvars.bind_contextvars(request_id=request_id)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import replace
-from functools import partial
 from typing import Literal
 
 import structlog
@@ -211,11 +210,15 @@ class Dispatcher:
         renew_every = store.lease * RENEW_SHARE
         lane.renew_at = time.monotonic() + renew_every
 
-        def finished(ids: list[int], task: asyncio.Task[None]) -> None:
-            lane.sending.pop(task, None)
-            # Settled ones were released by settle(); these were not (cancelled by a
-            # drain, or the settlement failed): due again now, as before the claim.
-            self.store.release(ids)
+        def finished(task: asyncio.Task[None]) -> None:
+            # What the send still holds: nothing once settled (settle() released them,
+            # and _deliver emptied its entry). Releasing the claim's ids instead would
+            # free a claim taken since on the same delivery (a retry due at once), and
+            # it would be sent twice.
+            unsettled = lane.sending.pop(task, [])
+            # Not settled (cancelled by a drain, or the settlement failed): due again
+            # now, as before the claim.
+            self.store.release(unsettled)
             lane.wake.set()
 
         while not lane.stop.is_set():
@@ -269,7 +272,7 @@ class Dispatcher:
                             ids = [d.id for d in batch]
                             task = asyncio.create_task(self._deliver(lane, batch))
                             lane.sending[task] = ids
-                            task.add_done_callback(partial(finished, ids))
+                            task.add_done_callback(finished)
                         continue
                     next_at = await store.next_due_at(name)
                     if next_at is not None and next_at <= time.time():

@@ -176,8 +176,11 @@ class LineOutput:
             self._fd = None
         self._held: list[bytes] = []
         self._held_bytes = 0
-        self._lock = threading.Lock()
+        # Reentrant: a line logged while a flush runs on the same thread (a finalizer
+        # that logs, run by the garbage collector mid-flush) must not wait on itself.
+        self._lock = threading.RLock()
         self._flush_pending = False
+        self._failing = False
 
     def isatty(self) -> bool:
         return self.stream.isatty()
@@ -221,9 +224,16 @@ class LineOutput:
                 chunk.append(line)
                 size += len(line)
             chunks.append(b"".join(chunk))
-            # A closed stdout (the reading end of the pipe gone): nowhere to say so.
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 self._write(chunks)
+                self._failing = False
+            except (OSError, ValueError) as exc:
+                # stdout closed, or full: the lines are lost. Said once per spell on
+                # stderr, the one place left to say it.
+                if not self._failing:
+                    self._failing = True
+                    with contextlib.suppress(Exception):
+                        sys.stderr.write(f"relay: log lines lost, stdout failed: {exc!r}\n")
 
     def _write(self, chunks: list[bytes]) -> None:
         if self._fd is None:
@@ -242,6 +252,7 @@ _output: LineOutput | None = None
 # The processors configure() gave structlog: while they are in place (not replaced by a
 # test's capture_logs, say), request lines are written straight to the output.
 _processors: list[Any] | None = None
+_renderer: Any = None
 
 
 def _fallback(value: Any) -> Any:
@@ -249,12 +260,17 @@ def _fallback(value: Any) -> Any:
 
 
 def dumps(value: Any, **_: Any) -> str:
-    """A log line's JSON: orjson where it can, the standard library where it cannot (an
-    integer beyond 64 bits, a lone surrogate)."""
+    """A log line's JSON, all ASCII: orjson where it can, the standard library where it
+    cannot (an integer beyond 64 bits, a lone surrogate) or where the line is not ASCII."""
     try:
-        return orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS).decode()
+        line = orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:
         return json.dumps(value, default=_fallback)
+    if line.isascii():
+        return line.decode()
+    # Escaped, as the standard library writes it: raw, a client's path could put
+    # terminal control codes or Unicode line separators into the log.
+    return json.dumps(value, default=_fallback)
 
 
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info"}
@@ -271,7 +287,10 @@ def request_line(level: int, fields: dict[str, Any]) -> None:
     of the event loop. Elsewhere (a terminal, a test capturing logs) it goes through
     structlog like any line."""
     output = _output
-    if output is None or structlog.get_config()["processors"] is not _processors:
+    chain = structlog.get_config()["processors"]
+    # configure()'s chain ends in its renderer; a test's capture_logs() refills the same
+    # list with its own processor, and then takes the line through structlog.
+    if output is None or chain is not _processors or not chain or chain[-1] is not _renderer:
         structlog.get_logger("relay.app").log(level, "request", **fields)
         return
     line = fields
@@ -309,7 +328,7 @@ def _timestamp() -> str:
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    global _threshold, _output, _processors
+    global _threshold, _output, _processors, _renderer
     if _output is not None:
         _output.flush()
     out = LineOutput(stream or sys.stdout)
@@ -361,6 +380,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
     _output = out
     _processors = processors if as_json else None
+    _renderer = renderer
 
 
 @atexit.register

@@ -382,3 +382,58 @@ async def test_a_drain_longer_than_the_lease_keeps_its_sends_claimed(
         await sink.close()
         await mine.close()
         await other.close()
+
+
+async def test_a_settled_send_gives_back_no_claim_so_its_retry_is_not_sent_twice(
+    tmp_path, receiver
+):
+    """A retry can be due at once (backoff jitter) and claimed again before the failed
+    send's task has finished: finishing must not release that new claim, or the next
+    claim hands the same delivery out a second time while it is being sent."""
+    from relay.dispatch import Dispatcher
+    from relay.sinks import build_sink
+    from relay.store import NewEvent
+
+    released: list[int] = []
+
+    class Recording(SqliteStore):
+        """Records what the dispatcher gives back, not what settle() releases itself."""
+
+        settling = 0  # settle() calls under way (a lane settles several sends at once)
+
+        async def settle(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.settling += 1
+            try:
+                await super().settle(*args, **kwargs)
+            finally:
+                self.settling -= 1
+
+        def release(self, ids):  # type: ignore[no-untyped-def]
+            if not self.settling:
+                released.extend(ids)
+            super().release(ids)
+
+    receiver.statuses = [503, 503, 503]
+    retry = {"initial": "5ms", "max": "5ms", "max_attempts": 10}
+    config = relay_config(tmp_path, sinks={"app": http_sink(receiver.url, retry=retry)})
+    store = Recording(tmp_path / "relay.db", dedupe_window=60)
+    await store.open(exclusive=True)
+    sink = build_sink("app", config.sinks["app"])
+    await sink.start()
+    dispatcher = Dispatcher(store, idle_poll=0.02)
+    try:
+        events = [
+            NewEvent(f"evt_{n}", "qingstor", f'{{"id": "evt_{n}"}}', ("app",)) for n in range(3)
+        ]
+        await store.accept(events)
+        dispatcher.start({"app": sink}, config.sinks)
+        await eventually(lambda: len(receiver.requests) == 6)
+        await asyncio.sleep(0.2)
+        # Every send was settled (the store released those claims itself): the lane
+        # gave nothing back, and each event went once more after its 503, no more.
+        assert released == []
+        assert len(receiver.requests) == 6
+    finally:
+        await dispatcher.stop(1.0)
+        await sink.close()
+        await store.close()

@@ -150,3 +150,45 @@ def test_a_request_line_off_the_loop_is_written_at_once(stream: Writes) -> None:
         structlog.contextvars.clear_contextvars()
     [line] = lines_of(stream)
     assert line["request_id"] == "r-9" and line["status"] == 404
+
+
+def test_a_line_logged_while_lines_are_being_written_does_not_hang_the_process() -> None:
+    """A finalizer that logs (asyncio's "Task was destroyed", aiohttp's "Unclosed
+    client session") can run in the middle of a write, on the same thread."""
+    handlers = logging.getLogger().handlers[:]
+
+    class Reentrant(Writes):
+        def write(self, text: str) -> int:
+            if '"request"' in text:  # as the request lines go out, a finalizer logs
+                logging.getLogger("asyncio").error("Task was destroyed but it is pending!")
+            return super().write(text)
+
+    out = Reentrant()
+    try:
+        configure("info", "json", out)
+        logs.request_line(logging.INFO, {"method": "GET", "path": "/x", "status": 404})
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers = handlers
+    events = [json.loads(line)["event"] for line in "".join(out.calls).splitlines()]
+    assert sorted(events) == ["Task was destroyed but it is pending!", "request"]
+
+
+def test_capture_logs_sees_request_lines_after_configure(stream: Writes) -> None:
+    with structlog.testing.capture_logs() as captured:
+        logs.request_line(logging.INFO, {"method": "GET", "path": "/x", "status": 404})
+    assert [e["event"] for e in captured] == ["request"]
+    assert stream.calls == []
+
+
+async def test_what_a_client_puts_in_a_path_cannot_break_a_line_or_drive_a_terminal(
+    stream: Writes, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    client = await start_relay(relay_config(tmp_path))
+    # NEL (a line break to str.splitlines), RIGHT-TO-LEFT OVERRIDE, a C1 CSI.
+    await client.get("/a%C2%85b%E2%80%AEc%C2%9B31m")
+    await asyncio.sleep(0)
+    text = "".join(stream.calls)
+    assert text.isascii()
+    [line] = [json.loads(line) for line in text.splitlines()]
+    assert line["path"] == "/a\x85b\u202ec\x9b31m"
