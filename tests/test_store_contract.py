@@ -647,3 +647,12 @@ async def test_an_object_held_too_long_is_reported_once_as_its_next_event_goes(s
     await store.accept([on_object(3, "A", 30.0)], now=1062.0)
     [next_one] = await store.claim("a", 10, 30.0, now=1062.0, order=ORDER)
     assert next_one.event_id == "evt_3" and next_one.overtakes == ()
+
+
+async def test_a_move_to_another_store_keeps_each_objects_order(stores):
+    source = await stores()
+    await source.accept([on_object(2, "A", 20.0), on_object(1, "A", 10.0)], now=1000.0)
+    moved = [e async for batch in source.export_work(now=1000.0) for e in batch]
+    target = await stores(elsewhere=True)
+    assert sorted(await target.import_work(moved)) == ["evt_1", "evt_2"]
+    assert ids(await target.claim("a", 10, 30.0, now=1000.0, order=ORDER)) == ["evt_1"]

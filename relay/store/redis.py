@@ -1107,9 +1107,10 @@ for _, id in ipairs(ids) do
     local moved = {}
     for _, m in ipairs(redis.call('SMEMBERS', P .. 'event_deliveries:' .. id)) do
       local d = redis.call('HMGET', dkey(m), 'sink', 'state', 'attempts', 'next_at',
-        'created_at', 'updated_at', 'last_status', 'last_error')
+        'created_at', 'updated_at', 'last_status', 'last_error', 'order_key', 'order_at')
       if d[2] == 'pending' or d[2] == 'dead' then
-        moved[#moved + 1] = {m, d[1], d[2], d[3], d[4], d[5], d[6], opt(d[7]), opt(d[8])}
+        moved[#moved + 1] = {m, d[1], d[2], d[3], d[4], d[5], d[6], opt(d[7]), opt(d[8]),
+          opt(d[9]), d[10] or '0'}
       end
     end
     if #moved > 0 or tonumber(e[4]) > now then
@@ -1123,7 +1124,8 @@ return {#ids, out}
 
 # ARGV: token (unused), n events, then per event: id, source, envelope, received_at,
 # expires_at, n deliveries, then per delivery: sink, state, attempts, next_at,
-# created_at, updated_at, has_status, status, has_error, error. An event already here
+# created_at, updated_at, has_status, status, has_error, error, has_order_key, order_key,
+# order_at. An event already here
 # is skipped with its deliveries. Returns the ids added.
 _IMPORT = (
     _WRITES
@@ -1163,16 +1165,20 @@ for _ = 1, tonumber(ARGV[2]) do
         'updated_at', ARGV[i + 5])
       if ARGV[i + 6] == '1' then redis.call('HSET', dkey(m), 'last_status', ARGV[i + 7]) end
       if ARGV[i + 8] == '1' then redis.call('HSET', dkey(m), 'last_error', ARGV[i + 9]) end
+      -- An ordered sink's delivery keeps its object and place.
+      local okey = ARGV[i + 10] == '1' and ARGV[i + 11] or nil
+      if okey then redis.call('HSET', dkey(m), 'order_key', okey, 'order_at', ARGV[i + 12]) end
       redis.call('SADD', P .. 'event_deliveries:' .. id, m)
       redis.call('SADD', P .. 'sinks', sink)
       if state == 'pending' then
-        redis.call('ZADD', P .. 'queue:' .. sink, ARGV[i + 3], m)
+        if okey then redis.call('ZADD', okeys(sink, okey), ARGV[i + 12], m) end
+        enqueue(sink, m, ARGV[i + 3], okey)
         redis.call('ZADD', P .. 'pending:' .. sink, ARGV[i + 4], m)
       else
         redis.call('ZADD', P .. 'dead:' .. sink, ARGV[i + 5], m)
       end
     end
-    i = i + 10
+    i = i + 13
   end
   if any then added[#added + 1] = id end
 end
@@ -1182,7 +1188,7 @@ return added
 
 
 def _moved(row: list[Any]) -> MovedDelivery:
-    _, sink, state, attempts, next_at, created_at, updated_at, status, error = row
+    _, sink, state, attempts, next_at, created_at, updated_at, status, error, key, at = row
     return MovedDelivery(
         _str(sink),
         _str(state),  # type: ignore[arg-type]  # the script picks pending and dead only
@@ -1192,6 +1198,8 @@ def _moved(row: list[Any]) -> MovedDelivery:
         float(updated_at),
         _opt_int(status),
         _opt_str(error),
+        _opt_str(key),
+        float(at),
     )
 
 
@@ -1920,6 +1928,9 @@ class RedisStore:
                     "" if d.last_status is None else str(d.last_status),
                     "0" if d.last_error is None else "1",
                     d.last_error or "",
+                    "0" if d.order_key is None else "1",
+                    d.order_key or "",
+                    _num(d.order_at),
                 ]
         return [_str(i) for i in await self._run("import", args)]
 

@@ -1203,7 +1203,8 @@ class SqliteStore:
                 for chunk, marks in _in_chunks(list(moved)):
                     for event_id, *fields in db.execute(
                         "SELECT event_id, sink, state, attempts, next_at, created_at,"
-                        " updated_at, last_status, last_error FROM deliveries"
+                        " updated_at, last_status, last_error, order_key, order_at"
+                        " FROM deliveries"
                         f" WHERE event_id IN ({marks}) AND state IN ('pending', 'dead')"
                         " ORDER BY id",
                         chunk,
@@ -1237,11 +1238,12 @@ class SqliteStore:
                     added.append(e.id)
                     db.executemany(
                         "INSERT INTO deliveries (event_id, sink, state, attempts, next_at,"
-                        " created_at, updated_at, last_status, last_error)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " created_at, updated_at, last_status, last_error, order_key,"
+                        " order_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [
                             (e.id, d.sink, d.state, d.attempts, d.next_at, d.created_at,
-                             d.updated_at, d.last_status, d.last_error)
+                             d.updated_at, d.last_status, d.last_error, d.order_key,
+                             d.order_at)
                             for d in e.deliveries
                         ],
                     )  # fmt: skip

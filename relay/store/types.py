@@ -144,6 +144,9 @@ class MovedDelivery:
     updated_at: float
     last_status: int | None
     last_error: str | None
+    # For a sink with `order: per_key` (see NewEvent): carried, so order holds after a move.
+    order_key: str | None = None
+    order_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
