@@ -7,6 +7,7 @@ them all. Every configuration runs in each round, in a rotated order; the table 
 the median events/s and, per object count, the rate with order against without.
 
     python bench/ordering.py [--events 10000] [--rounds 2] [--keys 1 100 10000]
+                             [--redis redis://127.0.0.1:6379/0]   # the Redis store instead
 
 Figures are for comparing within one run on one machine; no test asserts them.
 """
@@ -33,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 CODE = ROOT
 
 from machine import machine, snapshot_code  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
 
-from relay.store import NewEvent  # noqa: E402
-from relay.store.sqlite import SqliteStore  # noqa: E402
+from relay.config import StoreConfig  # noqa: E402
+from relay.store import NewEvent, open_store  # noqa: E402
 
 ENVELOPE = (
     '{{"id":"{id}","source":"qingstor","type":"create_object","time":"2021-08-31T06:25:46Z",'
@@ -44,11 +46,23 @@ ENVELOPE = (
 )
 
 
-async def fill(db: Path, events: int, keys: int) -> None:
+def store_yaml(workdir: Path, redis: str | None) -> str:
+    """The store section: SQLite in `workdir`, or a fresh prefix on `redis`."""
+    if redis is None:
+        return "{path: relay.db}"
+    return f"{{backend: redis, url: '{redis}', prefix: 'bench-{workdir.name}'}}"
+
+
+async def fill(workdir: Path, events: int, keys: int, section: str) -> None:
     """N events to sink `app` over `keys` objects; their order fields as ingest sets them
     for a sink that orders by object (the sink's `order` decides whether claims use
     them)."""
-    store = SqliteStore(db, dedupe_window=86400)
+    import yaml
+
+    config = TypeAdapter(StoreConfig).validate_python(
+        yaml.safe_load(section), context={"base_dir": workdir}
+    )
+    store = open_store(config, dedupe_window=86400)
     await store.open()
     for start in range(0, events, 500):
         batch = []
@@ -69,7 +83,7 @@ def serve(workdir: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def deliver(events: int, keys: int, order: str) -> float:
+async def deliver(events: int, keys: int, order: str, redis: str | None) -> float:
     received = 0
     done = asyncio.Event()
     first_at = 0.0
@@ -93,10 +107,11 @@ async def deliver(events: int, keys: int, order: str) -> float:
     port = runner.addresses[0][1]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        await fill(workdir / "relay.db", events, keys)
+        section = store_yaml(workdir, redis)
+        await fill(workdir, events, keys, section)
         url = f"http://127.0.0.1:{port}/events"
         (workdir / "relay.yaml").write_text(
-            "log: {level: warning}\nstore: {path: relay.db}\n"
+            f"log: {{level: warning}}\nstore: {section}\n"
             "sources: {qingstor: {kind: qingstor}}\n"
             f"sinks: {{app: {{kind: http, url: '{url}', concurrency: 32, order: {order}}}}}\n"
         )
@@ -116,6 +131,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keys", type=int, nargs="+", default=[1, 100, 10_000])
+    parser.add_argument("--redis", help="a Redis URL: run on the Redis store, not SQLite")
     args = parser.parse_args()
     snapshot = tempfile.TemporaryDirectory(prefix="relay-ordering-")
     CODE, code = snapshot_code(Path(snapshot.name))
@@ -125,12 +141,13 @@ async def main() -> None:
     for round_ in range(args.rounds):
         turn = runs[round_ % len(runs) :] + runs[: round_ % len(runs)]
         for keys, order in turn:
-            rate = await deliver(args.events, keys, order)
+            rate = await deliver(args.events, keys, order, args.redis)
             rates[keys, order].append(rate)
             print(f"  round {round_ + 1}: {keys:>6} objects, order {order:8} {rate:7.0f} ev/s")
     print(
         f"{args.events} events to one HTTP sink (concurrency 32, a local receiver answering"
-        f" 204); medians of {args.rounds} round(s); {time.strftime('%Y-%m-%d %H:%M')}"
+        f" 204), store {'Redis' if args.redis else 'SQLite'}; medians of {args.rounds}"
+        f" round(s); {time.strftime('%Y-%m-%d %H:%M')}"
     )
     print("| objects | order: none, ev/s | order: per_key, ev/s | per_key / none |")
     print("|---|---|---|---|")

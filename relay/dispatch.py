@@ -125,7 +125,8 @@ class Dispatcher:
                 # At zero from the start, so that rate() sees the first one; and the same
                 # series whether one process or several (server.workers) answer.
                 self.metrics.order_late(name)
-                self.metrics.order_released(name)
+                self.metrics.order_released(name, "timeout")
+                self.metrics.order_released(name, "dead")
             lane.worker = asyncio.create_task(self._work(lane), name=f"relay-sink-{name}")
             self.lanes[name] = lane
 
@@ -179,12 +180,13 @@ class Dispatcher:
             log.warning(
                 "order.released",
                 sink=name,
+                reason="timeout",
                 event_id=event_id,
                 held_for_s=held,
                 next_event_id=delivery.event_id,
             )
             if self.metrics is not None:
-                self.metrics.order_released(name).inc()
+                self.metrics.order_released(name, "timeout").inc()
         if delivery.supersedes:
             log.info(
                 "order.coalesced",
@@ -417,6 +419,17 @@ class Dispatcher:
             }
             if settled.state == "dead":
                 log.warning("delivery.dead", status=settled.status, error=settled.error, **fields)
+                if lane.order is not None and delivery.keyed:
+                    # Its object's later events, held up behind it, go on now.
+                    log.warning(
+                        "order.released",
+                        sink=name,
+                        reason="dead",
+                        event_id=delivery.event_id,
+                        held_for_s=round(now - delivery.created_at, 3),
+                    )
+                    if self.metrics is not None:
+                        self.metrics.order_released(name, "dead").inc()
             else:
                 log.info(
                     "delivery.retry",

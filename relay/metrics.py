@@ -87,8 +87,9 @@ class Metrics:
         )
         self.released = Counter(
             "relay_order_released",
-            "Events that held their object longer than order_timeout and were passed.",
-            ["sink"],
+            "Objects let go by an event that held them: it held them longer than"
+            " order_timeout (reason=timeout), or was dead-lettered (reason=dead).",
+            ["sink", "reason"],
             registry=r,
         )
         self.ingest_seconds = Histogram(
@@ -118,8 +119,8 @@ class Metrics:
     def order_late(self, sink: str) -> Any:
         return self._child(self.late, sink)
 
-    def order_released(self, sink: str) -> Any:
-        return self._child(self.released, sink)
+    def order_released(self, sink: str, reason: str) -> Any:
+        return self._child(self.released, sink, reason)
 
     def delivery_timer(self, sink: str) -> Any:
         return self._child(self.delivery_seconds, sink)

@@ -131,6 +131,8 @@ class Delivery:
     created_at: float
     envelope: str  # the envelope's JSON, sent as stored
     # Only for sinks with `order: per_key`:
+    # it is about an object, whose later events it holds up until it is settled;
+    keyed: bool = False
     # an object already had a later event delivered to this sink (the sender's retry
     # came late): sent all the same, marked late;
     late: bool = False

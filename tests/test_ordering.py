@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 
 from relay.config import RelayConfig
 from tests.conftest import TOKEN, eventually, relay_config, sample
@@ -277,3 +278,19 @@ async def test_two_replicas_on_redis_keep_each_objects_order(tmp_path, processes
         assert times == sorted(times) and len(times) == 20, key
     assert not any(s["late"] for s in app.seen)
     assert app.most_in_flight > 1
+
+
+async def test_a_dead_letter_lets_its_object_go_on_and_says_so(tmp_path, start_relay, app):
+    app.fail_first = {"create_object": 10_000}
+    retry = {"initial": "50ms", "max": "50ms", "max_attempts": 2}
+    client = await start_relay(ordered(tmp_path, app.url, retry=retry))
+    with capture_logs() as logs:
+        await client.post(
+            HOOK, json={"events": [record("a.jpg", 1), record("a.jpg", 2, "delete_object")]}
+        )
+        await eventually(lambda: [s["type"] for s in app.delivered()] == ["delete_object"])
+    assert [s["type"] for s in app.seen] == ["create_object", "create_object", "delete_object"]
+    [released] = [e for e in logs if e["event"] == "order.released"]
+    assert released["reason"] == "dead" and released["held_for_s"] >= 0.05
+    metrics = await (await client.get("/metrics")).text()
+    assert 'relay_order_released_total{reason="dead",sink="index"} 1.0' in metrics

@@ -1527,6 +1527,7 @@ class RedisStore:
                 late, supersedes, overtakes = row[5:8]
                 delivery = replace(
                     delivery,
+                    keyed=True,
                     late=late == b"1",
                     supersedes=tuple(_str(e) for e in supersedes),
                     overtakes=tuple(

@@ -785,7 +785,7 @@ class SqliteStore:
                 if pick is None:
                     continue
                 [row] = db.execute(select, (sink, key, pick[5], pick[0])).fetchall()
-                delivery = replace(Delivery(*row[:6]), late=bool(row[6]))
+                delivery = replace(Delivery(*row[:6]), keyed=True, late=bool(row[6]))
                 if order.coalesce:
                     coalesced.extend(p[0] for p in past)
                     delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
