@@ -95,6 +95,23 @@ async def app(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> App:
     return downstream
 
 
+def process_config(url: str, store: dict[str, Any]) -> dict[str, Any]:
+    """relay serve's config for the flaky-app runs: one ordered HTTP sink to `url`."""
+    sink = {
+        "kind": "http",
+        "url": url,
+        "order": "per_key",
+        "concurrency": 16,
+        "retry": {"initial": "50ms", "max": "200ms", "max_attempts": 50},
+        "circuit": NEVER_OPEN,
+    }
+    return {
+        "store": store,
+        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
+        "sinks": {"index": sink},
+    }
+
+
 def ordered(tmp_path: Path, url: str, **sink: Any) -> RelayConfig:
     return relay_config(
         tmp_path,
@@ -206,20 +223,7 @@ async def test_a_late_event_is_delivered_marked_late_and_counted(tmp_path, start
 async def test_order_holds_and_nothing_is_lost_across_a_kill_9(tmp_path, processes, app):
     """The flaky-sink run, with relay killed (SIGKILL) half-way and started again."""
     app.fail_share, app.delay = 0.2, (0.002, 0.01)
-    config = {
-        "store": {"path": "relay.db"},
-        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-        "sinks": {
-            "index": {
-                "kind": "http",
-                "url": app.url,
-                "order": "per_key",
-                "concurrency": 16,
-                "retry": {"initial": "50ms", "max": "200ms", "max_attempts": 50},
-                "circuit": NEVER_OPEN,
-            }
-        },
-    }
+    config = process_config(app.url, {"path": "relay.db"})
     relay = await processes(tmp_path, config).start()
     keys = [f"photos/{k:03d}.jpg" for k in range(50)]
     for n in range(20):  # 1,000 events over 50 objects
@@ -248,20 +252,8 @@ async def test_two_replicas_on_redis_keep_each_objects_order(tmp_path, processes
     """Two relays share one Redis: each takes events and sends, and neither sends an
     object's event while the other has one of that object out."""
     app.fail_share, app.delay = 0.2, (0.002, 0.01)
-    config = {
-        "store": {"backend": "redis", "url": redis_url, "prefix": fresh_prefix(), "lease": "5s"},
-        "sources": {"qingstor": {"kind": "qingstor", "token": TOKEN}},
-        "sinks": {
-            "index": {
-                "kind": "http",
-                "url": app.url,
-                "order": "per_key",
-                "concurrency": 16,
-                "retry": {"initial": "50ms", "max": "200ms", "max_attempts": 50},
-                "circuit": NEVER_OPEN,
-            }
-        },
-    }
+    store = {"backend": "redis", "url": redis_url, "prefix": fresh_prefix(), "lease": "5s"}
+    config = process_config(app.url, store)
     relays = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
