@@ -1,8 +1,9 @@
-"""Helpers shared by bench/replicas.py and bench/compare_sqlite.py: what machine and
-what code a run is on, process CPU time from /proc, relay's counters from /metrics."""
+"""Helpers shared by the bench scripts: what machine and what code a run is on, process
+CPU time from /proc, relay's counters from /metrics, a local receiver for HTTP sinks."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -10,8 +11,14 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -127,3 +134,46 @@ def counted(metrics: dict[str, float], name: str, label: str = "") -> float:
     return sum(
         v for k, v in metrics.items() if k.split("{")[0] == name and (not label or label in k)
     )
+
+
+@dataclass
+class Counting:
+    """What `counting_receiver` saw: POSTs received, when the first came, all arrived."""
+
+    url: str = ""
+    received: int = 0
+    first_at: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def rate(self, events: int) -> float:
+        """Events a second from the first POST (relay's start-up is not the sink's
+        speed) until `done`."""
+        return (events - 1) / (time.monotonic() - self.first_at)
+
+
+@asynccontextmanager
+async def counting_receiver(events: int) -> AsyncIterator[Counting]:
+    """A local aiohttp app at `url` answering every POST 204; `done` is set once it has
+    had `events` of them."""
+    seen = Counting()
+
+    async def receive(request: web.Request) -> web.Response:
+        await request.read()
+        seen.received += 1
+        if seen.received == 1:
+            seen.first_at = time.monotonic()
+        if seen.received >= events:
+            seen.done.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/events", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    seen.url = f"http://127.0.0.1:{runner.addresses[0][1]}/events"
+    try:
+        yield seen
+    finally:
+        await runner.cleanup()

@@ -25,15 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiohttp import web
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # Where relay runs from: a copy taken at start (main sets it), so edits made while the
 # benchmark runs do not change the code under test halfway.
 CODE = ROOT
 
-from machine import machine, snapshot_code  # noqa: E402
+from machine import counting_receiver, machine, snapshot_code  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
 from relay.config import StoreConfig  # noqa: E402
@@ -49,7 +47,7 @@ ENVELOPE = (
 def store_yaml(workdir: Path, redis: str | None) -> str:
     """The store section: SQLite in `workdir`, or a fresh prefix on `redis`."""
     if redis is None:
-        return "{path: relay.db}"
+        return "{backend: sqlite, path: relay.db}"
     return f"{{backend: redis, url: '{redis}', prefix: 'bench-{workdir.name}'}}"
 
 
@@ -84,45 +82,24 @@ def serve(workdir: Path) -> subprocess.Popen[bytes]:
 
 
 async def deliver(events: int, keys: int, order: str, redis: str | None) -> float:
-    received = 0
-    done = asyncio.Event()
-    first_at = 0.0
-
-    async def receive(request: web.Request) -> web.Response:
-        nonlocal received, first_at
-        await request.read()
-        received += 1
-        if received == 1:
-            first_at = time.monotonic()  # relay's start-up is not the sink's speed
-        if received >= events:
-            done.set()
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/events", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        section = store_yaml(workdir, redis)
-        await fill(workdir, events, keys, section)
-        url = f"http://127.0.0.1:{port}/events"
-        (workdir / "relay.yaml").write_text(
-            f"log: {{level: warning}}\nstore: {section}\n"
-            "sources: {qingstor: {kind: qingstor}}\n"
-            f"sinks: {{app: {{kind: http, url: '{url}', concurrency: 32, order: {order}}}}}\n"
-        )
-        proc = serve(workdir)
-        try:
-            await asyncio.wait_for(done.wait(), timeout=900)
-            return (events - 1) / (time.monotonic() - first_at)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            await runner.cleanup()
+    async with counting_receiver(events) as seen:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            section = store_yaml(workdir, redis)
+            await fill(workdir, events, keys, section)
+            (workdir / "relay.yaml").write_text(
+                f"log: {{level: warning}}\nstore: {section}\n"
+                "sources: {qingstor: {kind: qingstor}}\n"
+                f"sinks: {{app: {{kind: http, url: '{seen.url}', concurrency: 32,"
+                f" order: {order}}}}}\n"
+            )
+            proc = serve(workdir)
+            try:
+                await asyncio.wait_for(seen.done.wait(), timeout=900)
+                return seen.rate(events)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
 
 
 async def main() -> None:

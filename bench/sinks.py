@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiohttp import web
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import counting_receiver  # noqa: E402
 
 from relay.store import NewEvent  # noqa: E402
 from relay.store.sqlite import SqliteStore  # noqa: E402
@@ -82,40 +82,18 @@ async def file_sink(events: int) -> float:
 
 
 async def http_sink(events: int, concurrency: int) -> float:
-    received = 0
-    done = asyncio.Event()
-    first_at = 0.0
-
-    async def receive(request: web.Request) -> web.Response:
-        nonlocal received, first_at
-        await request.read()
-        received += 1
-        if received == 1:
-            first_at = time.monotonic()  # relay's start-up is not the sink's speed
-        if received >= events:
-            done.set()
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/events", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        await fill(workdir / "relay.db", events, "app")
-        url = f"http://127.0.0.1:{port}/events"
-        sink = f"app: {{kind: http, url: '{url}', concurrency: {concurrency}}}"
-        proc = serve(workdir, sink)
-        try:
-            await asyncio.wait_for(done.wait(), timeout=600)
-            return (events - 1) / (time.monotonic() - first_at)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            await runner.cleanup()
+    async with counting_receiver(events) as seen:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            await fill(workdir / "relay.db", events, "app")
+            sink = f"app: {{kind: http, url: '{seen.url}', concurrency: {concurrency}}}"
+            proc = serve(workdir, sink)
+            try:
+                await asyncio.wait_for(seen.done.wait(), timeout=600)
+                return seen.rate(events)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
 
 
 async def main() -> None:
