@@ -419,7 +419,9 @@ class Dispatcher:
             }
             if settled.state == "dead":
                 log.warning("delivery.dead", status=settled.status, error=settled.error, **fields)
-                if lane.order is not None and delivery.keyed:
+                if lane.order is not None and delivery.keyed and delivery.attempts:
+                    # It failed before and so held its object through a retry (one
+                    # refused at its first attempt held nothing up for long).
                     # Its object's later events, held up behind it, go on now.
                     log.warning(
                         "order.released",

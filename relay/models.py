@@ -131,7 +131,8 @@ class Delivery:
     created_at: float
     envelope: str  # the envelope's JSON, sent as stored
     # Only for sinks with `order: per_key`:
-    # it is about an object, whose later events it holds up until it is settled;
+    # it holds up its object's later events until it is settled (it has an object, and
+    # order_timeout has not released it);
     keyed: bool = False
     # an object already had a later event delivered to this sink (the sender's retry
     # came late): sent all the same, marked late;

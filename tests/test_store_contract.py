@@ -656,3 +656,40 @@ async def test_a_move_to_another_store_keeps_each_objects_order(stores):
     target = await stores(elsewhere=True)
     assert sorted(await target.import_work(moved)) == ["evt_1", "evt_2"]
     assert ids(await target.claim("a", 10, 30.0, now=1000.0, order=ORDER)) == ["evt_1"]
+
+
+async def test_a_long_run_of_events_that_held_their_object_too_long_is_walked_past(stores):
+    """More of them in a row than one read takes: the object's next event still goes."""
+    store = await stores()
+    stuck = [on_object(i, "A", float(i)) for i in range(1, 71)]
+    await store.accept([*stuck, on_object(71, "A", 71.0)], now=1000.0)
+    # Each fails in turn, its retry a day away, and holds the object for the timeout
+    # (60 s): then the next one goes, and fails too.
+    for i in range(1, 71):
+        at = 1000.0 + 61.0 * i
+        [head] = await store.claim("a", 10, 30.0, now=at, order=ORDER)
+        assert head.event_id == f"evt_{i}"
+        await store.settle([Settlement(head.id, "pending", 90000.0, 503, "busy")], now=at)
+    [last] = await store.claim("a", 10, 30.0, now=10000.0, order=ORDER)
+    assert last.event_id == "evt_71"
+
+
+async def test_a_replayed_dead_letter_holds_its_object_again(stores):
+    store = await stores()
+    await store.accept([on_object(1, "A", 10.0)], now=1000.0)
+    [create] = await store.claim("a", 10, 30.0, now=1000.0, order=ORDER)
+    await store.settle([Settlement(create.id, "pending", 1001.0, 503, "busy")], now=1000.0)
+    [again] = await store.claim("a", 10, 30.0, now=1001.0, order=ORDER)
+    await store.settle([Settlement(again.id, "dead", 1001.0, 503, "busy")], now=1001.0)
+    await store.accept([on_object(2, "A", 20.0)], now=1002.0)
+    [delete] = await store.claim("a", 10, 30.0, now=1002.0, order=ORDER)
+    await store.settle([Settlement(delete.id, "done", 1002.0, 200, None)], now=1002.0)
+    assert await store.replay(Selection(sink="a"), now=2000.0) == 1
+    [replayed] = await store.claim("a", 10, 30.0, now=2000.0, order=ORDER)
+    assert replayed.event_id == "evt_1" and replayed.keyed and replayed.late
+    await store.settle([Settlement(replayed.id, "pending", 2100.0, 503, "busy")], now=2000.0)
+    await store.accept([on_object(3, "A", 30.0)], now=2001.0)
+    # Failed again just now: it holds its object for order_timeout from here.
+    assert await store.claim("a", 10, 30.0, now=2030.0, order=ORDER) == []
+    [later] = await store.claim("a", 10, 30.0, now=2061.0, order=ORDER)
+    assert later.event_id == "evt_3"

@@ -377,7 +377,7 @@ local out = {}
 -- with what an ordered claim adds.
 local function take(m, ordered, supersedes, overtakes)
   local d = redis.call('HMGET', dkey(m), 'event_id', 'attempts', 'created_at', 'order_at',
-    'order_key')
+    'order_key', 'released')
   local envelope = d[1] and redis.call('HGET', P .. 'event:' .. d[1], 'envelope')
   if not d[1] then
     -- Its record is gone (deleted by hand, or evicted): nothing to send or to keep.
@@ -392,6 +392,8 @@ local function take(m, ordered, supersedes, overtakes)
       local later = redis.call('ZRANGEBYSCORE', olate(sink, d[5]), '(' .. d[4], '+inf',
         'LIMIT', 0, 1)
       row[6], row[7], row[8] = #later > 0 and '1' or '0', supersedes, overtakes
+      -- Released by order_timeout: it holds its object no more.
+      row[9] = d[6] and '1' or '0'
     end
     out[#out + 1] = row
     return true
@@ -714,7 +716,8 @@ for _, pick in ipairs(picked) do
   redis.call('ZREM', P .. 'dead:' .. sink, m)
   redis.call('HSET', dkey(m), 'state', 'pending', 'attempts', 0, 'next_at', now,
     'created_at', now, 'updated_at', now)
-  redis.call('HDEL', dkey(m), 'holder')
+  -- A fresh start: it holds its object again until it fails, and for order_timeout.
+  redis.call('HDEL', dkey(m), 'holder', 'blocking_since', 'released')
   redis.call('ZADD', P .. 'pending:' .. sink, now, m)
   local o = redis.call('HMGET', dkey(m), 'order_key', 'order_at')
   if o[1] then redis.call('ZADD', okeys(sink, o[1]), o[2], m) end
@@ -1524,10 +1527,10 @@ class RedisStore:
                 _str(envelope),
             )
             if len(row) > 5:
-                late, supersedes, overtakes = row[5:8]
+                late, supersedes, overtakes, released = row[5:9]
                 delivery = replace(
                     delivery,
-                    keyed=True,
+                    keyed=released != b"1",
                     late=late == b"1",
                     supersedes=tuple(_str(e) for e in supersedes),
                     overtakes=tuple(

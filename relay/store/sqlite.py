@@ -167,9 +167,9 @@ _SCHEMA_0_1_0 = {
 # An ordered claim looks at this many objects at most; the next claim goes on from
 # where it stopped.
 _MAX_OBJECTS_PER_CLAIM = 2000
-# Of one object, the claim reads its first events only: more events in a row that
-# each held it past order_timeout than this, and it waits for those to settle.
-_HEAD_WINDOW = 64
+# Of one object, events are read this many at a time while each one read held it past
+# order_timeout.
+_HEAD_PAGE = 64
 
 
 def _object_head(
@@ -769,23 +769,40 @@ class SqliteStore:
                 if key in busy:
                     continue
                 rows = [first[0][1:]]
-                if order.coalesce or not _decided(rows[0], at, order):
-                    # Coalescing wants the newest and every other; past a first event
-                    # that held the object too long, the ones after it. The first few
-                    # only: more in a row that each held it too long, and it waits.
-                    newest_first = "DESC" if order.coalesce else "ASC"
+                if order.coalesce:
+                    # The newest, and every other to settle for it.
                     rows = db.execute(
                         "SELECT id, event_id, next_at, blocking_since, released_at, order_at"
                         " FROM deliveries INDEXED BY deliveries_order"
                         " WHERE sink = ? AND state = 'pending' AND order_key = ?"
-                        f" ORDER BY order_at {newest_first}, id {newest_first} LIMIT ?",
-                        (sink, key, -1 if order.coalesce else _HEAD_WINDOW),
+                        " ORDER BY order_at DESC, id DESC",
+                        (sink, key),
                     ).fetchall()
+                elif not _decided(rows[0], at, order):
+                    # Past events that held the object too long, page by page, until
+                    # one is due or one still holds it.
+                    rows = []
+                    after: tuple[float, int] = (-math.inf, 0)
+                    while True:
+                        page = db.execute(
+                            "SELECT id, event_id, next_at, blocking_since, released_at,"
+                            " order_at FROM deliveries INDEXED BY deliveries_order"
+                            " WHERE sink = ? AND state = 'pending' AND order_key = ?"
+                            " AND (order_at > ? OR (order_at = ? AND id > ?))"
+                            " ORDER BY order_at, id LIMIT ?",
+                            (sink, key, after[0], after[0], after[1], _HEAD_PAGE),
+                        ).fetchall()
+                        rows.extend(page)
+                        if len(page) < _HEAD_PAGE or any(_decided(r, at, order) for r in page):
+                            break
+                        after = (page[-1][5], page[-1][0])
                 pick, past = _object_head(rows, at, order)
                 if pick is None:
                     continue
                 [row] = db.execute(select, (sink, key, pick[5], pick[0])).fetchall()
-                delivery = replace(Delivery(*row[:6]), keyed=True, late=bool(row[6]))
+                # One released by order_timeout holds its object no more.
+                holding = pick[4] is None
+                delivery = replace(Delivery(*row[:6]), keyed=holding, late=bool(row[6]))
                 if order.coalesce:
                     coalesced.extend(p[0] for p in past)
                     delivery = replace(delivery, supersedes=tuple(p[1] for p in past))
@@ -949,7 +966,10 @@ class SqliteStore:
         def work() -> int:
             with self._transaction() as db:
                 return db.execute(
+                    # A fresh start: it holds its object (order: per_key) again until it
+                    # fails, and then for order_timeout.
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?,"
+                    " blocking_since = NULL, released_at = NULL,"
                     f" created_at = ?, updated_at = ? WHERE {where}",
                     [at, at, at, *params],
                 ).rowcount
