@@ -47,6 +47,7 @@ from machine import (  # noqa: E402
     scrape,
     shares,
     snapshot_code,
+    wait_for_lines,
 )
 from run import TOKEN, free_port, run_wrk, wait_listening  # noqa: E402
 
@@ -129,18 +130,7 @@ def one_run(side: Side, workdir: Path, args: argparse.Namespace) -> dict[str, fl
         )
         result["accepted"] = accepted
         result["answered_5xx"] = counted(metrics, "relay_requests_total", 'status="5')
-        deadline, lines, read = time.monotonic() + 30, 0, 0
-        events = workdir / "events.jsonl"
-        while time.monotonic() < deadline:
-            if events.exists():  # count the lines added since the last look only
-                with events.open("rb") as f:
-                    f.seek(read)
-                    chunk = f.read()
-                read += len(chunk)
-                lines += chunk.count(b"\n")
-            if lines >= accepted:
-                break
-            time.sleep(0.05)
+        lines = wait_for_lines(workdir / "events.jsonl", accepted)
         result["cpu"] = cpu_seconds(proc.pid) - cpu
         ours = result["cpu"] + wrk_cpu + sum(os.times()[:2]) - own
         result.update(shares(ticks, machine_ticks(), ours))

@@ -72,6 +72,23 @@ def describe_tree(root: Path) -> str:
     return f"{head} + uncommitted changes to {files} file(s) in relay/ (diff sha256 {digest})"
 
 
+def wait_for_lines(path: Path, wanted: float, within: float = 30.0) -> int:
+    """Lines in `path` (a file sink's output) once it holds `wanted`, or after `within`
+    seconds; reads only what was added since the last look."""
+    deadline, lines, read = time.monotonic() + within, 0, 0
+    while time.monotonic() < deadline:
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(read)
+                chunk = f.read()
+            read += len(chunk)
+            lines += chunk.count(b"\n")
+        if lines >= wanted:
+            break
+        time.sleep(0.05)
+    return lines
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process (all its threads) and of its reaped children."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from machine import TICK, cpu_seconds, machine, snapshot_code
+from machine import TICK, cpu_seconds, machine, snapshot_code, wait_for_lines
 
 HERE = Path(__file__).resolve().parent
 BARE, HOOK = "bare aiohttp (parse JSON)", "adnanh/webhook"
@@ -338,19 +338,7 @@ def bench_relay(
         result = run_wrk(url, args.duration, args.connections)
         result["rss"] = rss_mib(proc.pid)
         # Every acknowledged event must reach the file sink within 30 s of the load.
-        deadline, lines, read = time.monotonic() + 30, 0, 0
-        events = data / "events.jsonl"
-        while time.monotonic() < deadline:
-            if events.exists():  # count the lines added since the last look only
-                with events.open("rb") as f:
-                    f.seek(read)
-                    chunk = f.read()
-                read += len(chunk)
-                lines += chunk.count(b"\n")
-            if lines >= result["ok"]:
-                break
-            time.sleep(0.05)
-        result["delivered"] = lines
+        result["delivered"] = wait_for_lines(data / "events.jsonl", result["ok"])
         result["cpu_us"] = 1e6 * (tree_cpu(proc.pid) - cpu) / max(result["ok"], 1)
         after = thread_cpu(proc.pid)
         for tid, seconds in after.items():

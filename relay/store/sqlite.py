@@ -185,19 +185,23 @@ def _object_head(
     for row in rows:
         if row[2] <= at:
             return row, past
-        if row[4] is None and (row[3] is None or row[3] > at - order.timeout):
-            return None, []  # it still holds its object: nothing after it goes
+        if _holds(row, at, order):
+            return None, []  # nothing after it goes
         if row[4] is None:
             past.append(row)  # held its object too long: passed, and reported once
     return None, []
 
 
-def _decided(first: tuple[Any, ...], at: float, order: Ordering) -> bool:
-    """Whether an object's first pending event alone settles what a claim does with the
-    object: it is due (it goes), or it still holds the object (nothing goes)."""
-    return bool(
-        first[2] <= at or (first[4] is None and (first[3] is None or first[3] > at - order.timeout))
-    )
+def _holds(row: tuple[Any, ...], at: float, order: Ordering) -> bool:
+    """Whether a pending event (as _object_head reads it) still holds its object: not
+    released, and not failed first more than order.timeout ago."""
+    return row[4] is None and (row[3] is None or row[3] > at - order.timeout)
+
+
+def _decided(row: tuple[Any, ...], at: float, order: Ordering) -> bool:
+    """Whether this event settles what a claim does with its object: it is due (it
+    goes), or it still holds the object (nothing after it goes)."""
+    return bool(row[2] <= at or _holds(row, at, order))
 
 
 def _place(event: NewEvent, sink: str) -> tuple[str | None, float]:
