@@ -147,6 +147,13 @@ async def hook(request: web.Request) -> web.StreamResponse:
     return await request.app[RUNTIME].ingest.handle(request)
 
 
+async def hook_probe(request: web.Request) -> web.StreamResponse:
+    """`HEAD /hooks/{source}`: whether the URL and its credentials would be taken, with
+    nothing stored. MinIO before 2023-05 probed its webhook endpoint so at start-up."""
+    request.app[RUNTIME].ingest.probe(request)
+    return web.Response()
+
+
 async def hook_expect(request: web.Request) -> web.StreamResponse | None:
     """`Expect: 100-continue`: answer now what the head already settles (unknown source,
     no or a wrong token, an address not allowed, a body over the limit), so the sender
@@ -327,6 +334,7 @@ def create_app(
     app[STORE] = runtime.store
     app[DISPATCHER] = runtime.dispatcher
     app.router.add_post("/hooks/{source}", hook, expect_handler=hook_expect)
+    app.router.add_route("HEAD", "/hooks/{source}", hook_probe)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -9,6 +9,7 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -312,23 +313,33 @@ class _SourceBase(_Model):
     allow_ips: list[IPvAnyNetwork] | None = None
 
 
+# An HTTP header name (RFC 9110 token).
+HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+
+
+def _token_not_empty(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        raise ValueError(
+            "token is empty (is its environment variable set?); an open source is"
+            " written by leaving the key out"
+        )
+    return value
+
+
+Token = Annotated[SecretStr, AfterValidator(_token_not_empty)]
+
+
 class QingStorSourceConfig(_SourceBase):
     """QingStor does not sign its POSTs: a token in the URL is the secret it can carry."""
 
     kind: Literal["qingstor"]
-    token: SecretStr | None = None
+    token: Token | None = None
     # `image` results have no documented shape: such a source keeps any JSON object.
     cloudfunc: Literal["notifier", "tupu-porn", "image"] | None = None
 
-    @field_validator("token")
-    @classmethod
-    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value():
-            raise ValueError(
-                "token is empty (is its environment variable set?); an open source is"
-                " written by leaving the key out"
-            )
-        return value
+    @property
+    def authenticates(self) -> bool:
+        return self.token is not None
 
 
 class GenericSourceBase(_SourceBase):
@@ -347,11 +358,14 @@ class StandardWebhooksSourceConfig(GenericSourceBase):
     secrets: list[WhsecSecret] = Field(min_length=1)  # several while rotating
     tolerance: Duration = 300.0
 
+    @property
+    def authenticates(self) -> bool:
+        return True  # every request is signed
 
-class HmacSourceConfig(GenericSourceBase):
+
+class HmacCheck(_Model):
     """A hex or base64 HMAC of the raw body in one header, GitHub-style."""
 
-    kind: Literal["hmac"]
     secrets: list[SecretStr] = Field(min_length=1)  # several while rotating
     header: str = "X-Hub-Signature-256"
     algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
@@ -366,6 +380,14 @@ class HmacSourceConfig(GenericSourceBase):
         return value
 
 
+class HmacSourceConfig(GenericSourceBase, HmacCheck):
+    kind: Literal["hmac"]
+
+    @property
+    def authenticates(self) -> bool:
+        return True  # every request is signed
+
+
 class BasicAuthConfig(_Model):
     username: str = Field(min_length=1)
     password: SecretStr
@@ -377,6 +399,49 @@ class GenericSourceConfig(GenericSourceBase):
     kind: Literal["generic"]
     token: SecretStr | None = None
     basic_auth: BasicAuthConfig | None = None
+
+    @property
+    def authenticates(self) -> bool:
+        return self.token is not None or self.basic_auth is not None
+
+
+class S3SourceConfig(_SourceBase):
+    """S3 event notifications pushed over HTTP: MinIO's webhook target, Ceph's HTTP
+    topics. They sign nothing; MinIO sends its auth_token as `Authorization: Bearer`."""
+
+    kind: Literal["s3"]
+    # Taken from `Authorization: Bearer`, X-Relay-Token or ?token=.
+    token: Token | None = None
+    # How records carry object keys: `url` (AWS and MinIO: URL-encoded, `+` a space),
+    # `raw` (Ceph), or `auto`: raw when the record's eventSource is ceph:s3, else url.
+    key_encoding: Literal["auto", "url", "raw"] = "auto"
+
+    @property
+    def authenticates(self) -> bool:
+        return self.token is not None
+
+
+class CloudEventsSourceConfig(_SourceBase):
+    """Any CloudEvents 1.0 producer over HTTP (structured, batched or binary mode)."""
+
+    kind: Literal["cloudevents"]
+    # Taken from `Authorization: Bearer`, X-Relay-Token, `token_header` or ?token=.
+    token: Token | None = None
+    # A header of the sender's choosing that carries the token: event buses let a
+    # target add fixed headers (X-Api-Key), rarely a query string.
+    token_header: HeaderName | None = None
+    # An HMAC of the raw body the sender adds, checked as `kind: hmac` checks it.
+    hmac: HmacCheck | None = None
+
+    @model_validator(mode="after")
+    def _token_header_needs_token(self) -> CloudEventsSourceConfig:
+        if self.token_header is not None and self.token is None:
+            raise ValueError("token_header names where the token comes; set token too")
+        return self
+
+    @property
+    def authenticates(self) -> bool:
+        return self.token is not None or self.hmac is not None
 
 
 class _SinkBase(_Model):
@@ -611,7 +676,12 @@ class TeamsSinkConfig(_ChatSinkBase):
 
 
 SourceConfig = Annotated[
-    QingStorSourceConfig | StandardWebhooksSourceConfig | HmacSourceConfig | GenericSourceConfig,
+    QingStorSourceConfig
+    | StandardWebhooksSourceConfig
+    | HmacSourceConfig
+    | GenericSourceConfig
+    | S3SourceConfig
+    | CloudEventsSourceConfig,
     Field(discriminator="kind"),
 ]
 SinkConfig = Annotated[
@@ -664,6 +734,12 @@ class Conditions(_Model):
     @classmethod
     def _normalize(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [normalize_event_type(v) for v in value]
+
+    @cached_property
+    def type_globs(self) -> tuple[str, ...]:
+        """The `event_types` that are glob patterns (`s3:ObjectCreated:*`); routing
+        tries these only after the names, which match by equality."""
+        return tuple(t for t in self.event_types or () if any(c in t for c in "*?["))
 
 
 class Not(Conditions):

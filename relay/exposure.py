@@ -14,7 +14,7 @@ from ipaddress import (
     ip_address,
 )
 
-from relay.config import GenericSourceConfig, QingStorSourceConfig, RelayConfig, SourceConfig
+from relay.config import RelayConfig, SourceConfig
 
 # The consequence, in the same words wherever relay names an open source or URL.
 ANYONE = "anyone who can reach it can post events."
@@ -41,11 +41,7 @@ def is_loopback(host: str) -> bool:
 
 def authenticates(source: SourceConfig) -> bool:
     """Whether a request must prove who sent it (a token, a password or a signature)."""
-    if isinstance(source, QingStorSourceConfig):
-        return source.token is not None
-    if isinstance(source, GenericSourceConfig):
-        return source.token is not None or source.basic_auth is not None
-    return True  # standard-webhooks and hmac always verify a signature
+    return source.authenticates
 
 
 def allows_everyone(networks: Sequence[IPv4Network | IPv6Network]) -> bool:

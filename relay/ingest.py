@@ -6,7 +6,6 @@ Nothing here waits for a sink. The answer is 200 only once the store has committ
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,7 +14,6 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from relay import jsoncodec
 from relay.config import ServerConfig
 from relay.errors import (
     BodyTooLarge,
@@ -27,7 +25,6 @@ from relay.errors import (
     TooManyRecords,
     UndecodableBody,
     UnknownSource,
-    UnsupportedMediaType,
 )
 from relay.forwarded import READERS, client_address
 from relay.metrics import Metrics
@@ -90,6 +87,10 @@ class Ingest:
         except IngestError as exc:
             return exc
         return None
+
+    def probe(self, request: web.Request) -> None:
+        """Raise what a POST with these headers would be refused for, from its head."""
+        self._admit(request)
 
     def _admit(self, request: web.Request) -> tuple[str, Source, RequestMeta]:
         """The source and the sender's address, checked against it (allow_ips, token,
@@ -159,7 +160,7 @@ class Ingest:
     ) -> list[NewEvent]:
         """The body's events, or the IngestError that says why it has none."""
         limits = self.limits
-        document = decode_json(body, content_type)
+        document = source.decode(meta, body, content_type)
         if too_deep(body, document, limits.max_json_depth):
             raise InvalidBody(
                 f"the body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
@@ -287,32 +288,3 @@ def declared_type(request: web.Request) -> str:
     except Exception:
         raw = request.headers.get("Content-Type", "")
         return raw.split(";", 1)[0].strip().lower() or "application/octet-stream"
-
-
-def decode_json(body: bytes, content_type: str) -> Any:
-    """Parse the body as JSON whatever it is labelled (senders mislabel), but answer 415
-    rather than 400 when a body that is not JSON also said it was something else.
-    """
-    if not body.strip():
-        raise InvalidBody("the body is empty; expected a JSON object", code="invalid_json")
-    try:
-        return jsoncodec.loads(body)
-    except jsoncodec.LoneSurrogate:
-        raise InvalidBody(
-            "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its"
-            " pair), which is no Unicode text",
-            code="invalid_json",
-        ) from None
-    # ValueError covers bad UTF-8, bad JSON, and integers too long to convert.
-    except (ValueError, RecursionError) as exc:
-        declared = content_type.lower()
-        if declared not in ("", "application/octet-stream") and "json" not in declared:
-            raise UnsupportedMediaType(
-                f"the body is not JSON (Content-Type: {declared}); send application/json"
-            ) from None
-        where = (
-            f" at line {exc.lineno} column {exc.colno}"
-            if isinstance(exc, json.JSONDecodeError)
-            else ""
-        )
-        raise InvalidBody(f"the body is not valid JSON{where}", code="invalid_json") from None

@@ -110,16 +110,6 @@ class TupuPornResult(_Lenient):
     result: TupuResult
 
 
-def qingstor_object_size(data: Any) -> int | None:
-    """The object size a notifier record carries, if it carries one."""
-    detail = data.get("qingstor") if isinstance(data, dict) else None
-    obj = detail.get("object") if isinstance(detail, dict) else None
-    size = obj.get("size") if isinstance(obj, dict) else None
-    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
-        return size
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One event due at one sink, as the store hands it to the dispatcher."""
@@ -174,9 +164,13 @@ class Envelope:
     key: str | None
     received_at: str
     data: Any
+    # The sender's own name for the event, for stores with a vocabulary of their own
+    # (`s3:ObjectCreated:Put`, a CloudEvent's type) whose `type` relay mapped onto its
+    # own; routes match either. None (and left out of the JSON) for QingStor's events.
+    event_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        envelope = {
             "id": self.id,
             "source": self.source,
             "type": self.type,
@@ -187,6 +181,9 @@ class Envelope:
             "received_at": self.received_at,
             "data": self.data,
         }
+        if self.event_name is not None:
+            envelope["event_name"] = self.event_name
+        return envelope
 
     def to_json(self) -> str:
         """Compact JSON; raises UnicodeEncodeError when `data` holds a lone surrogate."""

@@ -7,7 +7,8 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from relay.config import Conditions, Route, When
-from relay.models import Envelope, qingstor_object_size
+from relay.models import Envelope
+from relay.vocabulary import object_size as size_in
 
 
 def _qingstor_detail(event: Envelope) -> dict[str, Any]:
@@ -16,7 +17,7 @@ def _qingstor_detail(event: Envelope) -> dict[str, Any]:
 
 
 def object_size(event: Envelope) -> int | None:
-    return qingstor_object_size(event.data)
+    return size_in(event.data)
 
 
 def notification_id(event: Envelope) -> str | None:
@@ -24,11 +25,21 @@ def notification_id(event: Envelope) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _type_matches(c: Conditions, event: Envelope) -> bool:
+    """relay's type or the sender's own name (`s3:ObjectCreated:Put`), exactly or by a
+    glob (`s3:ObjectCreated:*`), as S3 users write them."""
+    names = (event.type,) if event.event_name is None else (event.type, event.event_name)
+    listed = c.event_types or ()
+    if any(name in listed for name in names):
+        return True
+    return any(fnmatchcase(name, p) for p in c.type_globs for name in names)
+
+
 def _checks(c: Conditions, event: Envelope) -> Iterator[bool]:
     """One verdict per condition that is given; conditions left out yield nothing."""
     key = event.key
     if c.event_types is not None:
-        yield event.type in c.event_types
+        yield _type_matches(c, event)
     if c.buckets is not None:
         yield event.bucket in c.buckets
     if c.sources is not None:

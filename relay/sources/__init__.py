@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.sources.base import RequestMeta, Source
+from relay.sources.cloudevents import CloudEventsSource
 from relay.sources.generic import GenericSource
 from relay.sources.hmac_header import HmacSource
 from relay.sources.qingstor import QingStorSource
+from relay.sources.s3 import S3Source
 from relay.sources.standard_webhooks import StandardWebhooksSource
 
 # kind -> class; each class takes (name, its validated config section).
@@ -20,6 +22,8 @@ SOURCES: dict[str, Callable[[str, Any], Source]] = {
     "standard-webhooks": StandardWebhooksSource,
     "hmac": HmacSource,
     "generic": GenericSource,
+    "s3": S3Source,
+    "cloudevents": CloudEventsSource,
 }
 
 

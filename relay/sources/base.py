@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,7 +13,8 @@ from typing import Any, Protocol
 
 from pydantic import SecretStr
 
-from relay.errors import Forbidden, Unauthorized
+from relay import jsoncodec
+from relay.errors import Forbidden, InvalidBody, Unauthorized, UnsupportedMediaType
 from relay.models import Envelope
 
 
@@ -43,6 +45,10 @@ class Source(Protocol):
 
     def authenticate(self, meta: RequestMeta) -> None:
         """Raise Unauthorized or Forbidden; return quietly when the request may proceed."""
+
+    def decode(self, meta: RequestMeta, body: bytes, content_type: str) -> Any:
+        """The body as the document parse() reads: for most kinds its JSON
+        (`decode_json`); raise InvalidBody or UnsupportedMediaType when it is none."""
 
     def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
         """Check a signature over the raw body; raise Unauthorized when it fails.
@@ -91,15 +97,74 @@ def token_matches(expected: str, presented: str | None) -> bool:
     )
 
 
-def check_token(token: SecretStr | None, meta: RequestMeta) -> None:
+def bearer_token(meta: RequestMeta) -> str | None:
+    """The token of `Authorization: Bearer <token>`, as MinIO sends its auth_token."""
+    scheme, _, token = (header_value(meta.headers, "Authorization") or "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def check_token(
+    token: SecretStr | None,
+    meta: RequestMeta,
+    *,
+    bearer: bool = False,
+    header: str | None = None,
+) -> None:
     """Raise Unauthorized unless the request presents `token` (None: no token needed),
-    as `?token=` (the only place QingStor's notify_url can carry it) or a header."""
+    as `?token=` (the only place QingStor's notify_url can carry it) or a header: X-Relay-
+    Token, `header` when the source names one, and `Authorization: Bearer` when `bearer`."""
     if token is None:
         return
-    presented = header_value(meta.headers, TOKEN_HEADER) or meta.query.get("token")
+    presented = (
+        (header_value(meta.headers, header) if header else None)
+        or header_value(meta.headers, TOKEN_HEADER)
+        or (bearer_token(meta) if bearer else None)
+        or meta.query.get("token")
+    )
     if not token_matches(token.get_secret_value(), presented):
         what = "invalid" if presented else "missing"
+        headers = [
+            TOKEN_HEADER,
+            *([header] if header else []),
+            *(["Authorization: Bearer"] if bearer else []),
+        ]
         raise Unauthorized(
-            f"{what} token: pass it as ?token= in the URL or in {TOKEN_HEADER}",
+            f"{what} token: pass it as ?token= in the URL or in {' or '.join(headers)}",
             code=f"{what}_token",
         )
+
+
+def decode_json(body: bytes, content_type: str) -> Any:
+    """Parse the body as JSON whatever it is labelled (senders mislabel), but answer 415
+    rather than 400 when a body that is not JSON also said it was something else.
+    """
+    if not body.strip():
+        raise InvalidBody("the body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return jsoncodec.loads(body)
+    except jsoncodec.LoneSurrogate:
+        raise InvalidBody(
+            "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its"
+            " pair), which is no Unicode text",
+            code="invalid_json",
+        ) from None
+    # ValueError covers bad UTF-8, bad JSON, and integers too long to convert.
+    except (ValueError, RecursionError) as exc:
+        declared = content_type.lower()
+        if declared not in ("", "application/octet-stream") and "json" not in declared:
+            raise UnsupportedMediaType(
+                f"the body is not JSON (Content-Type: {declared}); send application/json"
+            ) from None
+        where = (
+            f" at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise InvalidBody(f"the body is not valid JSON{where}", code="invalid_json") from None
+
+
+class JsonBody:
+    """For the kinds whose every body is a JSON document."""
+
+    def decode(self, meta: RequestMeta, body: bytes, content_type: str) -> Any:
+        return decode_json(body, content_type)

@@ -14,7 +14,7 @@ from typing import Any
 from relay.config import GenericSourceBase
 from relay.errors import InvalidBody
 from relay.models import Envelope, canonical_json, event_id, isoformat
-from relay.sources.base import RequestMeta, header_value
+from relay.sources.base import JsonBody, RequestMeta, header_value
 
 # Leads every generic id so it cannot collide with a QingStor id, whose first part is
 # always "notifier", "tupu-porn" or "image".
@@ -170,7 +170,7 @@ def generic_envelope(
     )
 
 
-class BodySource:
+class BodySource(JsonBody):
     """What the kinds with no model of their bodies share: the extractors, built once
     from `id_from` / `type_from`, and the one envelope each request becomes."""
 

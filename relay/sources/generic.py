@@ -76,7 +76,7 @@ class GenericSource(BodySource):
     def __init__(self, name: str, config: GenericSourceConfig) -> None:
         super().__init__(name, config)
         self.config = config
-        self.authenticates = config.token is not None or config.basic_auth is not None
+        self.authenticates = config.authenticates
 
     def authenticate(self, meta: RequestMeta) -> None:
         check_peer(self.name, self.config.allow_ips, meta)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from relay.config import HmacSourceConfig
+from relay.config import HmacCheck, HmacSourceConfig
 from relay.errors import Unauthorized
 from relay.models import Envelope
 from relay.signatures import verify_hmac
@@ -19,11 +19,11 @@ from relay.sources.base import RequestMeta, check_peer, header_value
 from relay.sources.extract import BodySource
 
 
-class HmacSource(BodySource):
-    kind = "hmac"
+class HmacHeader:
+    """The check itself, for `kind: hmac` and for any kind that takes an `hmac:`."""
 
-    def __init__(self, name: str, config: HmacSourceConfig) -> None:
-        super().__init__(name, config)
+    def __init__(self, source: str, config: HmacCheck) -> None:
+        self.source = source
         self.config = config
         self._secrets = [secret.get_secret_value().encode("utf-8") for secret in config.secrets]
 
@@ -41,13 +41,12 @@ class HmacSource(BodySource):
             code="missing_signature",
         )
 
-    def authenticate(self, meta: RequestMeta) -> None:
-        check_peer(self.name, self.config.allow_ips, meta)
-        # Refused before the body is read: an unsigned request costs relay nothing.
+    def require(self, meta: RequestMeta) -> None:
+        """Refused before the body is read: an unsigned request costs relay nothing."""
         if not header_value(meta.headers, self.config.header):
             raise self._missing()
 
-    def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
+    def verify(self, meta: RequestMeta, body: bytes) -> None:
         outcome = verify_hmac(
             self._secrets,
             header_value(meta.headers, self.config.header),
@@ -62,9 +61,25 @@ class HmacSource(BodySource):
             raise self._missing()
         raise Unauthorized(
             f"{self.config.header} does not match the body under any secret of"
-            f" sources.{self.name}; expected {self._expected_format()}",
+            f" sources.{self.source}; expected {self._expected_format()}",
             code="invalid_signature",
         )
+
+
+class HmacSource(BodySource):
+    kind = "hmac"
+
+    def __init__(self, name: str, config: HmacSourceConfig) -> None:
+        super().__init__(name, config)
+        self.config = config
+        self._check = HmacHeader(name, config)
+
+    def authenticate(self, meta: RequestMeta) -> None:
+        check_peer(self.name, self.config.allow_ips, meta)
+        self._check.require(meta)
+
+    def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
+        self._check.verify(meta, body)
 
     def parse(self, meta: RequestMeta, document: Any, received_at: datetime) -> list[Envelope]:
         return self._envelopes(meta, document, received_at)

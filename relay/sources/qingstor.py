@@ -17,7 +17,7 @@ from relay.models import (
     notifier_envelopes,
     tupu_porn_envelope,
 )
-from relay.sources.base import RequestMeta, check_peer, check_token
+from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token
 
 
 def describe(error: ValidationError, prefix: str = "") -> str:
@@ -32,11 +32,11 @@ def describe(error: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-class QingStorSource:
+class QingStorSource(JsonBody):
     def __init__(self, name: str, config: QingStorSourceConfig) -> None:
         self.name = name
         self.config = config
-        self.authenticates = config.token is not None
+        self.authenticates = config.authenticates
 
     def authenticate(self, meta: RequestMeta) -> None:
         check_peer(self.name, self.config.allow_ips, meta)

@@ -10,12 +10,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from relay.models import Delivery, qingstor_object_size
+from relay.models import Delivery
 from relay.sinks.chat.text import human_size
+from relay.vocabulary import object_size
 
 Language = Literal["en", "zh-CN"]
 
-_ENVELOPE_FIELDS = ("source", "type", "time", "subject", "bucket", "key", "received_at", "data")
+_ENVELOPE_FIELDS = (
+    "source",
+    "type",
+    "event_name",
+    "time",
+    "subject",
+    "bucket",
+    "key",
+    "received_at",
+    "data",
+)
 
 # What happened, by envelope type.
 TITLES: dict[Language, dict[str, str]] = {
@@ -181,7 +192,7 @@ def event_facts(envelope: Mapping[str, Any], language: Language = "en") -> Event
     for label, value in ((words["bucket"], envelope.get("bucket")), (words["key"], key)):
         if isinstance(value, str) and value:
             facts.append((label, value))
-    size = qingstor_object_size(envelope.get("data"))
+    size = object_size(envelope.get("data"))
     if size is not None:
         facts.append((words["size"], human_size(size)))
     facts.append((words["type"], kind))
