@@ -69,6 +69,8 @@ def cloudevent_attributes(envelope: dict[str, Any]) -> dict[str, str]:
     for name in ("bucket", "key"):
         if envelope.get(name) is not None:
             attributes[name] = str(envelope[name])
+    if isinstance(envelope.get("event_name"), str):
+        attributes["eventname"] = envelope["event_name"]  # the store's own name
     return attributes
 
 
