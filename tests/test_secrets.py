@@ -210,6 +210,9 @@ class Generation:
     bearer: str
     slack_path: str
     bot_token: str
+    s3_token: str
+    bus_token: str
+    bus_hmac: str
     console_token: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -230,6 +233,9 @@ def generation(
         bearer=add(f"http sink bearer token {name}", secret(f"bearer-{name}")),
         slack_path=add(f"slack webhook path secret {name}", secret(f"slack-{name}")),
         bot_token=add(f"bot webhook path token {name}", secret(f"feishu-{name}")),
+        s3_token=add(f"s3 source token {name}", secret(f"minio-{name}")),
+        bus_token=add(f"cloudevents source token {name}", secret(f"bus-{name}")),
+        bus_hmac=add(f"cloudevents source hmac secret {name}", secret(f"bushmac-{name}")),
     )
     add(f"basic auth header {name}", basic(gen.basic_password).removeprefix("Basic "))
     custom = add(f"http sink custom header {name}", secret(f"custom-{name}"))
@@ -273,6 +279,13 @@ def generation(
                 "id_from": "header:X-GitHub-Delivery",
             },
             "sw": {"kind": "standard-webhooks", "secrets": gen.sw_secrets},
+            "minio": {"kind": "s3", "token": gen.s3_token},
+            "bus": {
+                "kind": "cloudevents",
+                "token": gen.bus_token,
+                "token_header": "x-eventbridge-signature-token",
+                "hmac": {"secrets": [gen.bus_hmac], "header": "X-Signature"},
+            },
         },
         "sinks": {
             "archive": {"kind": "file", "path": "data/events.jsonl"},
@@ -538,6 +551,37 @@ async def drive(client: Client, gen: Generation, found: Secrets) -> None:
         401, f"sw stale {n}", "/hooks/sw", body=event, headers=sw(stale, at=now - 3600)
     )
     await client.expect(401, f"sw malformed {n}", "/hooks/sw", body=event, headers=sw("v1,!!"))
+
+    minio = sample("minio-put.json")
+    minio["Records"][0]["s3"]["object"]["sequencer"] = f"seq-{n}"
+    put = json.dumps(minio).encode()
+    bearer = {"Authorization": f"Bearer {gen.s3_token}"}
+    await client.expect(200, f"s3 bearer {n}", "/hooks/minio", body=put, headers=bearer)
+    await client.expect(200, f"s3 bearer probe {n}", "/hooks/minio", method="HEAD", headers=bearer)
+    await client.expect(
+        401, f"s3 wrong bearer {n}", "/hooks/minio", body=put,
+        headers={"Authorization": f"Bearer {wrong}"},
+    )  # fmt: skip
+    await client.expect(401, f"s3 wrong ?token= {n}", f"/hooks/minio?token={wrong}", body=put)
+
+    ce = json.dumps(
+        {"specversion": "1.0", "id": f"ce-{n}", "source": "/bus", "type": "t", "data": {}}
+    ).encode()
+    ce_signed = add(f"cloudevents hmac signature {n}", hmac.new(
+        gen.bus_hmac.encode(), ce, hashlib.sha256).hexdigest())  # fmt: skip
+    add(
+        f"cloudevents expected hmac of a tampered body {n}",
+        hmac.new(gen.bus_hmac.encode(), ce + b" ", hashlib.sha256).hexdigest(),
+    )
+    by_header = {"x-eventbridge-signature-token": gen.bus_token, "X-Signature": ce_signed}
+    await client.expect(200, f"cloudevents {n}", "/hooks/bus", body=ce, headers=by_header)
+    await client.expect(
+        401, f"cloudevents tampered {n}", "/hooks/bus", body=ce + b" ", headers=by_header
+    )
+    await client.expect(
+        401, f"cloudevents wrong token {n}", "/hooks/bus", body=ce,
+        headers={**by_header, "x-eventbridge-signature-token": wrong},
+    )  # fmt: skip
     for path in ("/healthz", "/readyz"):
         await client.expect(200, path, path, method="GET")
 

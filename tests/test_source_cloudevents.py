@@ -413,3 +413,27 @@ async def test_bad_input_gets_a_clear_4xx_and_nothing_is_stored(
     assert (response.status, answer["error"]) == (status, code), answer
     assert fragment in answer["message"]
     assert await client.app[STORE].counts() == {"events": 0}
+
+
+def test_only_sources_without_a_token_or_signature_count_as_open(tmp_path):
+    from relay.exposure import open_sources
+
+    config = ce_config(
+        tmp_path,
+        sources={
+            "open_bus": {"kind": "cloudevents"},
+            "token_bus": {"kind": "cloudevents", "token": TOKEN},
+            "signed_bus": {"kind": "cloudevents", "hmac": {"secrets": [SECRET]}},
+            "open_minio": {"kind": "s3"},
+            "minio": {"kind": "s3", "token": TOKEN},
+        },
+    )
+    assert sorted(open_sources(config)) == ["open_bus", "open_minio"]
+
+
+def test_token_header_without_a_token_is_a_config_error(tmp_path):
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        ce_config(tmp_path, sources={"b": {"kind": "cloudevents", "token_header": "X-Api-Key"}})
+    assert "sources.b" in str(refused.value) and "token" in str(refused.value)
