@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.console.views import SECURITY_HEADERS
-from tests.conftest import TOKEN, eventually, notifier_body, relay_config
+from tests.conftest import TOKEN, eventually, notifier_body, relay_config, sample
 
 CONSOLE_TOKEN = "console-token-0123456789abcdef"
 APP_SECRET = "app-bearer-secret-7d1f0c"
@@ -328,3 +328,22 @@ def test_the_pages_and_stylesheet_ship_in_the_package():
     for path in shipped:
         relative = str(path.relative_to(console))
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+async def test_s3_events_are_found_by_relays_type_or_the_s3_name(tmp_path, start_relay):
+    config = relay_config(
+        tmp_path, console={"token": CONSOLE_TOKEN}, sources={"minio": {"kind": "s3"}}
+    )
+    client = await start_relay(config)
+    body = sample("minio-put.json")
+    assert (await client.post("/hooks/minio", json=body)).status == 200
+    auth = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+    for wanted in ("create_object", "s3:ObjectCreated:Put"):
+        page = await (await client.get(f"/console/events?type={wanted}", headers=auth)).text()
+        assert "images/myphoto.jpg" in page, wanted
+    page = await (await client.get("/console/events?type=delete_object", headers=auth)).text()
+    assert "images/myphoto.jpg" not in page
+    [event_id] = re.findall(r"/console/events/(evt_[0-9a-f]+)", await (
+        await client.get("/console/events", headers=auth)).text())  # fmt: skip
+    detail = await (await client.get(f"/console/events/{event_id}", headers=auth)).text()
+    assert "create_object (s3:ObjectCreated:Put)" in detail

@@ -32,7 +32,8 @@ class EventFilter:
             return False
         if self.bucket and envelope.get("bucket") != self.bucket:
             return False
-        if self.type and envelope.get("type") != self.type:
+        # relay's type or the store's own name (s3:ObjectCreated:Put), as routes match.
+        if self.type and self.type not in (envelope.get("type"), envelope.get("event_name")):
             return False
         if self.key:
             key = envelope.get("key")
