@@ -90,7 +90,7 @@ def main() -> int:
             "  archive: {kind: file, path: events.jsonl}\n"
             f"  dead: {{kind: http, url: 'http://127.0.0.1:{dead_port}/events',"
             " retry: {max_attempts: 1000000, initial: 100ms, max: 2s},"
-            " circuit: {failures: 1000000, cooldown: 1s}}\n"
+            " circuit: {enabled: false}}\n"
             "store: {path: relay.db}\n",
         )
         try:

@@ -267,11 +267,32 @@ class RetryConfig(_Model):
 
 
 class CircuitConfig(_Model):
-    """After `failures` consecutive failed attempts, stop sending for `cooldown`, then
-    let one delivery probe whether the sink is back."""
+    """Stop sending to a sink that fails most of what it is sent (relay.circuit): when
+    at least `failure_rate` of the sends within `window` failed, once `min_sends` were
+    made, wait `cooldown`, then let one delivery probe; each failed probe doubles the
+    wait, up to `max_cooldown`; a successful one closes the circuit."""
 
-    failures: int = Field(5, ge=1)
+    enabled: bool = True
+    failure_rate: float = Field(0.5, gt=0.0, le=1.0)
+    window: PositiveDuration = 60.0
+    min_sends: int = Field(50, ge=1)
     cooldown: PositiveDuration = 30.0
+    # None: 10 minutes, or `cooldown` if that is longer.
+    max_cooldown: PositiveDuration | None = None
+    # This many consecutive failed sends open it too, whatever the rate: a dead sink
+    # too quiet to make min_sends a window. relay 0.1 opened at 5, which a sink failing
+    # one send in five reaches every few thousand sends; 10, every 12 million. None: off.
+    failures: int | None = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _max_not_below_first(self) -> CircuitConfig:
+        if self.max_cooldown is not None and self.max_cooldown < self.cooldown:
+            raise ValueError("circuit.max_cooldown must not be smaller than circuit.cooldown")
+        return self
+
+    @property
+    def cooldown_cap(self) -> float:
+        return self.max_cooldown if self.max_cooldown is not None else max(600.0, self.cooldown)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")

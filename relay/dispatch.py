@@ -75,7 +75,7 @@ class Lane:
         self.order = (
             Ordering(config.order_timeout, config.coalesce) if config.order == "per_key" else None
         )
-        self.circuit = CircuitBreaker(config.circuit.failures, config.circuit.cooldown)
+        self.circuit = CircuitBreaker.of(config.circuit)
         self.gone = False  # the receiver answered 410 Gone, until a send succeeds
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
@@ -339,8 +339,15 @@ class Dispatcher:
         )
         changed = circuit.record(succeeded, failed, now)
         if changed == "open":
+            sends, failures = circuit.seen
             log.warning(
-                "circuit.open", sink=name, failures=circuit.failures, cooldown_s=circuit.cooldown
+                "circuit.open",
+                sink=name,
+                reason=circuit.reason,  # rate, consecutive, or probe (a failed probe)
+                sends=sends,  # within the window, when it opened on the rate
+                failed=failures,
+                consecutive=circuit.failures,
+                cooldown_s=circuit.cooldown,
             )
         elif changed == "closed":
             log.info("circuit.closed", sink=name)

@@ -194,7 +194,7 @@ async def downstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Do
 FAST_RETRY = {"max_attempts": 10, "initial": "20ms", "max": "100ms"}
 FEW_RETRIES = {"max_attempts": 3, "initial": "20ms", "max": "50ms"}
 # Failures are the point here: an open circuit would only slow the run down.
-NO_CIRCUIT = {"failures": 1000}
+NO_CIRCUIT = {"enabled": False}
 
 
 @dataclass
