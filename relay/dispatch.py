@@ -32,6 +32,9 @@ log = structlog.get_logger("relay.dispatch")
 # A lane renews the claims of its sends in flight this often, as a share of the store's
 # lease: two renewals may fail (a Redis failover) before another relay takes them over.
 RENEW_SHARE = 1 / 3
+# Writing an outcome the store refused is tried again after 0.5 s, then twice as long
+# each time, up to 5 s: a full disk is back within a poll of getting room.
+SETTLE_RETRY_FIRST, SETTLE_RETRY_MAX = 0.5, 5.0
 
 
 def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
@@ -371,6 +374,44 @@ class Dispatcher:
         except Exception:
             log.exception("dispatch.state_save_failed", sink=lane.name)
 
+    async def _settle(self, lane: Lane, settlements: Sequence[Settlement], now: float) -> None:
+        """Record what became of a send; while the store cannot write (a full disk, a
+        Redis away), keep the outcomes and write them once it can. The send keeps its
+        claims meanwhile, so its deliveries are not sent again: only a drain's deadline
+        or a crash gives them back, to be sent again (at least once, never lost)."""
+        pause, waiting_since = SETTLE_RETRY_FIRST, 0.0
+        while True:
+            settling = asyncio.ensure_future(self.store.settle(settlements, now))
+            try:
+                try:
+                    await asyncio.shield(settling)
+                except asyncio.CancelledError:
+                    # A drain cancelled us mid-settle: the write goes on in the store's
+                    # thread; the claims may go back only once it is done.
+                    await asyncio.wait({settling})
+                    raise
+            except Exception as exc:
+                if not waiting_since:
+                    waiting_since = time.monotonic()
+                    log.error(
+                        "dispatch.settle_failed",
+                        sink=lane.name,
+                        deliveries=len(settlements),
+                        error=f"{exc.__class__.__name__}: {exc}",
+                        kept=True,  # written once the store can, not sent again
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, SETTLE_RETRY_MAX)
+                continue
+            if waiting_since:
+                log.info(
+                    "dispatch.settle_written",
+                    sink=lane.name,
+                    deliveries=len(settlements),
+                    waited_s=round(time.monotonic() - waiting_since, 3),
+                )
+            return
+
     async def _deliver(self, lane: Lane, batch: Sequence[Delivery]) -> None:
         name, sink = lane.name, lane.sink
         started = time.monotonic()
@@ -384,21 +425,7 @@ class Dispatcher:
         elapsed = time.monotonic() - started
         now = time.time()
         settlements = [judge(d, o, lane.retry, now) for d, o in zip(batch, outcomes, strict=True)]
-        settling = asyncio.ensure_future(self.store.settle(settlements, now))
-        try:
-            try:
-                await asyncio.shield(settling)
-            except asyncio.CancelledError:
-                # A drain cancelled us mid-settle: the write goes on in the store's
-                # thread; the claims may go back only once it is done.
-                await asyncio.wait({settling})
-                raise
-        except Exception:
-            # Unsettled deliveries stay pending and are sent again: at least once, never
-            # lost. The pause keeps a failing store from turning that into a tight loop.
-            log.exception("dispatch.settle_failed", sink=name, batch=len(batch))
-            await asyncio.sleep(1.0)
-            return
+        await self._settle(lane, settlements, now)
         # Settled: nothing of this send is held any more, nothing to renew.
         current = asyncio.current_task()
         if current in lane.sending:

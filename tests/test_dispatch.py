@@ -334,6 +334,50 @@ async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_
         await store.close()
 
 
+async def test_an_outcome_the_store_cannot_write_is_kept_not_sent_again(tmp_path, receiver):
+    from relay.dispatch import Dispatcher
+    from relay.errors import StoreUnavailable
+    from relay.sinks import build_sink
+    from relay.store import NewEvent
+
+    class Full(SqliteStore):
+        """A store whose disk is full for the first few settlements."""
+
+        failures = 3
+
+        async def settle(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("database or disk is full")
+            return await super().settle(*args, **kwargs)
+
+    config = relay_config(tmp_path, sinks={"app": http_sink(receiver.url)})
+    store = Full(tmp_path / "relay.db", dedupe_window=60)
+    await store.open(exclusive=True)
+    sink = build_sink("app", config.sinks["app"])
+    await sink.start()
+    dispatcher = Dispatcher(store, idle_poll=0.02)
+    try:
+        await store.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
+        with capture_logs() as logs:
+            dispatcher.start({"app": sink}, config.sinks)
+
+            async def done() -> bool:
+                return (await store.counts()).get("done") == 1
+
+            await eventually(done, within=15)
+        events = [e for e in logs if e["event"].startswith("dispatch.settle")]
+        assert [e["event"] for e in events] == ["dispatch.settle_failed", "dispatch.settle_written"]
+        assert events[0]["kept"] is True
+        # The idle poll (20 ms) came round dozens of times meanwhile: the delivery was
+        # held, not handed out again.
+        assert len(receiver.requests) == 1
+    finally:
+        await dispatcher.stop(1.0)
+        await sink.close()
+        await store.close()
+
+
 async def test_a_drain_longer_than_the_lease_keeps_its_sends_claimed(
     tmp_path, aiohttp_server, redis_url
 ):
