@@ -30,7 +30,7 @@ from relay import logs
 from relay.config import RelayConfig, SqliteStoreConfig
 from relay.console import console_app
 from relay.dispatch import Dispatcher
-from relay.errors import IngestError, ListenError, StoreUnavailable
+from relay.errors import IngestError, ListenError, StoreNotWritable, StoreUnavailable
 from relay.exposure import exposure_of, exposure_warnings, listen_url, trial_note
 from relay.metrics import CONTENT_TYPE, use_multiprocess
 from relay.runtime import Runtime, with_server
@@ -102,7 +102,8 @@ async def _answer(
             response.force_close()
         return response
     except StoreUnavailable as exc:
-        log.error("ingest.store_unavailable", error=str(exc))
+        if _store_errors.new(str(exc), time.monotonic()):
+            log.error("ingest.store_unavailable", error=str(exc))
         response = error_response(
             503, "store_unavailable", "relay cannot persist events right now; retry later"
         )
@@ -117,6 +118,24 @@ async def _answer(
     except Exception:
         log.exception("request.unhandled")
         return error_response(500, "internal_error", "relay failed; see its log")
+
+
+class _OncePerSpell:
+    """Whether a message is worth a log line: a new one, or the same after `every`
+    seconds. A full disk refuses every POST; each has its request line already."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self.last: tuple[str, float] | None = None
+
+    def new(self, message: str, now: float) -> bool:
+        if self.last is not None and self.last[0] == message and now - self.last[1] < self.every:
+            return False
+        self.last = (message, now)
+        return True
+
+
+_store_errors = _OncePerSpell()
 
 
 def _count(request: web.Request, status: int, started: float) -> None:
@@ -195,6 +214,8 @@ async def readyz(request: web.Request) -> web.Response:
     link = request.app.get(LINK)
     if link is not None and not link.up:
         return error_response(503, "not_ready", "this worker has lost its leader")
+    if runtime.store_waiting is not None:
+        return error_response(503, "not_ready", f"{runtime.store_waiting}; retrying")
     try:
         await asyncio.wait_for(runtime.store.ping(), timeout=2.0)
         # The leader counts as it commits; a worker asks the store (it shares the file).
@@ -224,7 +245,11 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     try:
+        if not runtime.store_ready.is_set():
+            raise StoreUnavailable("the store is not open yet")  # waiting for its disk
         stats = await asyncio.wait_for(runtime.store.sink_stats(), timeout=5.0)
+    except StoreUnavailable:
+        stats = {}  # the gauges go until the store is back; no traceback every scrape
     except Exception:
         # Counters still tell a story when the store does not answer; the gauges go.
         log.exception("metrics.store_failed")
@@ -236,24 +261,86 @@ async def metrics(request: web.Request) -> web.Response:
 # --- background work owned by the app ---------------------------------------------------
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+# How often a relay waiting for its store's disk tries to open the store again.
+STORE_RETRY = 2.0
+
+
+async def _open_store(runtime: Runtime) -> None:
     # The leader's lock keeps a second relay off the store; its workers share it.
-    store = app[STORE]
-    await store.open(exclusive=app[RUNTIME].leader)
-    if app[RUNTIME].leader:
+    store = runtime.store
+    await store.open(exclusive=runtime.leader)
+    if runtime.leader:
         for warning in await store.warnings():
             log.warning("store.durability", message=warning)
+    runtime.store_ready.set()
+
+
+async def _open_when_writable(runtime: Runtime, waiting: StoreNotWritable) -> None:
+    """Try the store again until its disk takes writes; then everything that waited
+    for it starts (the sinks, background work) and relay becomes ready."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(STORE_RETRY)
+        try:
+            await _open_store(runtime)
+        except StoreNotWritable as exc:
+            runtime.store_waiting = exc  # the latest free space, for /readyz
+            continue
+        except Exception:
+            # Not the disk any more (a corrupt file, say): say so, and keep answering
+            # 503 rather than exit behind the operator's back.
+            log.exception("store.open_failed", path=waiting.path)
+            continue
+        runtime.store_waiting = None
+        log.info("store.writable", path=waiting.path, waited_s=round(time.monotonic() - started, 1))
+        return
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    opener: asyncio.Task[None] | None = None
+    try:
+        await _open_store(runtime)
+    except StoreNotWritable as exc:
+        # A supervisor restarting relay in a loop helps nobody: listen, answer 503 (the
+        # senders retry), and open the store once the disk has room again.
+        runtime.store_waiting = exc
+        log.error(
+            "store.not_writable",
+            path=exc.path,
+            free_bytes=exc.free_bytes,
+            read_only=exc.read_only,
+            error=exc.cause,
+            retry_every_s=STORE_RETRY,
+            message=f"{exc}; answering 503 until it can be written",
+        )
+        opener = asyncio.create_task(_open_when_writable(runtime, exc), name="relay-store-open")
     yield
-    await app[RUNTIME].finish_quarantine()
-    await app[STORE].close()
+    if opener is not None:
+        opener.cancel()
+        await asyncio.gather(opener, return_exceptions=True)
+    await runtime.finish_quarantine()
+    await runtime.store.close()
+
+
+async def _when_store_ready(runtime: Runtime, start: Callable[[], Awaitable[None]]) -> None:
+    await runtime.store_ready.wait()
+    await start()
 
 
 async def _sinks_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
+    starting = asyncio.create_task(
+        _when_store_ready(runtime, runtime.start_sinks), name="relay-start-sinks"
+    )
     try:
-        await runtime.start_sinks()
+        if runtime.store_ready.is_set():
+            await starting  # the usual start: sinks run before relay listens
         yield
     finally:
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         await runtime.stop_sinks()
 
 
@@ -272,15 +359,24 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         if not runtime.store.shared:
             yield
             return
-        counting = asyncio.create_task(runtime.watch_backlog(), name="relay-watch-backlog")
+        counting = asyncio.create_task(
+            _when_store_ready(runtime, runtime.watch_backlog), name="relay-watch-backlog"
+        )
         yield
         counting.cancel()
         await asyncio.gather(counting, return_exceptions=True)
         return
+    # Each waits for the store: a relay started on a full disk opens it later.
     tasks = [
-        asyncio.create_task(_housekeep(runtime), name="relay-housekeeping"),
-        asyncio.create_task(runtime.every_second(), name="relay-every-second"),
-        asyncio.create_task(_watch_work(runtime), name="relay-watch-work"),
+        asyncio.create_task(
+            _when_store_ready(runtime, partial(_housekeep, runtime)), name="relay-housekeeping"
+        ),
+        asyncio.create_task(
+            _when_store_ready(runtime, runtime.every_second), name="relay-every-second"
+        ),
+        asyncio.create_task(
+            _when_store_ready(runtime, partial(_watch_work, runtime)), name="relay-watch-work"
+        ),
     ]
     app[HOUSEKEEPER] = tasks[0]
     if runtime.config.server.watch_config and runtime.config_path is not None:

@@ -123,6 +123,16 @@ class StoreUnavailable(RelayError):
     """The store could not persist; ingest answers 503 so the sender retries."""
 
 
+class StoreNotWritable(StoreUnavailable):
+    """The store's disk takes no writes now: it is full, or mounted read-only. A relay
+    starting on it listens anyway, answers 503 and waits for the disk (relay.app)."""
+
+    def __init__(self, path: str, *, free_bytes: int | None, read_only: bool, cause: str) -> None:
+        self.path, self.free_bytes, self.read_only, self.cause = path, free_bytes, read_only, cause
+        state = "is mounted read-only" if read_only else f"has {free_bytes} bytes free"
+        super().__init__(f"the disk of the store at {path} {state}: {cause}")
+
+
 class StoreTooNew(StoreUnavailable):
     """The store's schema is newer than this relay knows: a newer relay wrote it."""
 

@@ -24,7 +24,7 @@ from relay.backlog import Backlog
 from relay.clock import WallClock
 from relay.config import RelayConfig, load_config
 from relay.dispatch import Dispatcher
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreNotWritable
 from relay.ingest import Ingest
 from relay.logs import configure as configure_logs
 from relay.metrics import Metrics
@@ -127,6 +127,11 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[bool]] = set()
         self._closing = False
+        # Set once the store is open. A relay started on a disk that takes no writes
+        # (full, read-only) listens first and opens it when it can (relay.app); until
+        # then `store_waiting` says why, and the sinks and background work wait.
+        self.store_ready = asyncio.Event()
+        self.store_waiting: StoreNotWritable | None = None
         # Taken now, with the config just loaded: an edit before the watcher's first
         # look is still a change.
         self.fingerprint = None if config_path is None else Fingerprint.of(config_path)
@@ -135,6 +140,8 @@ class Runtime:
         """Store events durably (group commit), then wake the sinks that got work.
         Raises QueueFull, storing nothing, if a new event is for a sink whose queue is
         full; a retry of one already stored is still answered as the duplicate it is."""
+        if self.store_waiting is not None:
+            raise self.store_waiting  # the disk takes no writes yet: 503, the sender retries
         if blocked := self.backlog.blocked(events):
             seen = await self.store.seen([event.id for event in blocked])
             if any(event.id not in seen for event in blocked):

@@ -12,9 +12,11 @@ SCHEMA_VERSION; the server brings an older store up to it with MIGRATIONS on ope
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import math
+import os
 import shutil
 import sqlite3
 import time
@@ -29,7 +31,7 @@ from typing import Any, BinaryIO, TypeVar
 import structlog
 
 from relay.config import SqliteStoreConfig
-from relay.errors import StoreNeedsUpgrade, StoreTooNew, StoreUnavailable
+from relay.errors import StoreNeedsUpgrade, StoreNotWritable, StoreTooNew, StoreUnavailable
 from relay.models import Delivery
 from relay.store.contract import Store
 from relay.store.groupcommit import GroupCommit
@@ -307,6 +309,50 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
+def _nearest_existing(path: Path) -> Path:
+    # The store's folder may not exist yet (a full disk refused to create it).
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def disk_state(path: Path) -> tuple[int | None, bool]:
+    """(free bytes, mounted read-only) of the file system the store lives on."""
+    try:
+        stat = os.statvfs(_nearest_existing(path.parent))
+    except OSError:
+        return None, False
+    return stat.f_bavail * stat.f_frsize, bool(stat.f_flag & os.ST_RDONLY)
+
+
+# What SQLite and the OS say when a write found no room or no right to write.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FULL_WORDS = ("database or disk is full",)
+_READ_ONLY_WORDS = ("readonly database", "read-only file system")
+# Said of a full or read-only disk too, but also of a failing one: believed only when
+# the disk is in fact (nearly) full or read-only.
+_VAGUE_WORDS = ("disk i/o error", "unable to open database file")
+
+
+def not_writable(path: Path, exc: BaseException, min_free_bytes: int) -> StoreNotWritable | None:
+    """`exc`, raised opening the store, as a disk that takes no writes; None when it is
+    something else (a corrupt file, a lock held, a bad path), which start-up reports."""
+    if not isinstance(exc, sqlite3.OperationalError | OSError):
+        return None
+    text = str(exc).lower()
+    code = exc.errno if isinstance(exc, OSError) else None
+    free, read_only = disk_state(path)
+    full = code in _FULL_ERRNOS or any(w in text for w in _FULL_WORDS)
+    read_only = read_only or code == errno.EROFS or any(w in text for w in _READ_ONLY_WORDS)
+    if not (full or read_only):
+        low = free is not None and free < min_free_bytes
+        if not (low and any(w in text for w in _VAGUE_WORDS)):
+            return None
+    cause = str(exc) or exc.__class__.__name__
+    return StoreNotWritable(str(path), free_bytes=free, read_only=read_only, cause=cause)
+
+
 def _in_chunks(ids: Sequence[T]) -> Iterator[tuple[Sequence[T], str]]:
     """`ids` in slices of 500 (well within SQLite's bound-variable limit), each with the
     placeholders of its `IN (...)`."""
@@ -352,7 +398,9 @@ def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ..
 class SqliteStore:
     @classmethod
     def from_config(cls, config: SqliteStoreConfig, *, dedupe_window: float) -> SqliteStore:
-        return cls(config.path, dedupe_window=dedupe_window)
+        store = cls(config.path, dedupe_window=dedupe_window)
+        store.min_free_bytes = config.min_free_bytes
+        return store
 
     def __init__(self, path: Path, *, dedupe_window: float) -> None:
         self.path = path
@@ -370,6 +418,9 @@ class SqliteStore:
         # How long a write waits for another process's (a `relay dlq` command's)
         # transaction before it fails as StoreUnavailable.
         self.busy_timeout = 5.0
+        # Below this much free disk a vague write error at open ("disk I/O error") is
+        # taken for a full disk (store.min_free_bytes).
+        self.min_free_bytes = 100 * 1024 * 1024
         self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
             self._executor.submit, self._accept_group
         )
@@ -407,7 +458,13 @@ class SqliteStore:
                 f"no store at {self.path} (is --config, or RELAY_CONFIG, the service's"
                 " config file?)"
             )
-        migrated_from = await self._run(lambda: self._open(exclusive))
+        try:
+            migrated_from = await self._run(lambda: self._open(exclusive))
+        except (sqlite3.OperationalError, OSError) as exc:
+            problem = not_writable(self.path, exc, self.min_free_bytes)
+            if problem is None:
+                raise
+            raise problem from exc
         if migrated_from is not None:
             log.info(
                 "store.migrated",
