@@ -334,8 +334,16 @@ class _SourceBase(_Model):
     allow_ips: list[IPvAnyNetwork] | None = None
 
 
-# An HTTP header name (RFC 9110 token).
-HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _check_header_name(value: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise ValueError("expected an HTTP header name (letters, digits and - . _ etc.)")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 
 
 def _token_not_empty(value: SecretStr) -> SecretStr:
@@ -458,6 +466,15 @@ class CloudEventsSourceConfig(_SourceBase):
     def _token_header_needs_token(self) -> CloudEventsSourceConfig:
         if self.token_header is not None and self.token is None:
             raise ValueError("token_header names where the token comes; set token too")
+        # A ce-* header is an attribute of the event in binary mode, kept with it.
+        for key, header in (
+            ("token_header", self.token_header),
+            ("hmac.header", self.hmac and self.hmac.header),
+        ):
+            if header and header.lower().startswith("ce-"):
+                raise ValueError(
+                    f"{key}: a ce-* header is a CloudEvents attribute; choose another name"
+                )
         return self
 
     @property

@@ -136,14 +136,15 @@ class Ingest:
             if source.authenticates:
                 # The sender proved who it is, so this is no scanner: likely an upstream
                 # format change. Keep the body; the answer stays the 4xx.
+                kept, kept_type = source.quarantine_form(meta, body, content_type)
                 self.quarantine(
                     Quarantined(
                         source=name,
                         received_at=received_at.timestamp(),
                         error=exc.code,
                         reason=exc.message,
-                        content_type=content_type,
-                        body=body,
+                        content_type=kept_type,
+                        body=kept,
                     )
                 )
             raise
@@ -165,12 +166,12 @@ class Ingest:
             raise InvalidBody(
                 f"the body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
             )
-        # A notifier batch is counted before its records are validated, which is where
-        # the CPU goes; any other shape is counted by what it becomes.
-        batch = document.get("events") if isinstance(document, dict) else None
-        if isinstance(batch, list) and len(batch) > limits.max_records:
+        # A batch is counted before its records are validated, which is where the CPU
+        # goes; any other shape is counted by what it becomes.
+        count = source.records_in(document)
+        if count is not None and count > limits.max_records:
             raise TooManyRecords(
-                f"the body holds {len(batch)} events; the limit is {limits.max_records}"
+                f"the body holds {count} events; the limit is {limits.max_records}"
             )
         try:
             envelopes = source.parse(meta, document, received_at)

@@ -174,7 +174,8 @@ def object_size(data: Any) -> int | None:
     if not isinstance(data, dict):
         return None
     if "qingstor" in data:
-        return byte_count(dig(data, ("qingstor", "object", "size")))
+        size = dig(data, ("qingstor", "object", "size"))  # QingStor writes a number
+        return size if type(size) is int and size >= 0 else None
     if "s3" in data:
         return byte_count(dig(data, ("s3", "object", "size")))
     if "specversion" in data:

@@ -23,7 +23,7 @@ from cloudevents.core.bindings.http import (
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from relay.app import STORE
+from relay.app import RUNTIME, STORE
 from relay.errors import InvalidBody
 from relay.sources.cloudevents import header_attribute
 from tests.conftest import eventually, read_lines, relay_config, sample
@@ -413,6 +413,88 @@ async def test_bad_input_gets_a_clear_4xx_and_nothing_is_stored(
     assert (response.status, answer["error"]) == (status, code), answer
     assert fragment in answer["message"]
     assert await client.app[STORE].counts() == {"events": 0}
+
+
+async def test_a_wrong_credential_in_one_place_does_not_hide_the_right_one(tmp_path, start_relay):
+    client = await start_relay(ce_config(tmp_path))
+    message = to_structured_event(event())
+    headers = {**message.headers, "Authorization": "Bearer something-a-proxy-added"}
+    response = await client.post(f"/hooks/bus?token={TOKEN}", data=message.body, headers=headers)
+    assert await response.json() == {"accepted": 1, "duplicates": 0}
+
+
+BINARY = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ([("ce-id", "a"), ("ce-id", "b")], "more than once"),
+        ([("ce-data", "x")], "not data"),
+    ],
+)
+async def test_binary_headers_that_make_the_event_ambiguous_are_refused(
+    tmp_path, start_relay, headers, fragment
+):
+    from multidict import CIMultiDict
+
+    client = await start_relay(ce_config(tmp_path))
+    sent = CIMultiDict([(k, v) for k, v in BINARY.items() if k != "ce-id"] + headers)
+    sent.setdefault("ce-id", "1")
+    response = await client.post("/hooks/open", data=b"{}", headers=sent)
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (400, "invalid_event")
+    assert fragment in answer["message"]
+    assert await client.app[STORE].counts() == {"events": 0}
+
+
+@pytest.mark.parametrize("value", ["!!!not base64", {"a": 1}, 12])
+async def test_data_base64_must_be_base64(tmp_path, start_relay, value):
+    client = await start_relay(ce_config(tmp_path))
+    response = await client.post("/hooks/open", **_structured({**GOOD, "data_base64": value}))
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (400, "invalid_event")
+    assert "data_base64" in answer["message"]
+
+
+@pytest.mark.parametrize("time", ["2024-01-01", "2024-01-01 00:00", "20240101T000000"])
+async def test_a_time_that_is_iso_but_not_rfc3339_is_not_the_events_time(
+    tmp_path, start_relay, time
+):
+    client = await start_relay(ce_config(tmp_path))
+    response = await client.post("/hooks/open", **_structured({**GOOD, "time": time}))
+    assert response.status == 200
+    [line] = await eventually(lambda: out(tmp_path))
+    assert line["time"] == line["received_at"]
+    assert line["data"]["time"] == time  # kept as sent
+
+
+async def test_a_refused_binary_event_is_quarantined_in_the_json_format(tmp_path, start_relay):
+    client = await start_relay(ce_config(tmp_path))
+    headers = {**BINARY, "ce-specversion": "0.3", "ce-subject": "a%20b",
+               "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}  # fmt: skip
+    response = await client.post("/hooks/bus", data=b'{"payload": 1}', headers=headers)
+    assert response.status == 400
+    await client.app[RUNTIME].finish_quarantine()
+    [kept] = list(await client.app[STORE].quarantined())
+    assert kept.content_type == "application/cloudevents+json"
+    assert json.loads(kept.body) == {
+        "specversion": "0.3", "id": "1", "source": "/s", "type": "t", "subject": "a b",
+        "datacontenttype": "application/json", "data": {"payload": 1},
+    }  # fmt: skip
+    assert TOKEN.encode() not in kept.body
+
+
+def test_a_ce_header_cannot_carry_the_token_or_the_signature(tmp_path):
+    from relay.errors import ConfigError
+
+    for source in (
+        {"kind": "cloudevents", "token": TOKEN, "token_header": "ce-token"},
+        {"kind": "cloudevents", "hmac": {"secrets": [SECRET], "header": "Ce-Signature"}},
+    ):
+        with pytest.raises(ConfigError) as refused:
+            ce_config(tmp_path, sources={"b": source})
+        assert "CloudEvents attribute" in str(refused.value)
 
 
 def test_only_sources_without_a_token_or_signature_count_as_open(tmp_path):

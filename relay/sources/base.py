@@ -11,7 +11,7 @@ from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Protocol
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from relay import jsoncodec
 from relay.errors import Forbidden, InvalidBody, Unauthorized, UnsupportedMediaType
@@ -49,6 +49,16 @@ class Source(Protocol):
     def decode(self, meta: RequestMeta, body: bytes, content_type: str) -> Any:
         """The body as the document parse() reads: for most kinds its JSON
         (`decode_json`); raise InvalidBody or UnsupportedMediaType when it is none."""
+
+    def records_in(self, document: Any) -> int | None:
+        """How many events the document holds, if that can be told without validating
+        it (a batch's length), so that a body over server.max_records costs nothing."""
+
+    def quarantine_form(
+        self, meta: RequestMeta, body: bytes, content_type: str
+    ) -> tuple[bytes, str]:
+        """The body and content type to keep in quarantine for a request that could not
+        be used: what it takes to post it again."""
 
     def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
         """Check a signature over the raw body; raise Unauthorized when it fails.
@@ -115,13 +125,21 @@ def check_token(
     Token, `header` when the source names one, and `Authorization: Bearer` when `bearer`."""
     if token is None:
         return
-    presented = (
-        (header_value(meta.headers, header) if header else None)
-        or header_value(meta.headers, TOKEN_HEADER)
-        or (bearer_token(meta) if bearer else None)
-        or meta.query.get("token")
-    )
-    if not token_matches(token.get_secret_value(), presented):
+    presented = [
+        value
+        for value in (
+            header_value(meta.headers, header) if header else None,
+            header_value(meta.headers, TOKEN_HEADER),
+            bearer_token(meta) if bearer else None,
+            meta.query.get("token"),
+        )
+        if value
+    ]
+    expected = token.get_secret_value()
+    # Any place may carry it: a proxy, or MinIO's auth_token, may fill Authorization
+    # with something else while the URL has the token. Each is compared in full.
+    matched = [token_matches(expected, value) for value in presented]
+    if not any(matched):
         what = "invalid" if presented else "missing"
         headers = [
             TOKEN_HEADER,
@@ -166,5 +184,29 @@ def decode_json(body: bytes, content_type: str) -> Any:
 class JsonBody:
     """For the kinds whose every body is a JSON document."""
 
+    # The key of the document's list of records, for kinds that batch them.
+    batch_key: str | None = None
+
     def decode(self, meta: RequestMeta, body: bytes, content_type: str) -> Any:
         return decode_json(body, content_type)
+
+    def records_in(self, document: Any) -> int | None:
+        batch = document.get(self.batch_key) if self.batch_key and type(document) is dict else None
+        return len(batch) if isinstance(batch, list) else None
+
+    def quarantine_form(
+        self, meta: RequestMeta, body: bytes, content_type: str
+    ) -> tuple[bytes, str]:
+        return body, content_type
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """A short, sender-facing account of what is wrong, without echoing the input."""
+    parts = []
+    for item in error.errors()[:5]:
+        loc = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{prefix}{loc}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

@@ -13,6 +13,7 @@ relay knows (relay.vocabulary) get their bucket, key and relay's type.
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from relay import jsoncodec
 from relay.config import CloudEventsSourceConfig
 from relay.errors import InvalidBody, UnsupportedMediaType
 from relay.models import Envelope, event_id, isoformat
@@ -33,6 +35,7 @@ SPECVERSION = "1.0"
 _REQUIRED = ("id", "source", "type")
 _NAME = re.compile(r"[a-z0-9]+")
 _HEADER_PREFIX = "ce-"
+_RESERVED = frozenset({"data", "data_base64"})
 # A quoted-string header value (RFC 7230), which the binding says to read for older
 # senders: the quotes go, and each backslash-escaped character stands for itself.
 _QUOTED_PAIR = re.compile(r"\\(.)")
@@ -79,13 +82,17 @@ def binary_attributes(headers: Mapping[str, str]) -> dict[str, Any]:
         if not lowered.startswith(_HEADER_PREFIX):
             continue
         name = lowered.removeprefix(_HEADER_PREFIX)
-        if not _NAME.fullmatch(name):
+        if not _NAME.fullmatch(name) or name in _RESERVED:
             raise InvalidBody(
-                f"{header}: CloudEvents attribute names are lower-case letters and digits",
+                f"{header}: CloudEvents attribute names are lower-case letters and digits,"
+                " and not data",
                 code="invalid_event",
             )
         if name == "datacontenttype":
             continue  # Content-Type carries it in binary mode
+        if name in attributes:
+            # Which of two ids (or sources) is the event's? Dedupe would rest on a guess.
+            raise InvalidBody(f"{header} is given more than once", code="invalid_event")
         attributes[name] = header_attribute(header, value)
     content_type = header_value(headers, "Content-Type")
     if content_type:
@@ -145,6 +152,8 @@ def check_event(event: Any, where: str = "") -> dict[str, Any]:
         raise InvalidBody(
             f"{where}an event carries data or data_base64, not both", code="invalid_event"
         )
+    if "data_base64" in event and not _is_base64(event["data_base64"]):
+        raise InvalidBody(f"{where}data_base64 is not a base64 string", code="invalid_event")
     for name, value in event.items():
         if name in ("data", "data_base64"):
             continue
@@ -162,17 +171,35 @@ def check_event(event: Any, where: str = "") -> dict[str, Any]:
     return event
 
 
+def _is_base64(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def is_rfc3339(value: Any) -> bool:
+    """A full date and time with its offset, as CloudEvents' `time` must be; Python's
+    ISO reader would also take a bare date or a time without a zone."""
+    if not isinstance(value, str) or len(value) < 20 or value[10] not in "Tt":
+        return False
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return moment.tzinfo is not None
+
+
 def event_time(value: Any, fallback: str | None, received_at: datetime) -> str:
     """The envelope's time: the event's `time` when it is RFC 3339; the storage event's
     own time when a bus wrote something else there (Tencent's epoch milliseconds,
     Alibaba's `...Asia/Shanghai`); else the receipt."""
     for candidate in (value, fallback):
-        if isinstance(candidate, str) and candidate:
-            try:
-                datetime.fromisoformat(candidate)
-            except ValueError:
-                continue
-            return candidate
+        if is_rfc3339(candidate):
+            return str(candidate)
     if isinstance(value, str) and value.isascii() and value.isdigit():
         try:
             return isoformat(datetime.fromtimestamp(int(value) / 1000, tz=UTC))
@@ -219,6 +246,36 @@ class CloudEventsSource:
     def verify(self, meta: RequestMeta, body: bytes, now: float) -> None:
         if self._hmac is not None:
             self._hmac.verify(meta, body)
+
+    def records_in(self, document: Any) -> int | None:
+        return len(document) if type(document) is list else None
+
+    def quarantine_form(
+        self, meta: RequestMeta, body: bytes, content_type: str
+    ) -> tuple[bytes, str]:
+        """A binary-mode event's attributes are in its headers, which quarantine does not
+        keep: it keeps the event in the JSON format instead, so it can be posted again."""
+        if self._mode(meta, content_type) != "binary":
+            return body, content_type
+        attributes: dict[str, Any] = {}
+        for header, value in meta.headers.items():
+            name = header.lower().removeprefix(_HEADER_PREFIX)
+            if header.lower().startswith(_HEADER_PREFIX) and name not in attributes:
+                try:
+                    attributes[name] = header_attribute(header, value)
+                except InvalidBody:
+                    attributes[name] = value  # as it came: that may be what was wrong
+        declared = header_value(meta.headers, "Content-Type")
+        if declared:
+            attributes["datacontenttype"] = declared
+        try:
+            data: Any = (
+                decode_json(body, content_type) if is_json_type(content_type) else RawData(body)
+            )
+        except InvalidBody:
+            data = RawData(body)
+        event = with_data(attributes, data if body else NO_DATA)
+        return jsoncodec.dumps(event).encode("utf-8"), STRUCTURED
 
     @staticmethod
     def _mode(meta: RequestMeta, content_type: str) -> str:

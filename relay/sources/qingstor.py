@@ -17,22 +17,12 @@ from relay.models import (
     notifier_envelopes,
     tupu_porn_envelope,
 )
-from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token
-
-
-def describe(error: ValidationError, prefix: str = "") -> str:
-    """A short, sender-facing account of what is wrong, without echoing the input."""
-    parts = []
-    for item in error.errors()[:5]:
-        loc = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{prefix}{loc}: {item['msg']}")
-    more = error.error_count() - len(parts)
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
+from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token, describe
 
 
 class QingStorSource(JsonBody):
+    batch_key = "events"
+
     def __init__(self, name: str, config: QingStorSourceConfig) -> None:
         self.name = name
         self.config = config

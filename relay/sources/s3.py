@@ -1,11 +1,11 @@
 """`kind: s3`: S3 event notifications pushed over HTTP (MinIO's webhook target, Ceph's
 HTTP topics), one event per record.
 
-MinIO wraps the S3 message as `{"EventName", "Key", "Records"}`; Ceph and S3 itself
-send `{"Records": [...]}`. Neither signs its POSTs: MinIO sends its `auth_token` as
-`Authorization: Bearer`, and a URL can carry `?token=`. MinIO re-posts an unanswered
-event until it is answered, unchanged: the id comes from the event, so a repeat is a
-duplicate.
+MinIO wraps the S3 message as `{"EventName", "Key", "Records"}`; Ceph sends
+`{"Records": [...]}`, as S3 itself does. Neither signs its POSTs: MinIO sends its
+`auth_token` as `Authorization: Bearer`, and a URL can carry `?token=`. MinIO re-posts
+an unanswered event until it is answered, unchanged: the id comes from the event, so a
+repeat is a duplicate.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relay.config import S3SourceConfig
 from relay.errors import InvalidBody
-from relay.models import Envelope, event_id, isoformat
-from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token
-from relay.sources.qingstor import describe
+from relay.models import Envelope, canonical_json, event_id, isoformat
+from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token, describe
 from relay.vocabulary import s3_event_name, s3_type
 
 
@@ -35,24 +34,25 @@ class S3Bucket(_Lenient):
 
 
 class S3Object(_Lenient):
-    key: str = Field(min_length=1)
-    size: int | None = Field(None, ge=0)
-    etag: str | None = Field(None, alias="eTag")
-    version_id: str | None = Field(None, alias="versionId")
-    sequencer: str | None = None
+    # Only what the id needs is read; the rest stays in `data` as sent. MinIO re-posts
+    # a refused event for ever and holds its queue behind it, so a 400 over a field
+    # relay does not need (a size written oddly) would stall the bucket's notifications.
+    # Bucket events (MinIO's s3:BucketCreated) have no object key.
+    key: str | None = None
+    version_id: Any = Field(None, alias="versionId")
+    sequencer: Any = None
 
 
 class S3Entity(_Lenient):
     bucket: S3Bucket
-    object: S3Object
+    object: S3Object = S3Object()
 
 
 class S3Record(_Lenient):
-    event_version: str | None = Field(None, alias="eventVersion")
-    event_source: str | None = Field(None, alias="eventSource")
     event_time: str = Field(alias="eventTime")
     event_name: str = Field(min_length=1, alias="eventName")
-    response_elements: dict[str, Any] | None = Field(None, alias="responseElements")
+    event_source: Any = Field(None, alias="eventSource")
+    response_elements: Any = Field(None, alias="responseElements")
     s3: S3Entity
 
     @field_validator("event_time")
@@ -66,7 +66,7 @@ class S3Record(_Lenient):
 
 
 class S3Message(_Lenient):
-    records: list[S3Record] = Field(min_length=1, alias="Records")
+    records: list[S3Record] = Field(alias="Records")
 
 
 def decode_key(raw: str) -> str:
@@ -83,9 +83,17 @@ def decode_key(raw: str) -> str:
 
 
 def _request_id(record: S3Record) -> str:
-    elements = record.response_elements or {}
-    value = elements.get("x-amz-request-id")
+    elements = record.response_elements
+    value = elements.get("x-amz-request-id") if isinstance(elements, dict) else None
     return value if isinstance(value, str) else ""
+
+
+def _mark(value: Any) -> str:
+    # A sequencer or version id as a part of the id: stores write strings, but any
+    # value still identifies; only its absence is "".
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else canonical_json(value)
 
 
 # Stores that write keys into their records as they are, not URL-encoded.
@@ -103,24 +111,26 @@ def s3_envelopes(
     envelopes = []
     for record, original in zip(message.records, document["Records"], strict=True):
         bucket = record.s3.bucket.name
-        raw = key_encoding == "raw" or (key_encoding == "auto" and record.event_source in _RAW_KEYS)
-        key = record.s3.object.key if raw else decode_key(record.s3.object.key)
-        name = s3_event_name(record.event_name)
+        store = record.event_source if isinstance(record.event_source, str) else ""
+        raw = key_encoding == "raw" or (key_encoding == "auto" and store in _RAW_KEYS)
         obj = record.s3.object
+        key = (obj.key if raw else decode_key(obj.key)) if obj.key else None
+        name = s3_event_name(record.event_name)
         request_id = _request_id(record)
+        sequencer = _mark(obj.sequencer)
         # What tells one event from another: the object, what happened, and S3's own
         # marks for this change (the sequencer orders changes to one key, the request
         # id names the request). Without either mark, the event's time stands in.
-        marks: tuple[str, ...] = (obj.sequencer or "", request_id, obj.version_id or "")
-        if not obj.sequencer and not request_id:
+        marks: tuple[str, ...] = (sequencer, request_id, _mark(obj.version_id))
+        if not sequencer and not request_id:
             marks += (record.event_time,)
         envelopes.append(
             Envelope(
-                id=event_id("s3", bucket, key, name, *marks),
+                id=event_id("s3", bucket, key or "", name, *marks),
                 source=source,
                 type=s3_type(name),
                 time=record.event_time,
-                subject=f"{bucket}/{key}",
+                subject=f"{bucket}/{key}" if key else bucket,
                 bucket=bucket,
                 key=key,
                 received_at=received,
@@ -132,12 +142,14 @@ def s3_envelopes(
 
 
 def _is_test_event(document: dict[str, Any]) -> bool:
-    # S3 posts `{"Service": "Amazon S3", "Event": "s3:TestEvent", ...}` when a
-    # notification is configured: a check of the wiring, no object event.
+    # S3's check of the wiring when a notification is configured, should a forwarder
+    # pass it on: `{"Service": "Amazon S3", "Event": "s3:TestEvent", ...}`.
     return document.get("Event") == "s3:TestEvent" and "Records" not in document
 
 
 class S3Source(JsonBody):
+    batch_key = "Records"
+
     def __init__(self, name: str, config: S3SourceConfig) -> None:
         self.name = name
         self.config = config
