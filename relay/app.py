@@ -272,6 +272,10 @@ async def _open_store(runtime: Runtime) -> None:
     if runtime.leader:
         for warning in await store.warnings():
             log.warning("store.durability", message=warning)
+        # Opened on a disk with too little room (after a crash nothing needed writing
+        # yet): say so at once, not only when the first POST is refused.
+        if low := await store.health(runtime.config.store.min_free_bytes):
+            log.warning("store.disk_low", message=f"{low}; /readyz is not ready until it has room")
     runtime.store_ready.set()
 
 

@@ -1372,7 +1372,7 @@ class SqliteStore:
         # A sender is better told to wait before a full disk turns every ingest into a 503.
         free = await asyncio.to_thread(_free_bytes, self.path)
         if free is not None and free < min_free_bytes:
-            return f"the store's disk is nearly full ({free} bytes free)"
+            return f"the store's disk is nearly full ({free} bytes free at {self.path.parent})"
         return None
 
     async def ping(self) -> None:
