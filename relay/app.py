@@ -8,6 +8,7 @@ and drains first, then the sinks close, then the store.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -703,8 +704,21 @@ def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) ->
     prefix = _metrics_prefix(config)
     if isinstance(config.store, SqliteStoreConfig):
         path = Path(f"{prefix}{os.getpid()}")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # Each process's counters take a file of 1 MiB at first (prometheus-client's
+            # mmap): a disk that cannot hold one is no place for them.
+            probe = path / ".probe"
+            probe.write_bytes(bytes(1 << 20))
+            probe.unlink()
+            return path
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            # The store's disk is full or read-only: relay starts anyway and waits for
+            # it; the counters and config snapshot live in the temporary folder meanwhile.
+            shutil.rmtree(path, ignore_errors=True)
+            prefix = Path(tempfile.gettempdir()) / prefix.name
     # In the shared temporary folder: a new folder of this user's only (mode 0700), never
     # one another user could have made first under a name known in advance.
     return Path(tempfile.mkdtemp(prefix=f"{prefix.name}{os.getpid()}-", dir=prefix.parent))
