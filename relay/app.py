@@ -103,7 +103,8 @@ async def _answer(
             response.force_close()
         return response
     except StoreUnavailable as exc:
-        if _store_errors.new(str(exc), time.monotonic()):
+        # Once a spell: a full disk refuses every POST, and each has its request line.
+        if request.app[RUNTIME].store_errors.new(type(exc).__name__, time.monotonic()):
             log.error("ingest.store_unavailable", error=str(exc))
         response = error_response(
             503, "store_unavailable", "relay cannot persist events right now; retry later"
@@ -119,24 +120,6 @@ async def _answer(
     except Exception:
         log.exception("request.unhandled")
         return error_response(500, "internal_error", "relay failed; see its log")
-
-
-class _OncePerSpell:
-    """Whether a message is worth a log line: a new one, or the same after `every`
-    seconds. A full disk refuses every POST; each has its request line already."""
-
-    def __init__(self, every: float = 60.0) -> None:
-        self.every = every
-        self.last: tuple[str, float] | None = None
-
-    def new(self, message: str, now: float) -> bool:
-        if self.last is not None and self.last[0] == message and now - self.last[1] < self.every:
-            return False
-        self.last = (message, now)
-        return True
-
-
-_store_errors = _OncePerSpell()
 
 
 def _count(request: web.Request, status: int, started: float) -> None:
@@ -291,11 +274,13 @@ async def _open_when_writable(runtime: Runtime, waiting: StoreNotWritable) -> No
         except StoreNotWritable as exc:
             runtime.store_waiting = exc  # the latest free space, for /readyz
             continue
-        except Exception:
-            # Not the disk any more (a corrupt file, say): say so, and keep answering
-            # 503 rather than exit behind the operator's back.
-            log.exception("store.open_failed", path=waiting.path)
-            continue
+        except Exception as exc:
+            # The disk has room, and the store still does not open (another relay took
+            # its lock meanwhile, a newer relay's file): what would have stopped a start
+            # stops relay now, as a start-up failure.
+            log.error("store.open_failed", path=waiting.path, error=str(exc))
+            runtime.fail(exc)
+            return
         runtime.store_waiting = None
         log.info("store.writable", path=waiting.path, waited_s=round(time.monotonic() - started, 1))
         return
@@ -310,7 +295,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         # A supervisor restarting relay in a loop helps nobody: listen, answer 503 (the
         # senders retry), and open the store once the disk has room again.
         runtime.store_waiting = exc
-        log.error(
+        # One line for the operator: the leader's (each worker waits as well, quietly).
+        log.log(
+            logging.ERROR if runtime.leader else logging.DEBUG,
             "store.not_writable",
             path=exc.path,
             free_bytes=exc.free_bytes,
@@ -486,6 +473,13 @@ async def serve(
         loader = snapshot.load
     app = create_app(config, config_path, server_overrides, worker=worker, metrics_dir=metrics_dir)
     runtime = app[RUNTIME]
+    fatal: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        stop.set()
+
+    runtime.on_fatal = on_fatal
     if loader is not None:
         runtime.loader = loader
     config = runtime.config
@@ -596,6 +590,8 @@ async def serve(
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+    if fatal:
+        raise fatal[0]  # reported as a start-up failure would be: relay.failed, exit 1
     log.info("relay.stopped")
 
 

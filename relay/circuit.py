@@ -6,8 +6,8 @@ half-open --(the probe succeeds)--> closed, the cool-down back to its first leng
 half-open --(the probe fails)--> open again, for twice the last cool-down (capped)
 
 The rate, not a run of failures, is what tells a dead sink from a flaky one: a sink
-failing one send in five fails five in a row about once in 3,900 sends, and sooner
-with several sends in flight, while its rate stays at 20%. Only sends made within
+failing one send in five fails five in a row about once in 3,900 sends, while its
+rate stays at 20%. Only sends made within
 the last `window` count, and only once there were `min_sends` of them: a handful of
 sends says too little. `failures` also opens it after that many consecutive failures: for a
 sink too quiet to fill the window (10 in a row, by default, which a sink failing one
@@ -92,6 +92,10 @@ class CircuitBreaker:
         self.cooldown = cooldown  # the current one: grows while probes fail
         self.failures = 0  # consecutive failed sends
         self.open_until = 0.0
+        # Counts the openings. A send is judged with the generation it started in:
+        # one started before the circuit opened (several are in flight at once) says
+        # nothing of the sink now, and must neither close the circuit nor fail a probe.
+        self.generation = 0
         # Why it last opened, and the window's figures then: for the log line.
         self.reason: Reason | None = None
         self.seen: tuple[int, int] = (0, 0)
@@ -116,14 +120,19 @@ class CircuitBreaker:
             self.state = "half-open"
         return 1 if self.state == "half-open" else None
 
-    def record(self, succeeded: bool, failed: bool, now: float) -> State | None:
-        """Feed one send's result; returns the new state when it changed.
+    def record(
+        self, succeeded: bool, failed: bool, now: float, generation: int | None = None
+    ) -> State | None:
+        """Feed one send's result; returns the new state when it changed. `generation`
+        is the circuit's when the send started (None: now).
 
         A send that neither succeeded nor failed (the receiver refused one payload for
         good, or asked relay to slow down) says nothing about the sink's health and is
-        not counted.
+        not counted; nor is one that started before the circuit last opened.
         """
         if not self.enabled or not (succeeded or failed):
+            return None
+        if generation is not None and generation != self.generation:
             return None
         before = self.state
         if succeeded:
@@ -153,6 +162,7 @@ class CircuitBreaker:
             self._open(now, "consecutive")
 
     def _open(self, now: float, reason: Reason) -> None:
+        self.generation += 1
         self.state = "open"
         self.reason = reason
         self.open_until = now + self.cooldown

@@ -21,6 +21,7 @@ import structlog
 from relay import logs
 from relay.circuit import CircuitBreaker
 from relay.config import RetryConfig, SinkConfig
+from relay.errors import StoreUnavailable
 from relay.metrics import Metrics
 from relay.models import Delivery, mark_late
 from relay.sinks import Outcome, Sink
@@ -35,6 +36,11 @@ RENEW_SHARE = 1 / 3
 # Writing an outcome the store refused is tried again after 0.5 s, then twice as long
 # each time, up to 5 s: a full disk is back within a poll of getting room.
 SETTLE_RETRY_FIRST, SETTLE_RETRY_MAX = 0.5, 5.0
+SETTLE_REPORT_EVERY = 60.0  # a kept outcome is logged again this often while it waits
+
+
+class _Unsettled(Exception):
+    """A settlement failed for a reason other than the store being unable to write."""
 
 
 def backoff(attempts: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
@@ -328,7 +334,9 @@ class Dispatcher:
             # another relay may send them too. At least once, never lost.
             log.warning("dispatch.claims_lost", sink=lane.name, deliveries=len(lost))
 
-    async def _observe(self, lane: Lane, outcomes: Sequence[Outcome], now: float) -> None:
+    async def _observe(
+        self, lane: Lane, outcomes: Sequence[Outcome], now: float, generation: int
+    ) -> None:
         """Feed one send's result to the sink's circuit and gone flag; log changes."""
         name, circuit = lane.name, lane.circuit
         succeeded = any(o.result == "done" for o in outcomes)
@@ -340,7 +348,7 @@ class Dispatcher:
             else o.result == "retry" and o.status != 429 and o.retry_after is None
             for o in outcomes
         )
-        changed = circuit.record(succeeded, failed, now)
+        changed = circuit.record(succeeded, failed, now, generation)
         if changed == "open":
             sends, failures = circuit.seen
             log.warning(
@@ -379,7 +387,7 @@ class Dispatcher:
         Redis away), keep the outcomes and write them once it can. The send keeps its
         claims meanwhile, so its deliveries are not sent again: only a drain's deadline
         or a crash gives them back, to be sent again (at least once, never lost)."""
-        pause, waiting_since = SETTLE_RETRY_FIRST, 0.0
+        pause, waiting_since, said = SETTLE_RETRY_FIRST, 0.0, 0.0
         while True:
             settling = asyncio.ensure_future(self.store.settle(settlements, now))
             try:
@@ -390,19 +398,29 @@ class Dispatcher:
                     # thread; the claims may go back only once it is done.
                     await asyncio.wait({settling})
                     raise
-            except Exception as exc:
-                if not waiting_since:
-                    waiting_since = time.monotonic()
+            except StoreUnavailable as exc:
+                # The store cannot write now (a full disk, Redis away): it will.
+                if time.monotonic() - said >= SETTLE_REPORT_EVERY:
+                    said = time.monotonic()
+                    waiting_since = waiting_since or said
                     log.error(
                         "dispatch.settle_failed",
                         sink=lane.name,
                         deliveries=len(settlements),
                         error=f"{exc.__class__.__name__}: {exc}",
                         kept=True,  # written once the store can, not sent again
+                        waited_s=round(said - waiting_since, 1),
                     )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, SETTLE_RETRY_MAX)
                 continue
+            except Exception:
+                # Anything else may never write: the claims go back and the deliveries
+                # are sent again (at least once, never lost). The pause keeps a failing
+                # store from turning that into a tight loop.
+                log.exception("dispatch.settle_failed", sink=lane.name, deliveries=len(settlements))
+                await asyncio.sleep(1.0)
+                raise _Unsettled() from None
             if waiting_since:
                 log.info(
                     "dispatch.settle_written",
@@ -415,6 +433,7 @@ class Dispatcher:
     async def _deliver(self, lane: Lane, batch: Sequence[Delivery]) -> None:
         name, sink = lane.name, lane.sink
         started = time.monotonic()
+        generation = lane.circuit.generation  # what the circuit was when this send began
         try:
             outcomes = await sink.send(batch)
             if len(outcomes) != len(batch):
@@ -425,12 +444,15 @@ class Dispatcher:
         elapsed = time.monotonic() - started
         now = time.time()
         settlements = [judge(d, o, lane.retry, now) for d, o in zip(batch, outcomes, strict=True)]
-        await self._settle(lane, settlements, now)
+        try:
+            await self._settle(lane, settlements, now)
+        except _Unsettled:
+            return  # the claims go back as the task ends (see finished() in _work)
         # Settled: nothing of this send is held any more, nothing to renew.
         current = asyncio.current_task()
         if current in lane.sending:
             lane.sending[current] = []
-        await self._observe(lane, outcomes, now)
+        await self._observe(lane, outcomes, now, generation)
         if self.metrics is not None:
             self.metrics.delivery_timer(name).observe(elapsed)
         elapsed_ms = round(elapsed * 1000, 1)

@@ -85,6 +85,22 @@ class Fingerprint:
         return cls(info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size, digest)
 
 
+class OncePerSpell:
+    """Whether a kind of error is worth a log line: the first of a spell, or the same
+    kind again after `every` seconds."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self.last: dict[str, float] = {}
+
+    def new(self, kind: str, now: float) -> bool:
+        last = self.last.get(kind)
+        if last is not None and now - last < self.every:
+            return False
+        self.last[kind] = now
+        return True
+
+
 class Runtime:
     def __init__(
         self,
@@ -132,6 +148,10 @@ class Runtime:
         # then `store_waiting` says why, and the sinks and background work wait.
         self.store_ready = asyncio.Event()
         self.store_waiting: StoreNotWritable | None = None
+        self.store_errors = OncePerSpell()
+        # What stops a running relay as if it had failed to start (relay.app.serve sets
+        # it: stop, then exit 1 with the error).
+        self.on_fatal: Callable[[BaseException], None] | None = None
         # Taken now, with the config just loaded: an edit before the watcher's first
         # look is still a change.
         self.fingerprint = None if config_path is None else Fingerprint.of(config_path)
@@ -140,8 +160,15 @@ class Runtime:
         """Store events durably (group commit), then wake the sinks that got work.
         Raises QueueFull, storing nothing, if a new event is for a sink whose queue is
         full; a retry of one already stored is still answered as the duplicate it is."""
-        if self.store_waiting is not None:
-            raise self.store_waiting  # the disk takes no writes yet: 503, the sender retries
+        if (waiting := self.store_waiting) is not None:
+            # The disk takes no writes yet: 503, the sender retries. A new exception each
+            # time: raising one object again would grow its traceback with every request.
+            raise StoreNotWritable(
+                waiting.path,
+                free_bytes=waiting.free_bytes,
+                read_only=waiting.read_only,
+                cause=waiting.cause,
+            )
         if blocked := self.backlog.blocked(events):
             seen = await self.store.seen([event.id for event in blocked])
             if any(event.id not in seen for event in blocked):
@@ -242,12 +269,18 @@ class Runtime:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    def fail(self, exc: BaseException) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
     async def start_sinks(self) -> None:
         """Start every configured sink and its lane; dead-letter work for sinks gone
         from the config since the last run."""
         if not self.leader:
             return
         async with self._lock:
+            if self._closing:
+                return  # the store opened as relay was stopping: nothing to start
             retired = await self.store.retire_sinks(self.config.sinks)
             if retired:
                 log.warning("sink.removed", deliveries_dead_lettered=retired)
@@ -356,6 +389,16 @@ class Runtime:
         """Swap `config` in. The new sinks are built and started first: if one fails,
         they are closed again and nothing of the new config is in force (ConfigError)."""
         old = self.config
+        if not self.store_ready.is_set():
+            # Waiting for the store's disk: no sink runs yet. The new config is what they
+            # start with once it opens (start_sinks reads self.config); only the ingest
+            # side changes now.
+            if config.log != old.log:
+                configure_logs(config.log.level, config.log.format)
+            self.store.dedupe_window = config.dedupe.window
+            self._apply_ingest(config)
+            self.config = config
+            return
         # A worker runs no sinks: for it only the ingest side changes.
         sinks = (old.sinks, config.sinks) if self.leader else ({}, {})
         removed = [n for n in sinks[0] if n not in sinks[1]]

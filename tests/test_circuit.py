@@ -136,6 +136,23 @@ def test_the_window_forgets_what_is_older_than_it():
     assert circuit.window.totals(5.0) == (0, 0)
 
 
+def test_sends_started_before_it_opened_count_for_nothing():
+    circuit = CircuitBreaker(min_sends=4, cooldown=10.0)
+    before = circuit.generation  # four sends start, and more are in flight
+    for t in range(4):
+        circuit.record(False, True, float(t), before)
+    assert circuit.state == "open"
+    # A send started before it opened succeeds a moment later: the sink is not back.
+    assert circuit.record(True, False, 4.0, before) is None
+    assert circuit.state == "open"
+    assert circuit.allowance(14.0) == 1  # the probe
+    probe = circuit.generation
+    # Another old send fails while the probe is out: it is not the probe's answer.
+    assert circuit.record(False, True, 14.5, before) is None
+    assert (circuit.state, circuit.cooldown) == ("half-open", 10.0)
+    assert circuit.record(True, False, 15.0, probe) == "closed"
+
+
 def test_disabled_never_opens():
     circuit = CircuitBreaker(enabled=False, min_sends=1, failures=1)
     opened, _ = run(circuit, lambda: True, 1000, per_second=10.0)

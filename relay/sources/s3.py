@@ -14,11 +14,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from relay.config import S3SourceConfig
 from relay.errors import InvalidBody
-from relay.models import Envelope, canonical_json, event_id, isoformat
+from relay.models import Envelope, IsoTime, canonical_json, event_id, isoformat
 from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token, describe
 from relay.vocabulary import s3_event_name, s3_type
 
@@ -49,20 +49,11 @@ class S3Entity(_Lenient):
 
 
 class S3Record(_Lenient):
-    event_time: str = Field(alias="eventTime")
+    event_time: IsoTime = Field(alias="eventTime")
     event_name: str = Field(min_length=1, alias="eventName")
     event_source: Any = Field(None, alias="eventSource")
     response_elements: Any = Field(None, alias="responseElements")
     s3: S3Entity
-
-    @field_validator("event_time")
-    @classmethod
-    def _iso_time(cls, value: str) -> str:
-        try:
-            datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("eventTime must be an ISO-8601 time") from None
-        return value
 
 
 class S3Message(_Lenient):

@@ -330,25 +330,27 @@ def disk_state(path: Path) -> tuple[int | None, bool]:
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _FULL_WORDS = ("database or disk is full",)
 _READ_ONLY_WORDS = ("readonly database", "read-only file system")
-# Said of a full or read-only disk too, but also of a failing one: believed only when
-# the disk is in fact (nearly) full or read-only.
+# Said of a full or read-only disk too, but also of a failing one, a missing right or
+# a bad path: believed only when the disk is in fact all but full, or read-only.
 _VAGUE_WORDS = ("disk i/o error", "unable to open database file")
+_ALL_BUT_FULL = 1 << 20
 
 
-def not_writable(path: Path, exc: BaseException, min_free_bytes: int) -> StoreNotWritable | None:
+def not_writable(path: Path, exc: BaseException) -> StoreNotWritable | None:
     """`exc`, raised opening the store, as a disk that takes no writes; None when it is
     something else (a corrupt file, a lock held, a bad path), which start-up reports."""
     if not isinstance(exc, sqlite3.OperationalError | OSError):
         return None
     text = str(exc).lower()
     code = exc.errno if isinstance(exc, OSError) else None
-    free, read_only = disk_state(path)
+    free, mounted_ro = disk_state(path)
     full = code in _FULL_ERRNOS or any(w in text for w in _FULL_WORDS)
-    read_only = read_only or code == errno.EROFS or any(w in text for w in _READ_ONLY_WORDS)
+    read_only = code == errno.EROFS or any(w in text for w in _READ_ONLY_WORDS)
+    if not (full or read_only) and any(w in text for w in _VAGUE_WORDS):
+        full = free is not None and free < _ALL_BUT_FULL
+        read_only = mounted_ro
     if not (full or read_only):
-        low = free is not None and free < min_free_bytes
-        if not (low and any(w in text for w in _VAGUE_WORDS)):
-            return None
+        return None
     cause = str(exc) or exc.__class__.__name__
     return StoreNotWritable(str(path), free_bytes=free, read_only=read_only, cause=cause)
 
@@ -398,9 +400,7 @@ def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[Any, ..
 class SqliteStore:
     @classmethod
     def from_config(cls, config: SqliteStoreConfig, *, dedupe_window: float) -> SqliteStore:
-        store = cls(config.path, dedupe_window=dedupe_window)
-        store.min_free_bytes = config.min_free_bytes
-        return store
+        return cls(config.path, dedupe_window=dedupe_window)
 
     def __init__(self, path: Path, *, dedupe_window: float) -> None:
         self.path = path
@@ -418,9 +418,6 @@ class SqliteStore:
         # How long a write waits for another process's (a `relay dlq` command's)
         # transaction before it fails as StoreUnavailable.
         self.busy_timeout = 5.0
-        # Below this much free disk a vague write error at open ("disk I/O error") is
-        # taken for a full disk (store.min_free_bytes).
-        self.min_free_bytes = 100 * 1024 * 1024
         self._accepts: GroupCommit[tuple[Sequence[NewEvent], float], AcceptResult] = GroupCommit(
             self._executor.submit, self._accept_group
         )
@@ -460,8 +457,10 @@ class SqliteStore:
             )
         try:
             migrated_from = await self._run(lambda: self._open(exclusive))
-        except (sqlite3.OperationalError, OSError) as exc:
-            problem = not_writable(self.path, exc, self.min_free_bytes)
+        except (sqlite3.OperationalError, OSError, StoreUnavailable) as exc:
+            # A migration that ran out of room says so through its cause.
+            cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
+            problem = None if cause is None else not_writable(self.path, cause)
             if problem is None:
                 raise
             raise problem from exc
