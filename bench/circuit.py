@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.circuit import CircuitBreaker  # noqa: E402
-from relay.config import CircuitConfig  # noqa: E402
+from relay.circuit import CircuitBreaker
+from relay.config import CircuitConfig
 
 RATES = (0.2, 1.0, 10.0, 100.0)  # sends a second
 FAILING = (0.1, 0.2, 0.3, 0.5, 0.8)  # share of sends that fail
@@ -81,7 +81,8 @@ def main() -> None:
     for rate in (0.2, 1.0, 100.0):
         opened_at, gaps = dead_sink(rate)
         spaced = ", ".join(f"{g:g}" for g in gaps)
-        print(f"dead sink at {rate:g} sends/s: open after {opened_at:.1f} s; probes {spaced} s apart")
+        print(f"dead sink at {rate:g} sends/s: open after {opened_at:.1f} s;", end=" ")
+        print(f"probes {spaced} s apart")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -298,11 +300,35 @@ async def test_a_send_that_outlasts_its_claims_lease_is_never_handed_out_twice(
     assert sorted(seen) == sorted(set(seen))
 
 
-async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_path, receiver):
+@contextlib.asynccontextmanager
+async def one_lane(
+    tmp_path: Path, store_class: type[SqliteStore], url: str
+) -> AsyncIterator[SqliteStore]:
+    """A dispatcher with one http sink to `url` over a store of `store_class` (a
+    faulty one) holding one event; the lane starts on entering, under the caller's
+    capture_logs if the caller wants its lines."""
     from relay.dispatch import Dispatcher
-    from relay.errors import StoreUnavailable
     from relay.sinks import build_sink
     from relay.store import NewEvent
+
+    config = relay_config(tmp_path, sinks={"app": http_sink(url)})
+    store = store_class(tmp_path / "relay.db", dedupe_window=60)
+    await store.open(exclusive=True)
+    sink = build_sink("app", config.sinks["app"])
+    await sink.start()
+    dispatcher = Dispatcher(store, idle_poll=0.02)
+    try:
+        await store.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
+        dispatcher.start({"app": sink}, config.sinks)
+        yield store
+    finally:
+        await dispatcher.stop(1.0)
+        await sink.close()
+        await store.close()
+
+
+async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_path, receiver):
+    from relay.errors import StoreUnavailable
 
     class Flaky(SqliteStore):
         """A store whose claims fail for a while (Redis restarting, say)."""
@@ -315,30 +341,15 @@ async def test_a_store_away_for_a_while_is_one_error_line_then_one_recovery(tmp_
                 raise StoreUnavailable("redis at redis://db:6379/0: Connection refused")
             return await super().claim(*args, **kwargs)
 
-    config = relay_config(tmp_path, sinks={"app": http_sink(receiver.url)})
-    store = Flaky(tmp_path / "relay.db", dedupe_window=60)
-    await store.open(exclusive=True)
-    sink = build_sink("app", config.sinks["app"])
-    await sink.start()
-    dispatcher = Dispatcher(store, idle_poll=0.02)
-    try:
-        await store.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
-        with capture_logs() as logs:
-            dispatcher.start({"app": sink}, config.sinks)
+    with capture_logs() as logs:
+        async with one_lane(tmp_path, Flaky, receiver.url):
             await eventually(lambda: receiver.requests)
-        events = [e["event"] for e in logs if e["event"].startswith("dispatch.store")]
-        assert events == ["dispatch.store_error", "dispatch.store_recovered"]
-    finally:
-        await dispatcher.stop(1.0)
-        await sink.close()
-        await store.close()
+    events = [e["event"] for e in logs if e["event"].startswith("dispatch.store")]
+    assert events == ["dispatch.store_error", "dispatch.store_recovered"]
 
 
 async def test_an_outcome_the_store_cannot_write_is_kept_not_sent_again(tmp_path, receiver):
-    from relay.dispatch import Dispatcher
     from relay.errors import StoreUnavailable
-    from relay.sinks import build_sink
-    from relay.store import NewEvent
 
     class Full(SqliteStore):
         """A store whose disk is full for the first few settlements."""
@@ -351,31 +362,19 @@ async def test_an_outcome_the_store_cannot_write_is_kept_not_sent_again(tmp_path
                 raise StoreUnavailable("database or disk is full")
             return await super().settle(*args, **kwargs)
 
-    config = relay_config(tmp_path, sinks={"app": http_sink(receiver.url)})
-    store = Full(tmp_path / "relay.db", dedupe_window=60)
-    await store.open(exclusive=True)
-    sink = build_sink("app", config.sinks["app"])
-    await sink.start()
-    dispatcher = Dispatcher(store, idle_poll=0.02)
-    try:
-        await store.accept([NewEvent("evt_1", "qingstor", '{"id": "evt_1"}', ("app",))])
-        with capture_logs() as logs:
-            dispatcher.start({"app": sink}, config.sinks)
+    with capture_logs() as logs:
+        async with one_lane(tmp_path, Full, receiver.url) as store:
 
             async def done() -> bool:
                 return (await store.counts()).get("done") == 1
 
             await eventually(done, within=15)
-        events = [e for e in logs if e["event"].startswith("dispatch.settle")]
-        assert [e["event"] for e in events] == ["dispatch.settle_failed", "dispatch.settle_written"]
-        assert events[0]["kept"] is True
-        # The idle poll (20 ms) came round dozens of times meanwhile: the delivery was
-        # held, not handed out again.
-        assert len(receiver.requests) == 1
-    finally:
-        await dispatcher.stop(1.0)
-        await sink.close()
-        await store.close()
+    events = [e for e in logs if e["event"].startswith("dispatch.settle")]
+    assert [e["event"] for e in events] == ["dispatch.settle_failed", "dispatch.settle_written"]
+    assert events[0]["kept"] is True
+    # The idle poll (20 ms) came round dozens of times meanwhile: the delivery was held,
+    # not handed out again.
+    assert len(receiver.requests) == 1
 
 
 async def test_a_drain_longer_than_the_lease_keeps_its_sends_claimed(
