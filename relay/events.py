@@ -48,6 +48,8 @@ def report(record: EventRecord, config: StoreView, now: float) -> dict[str, Any]
         # was never routed there.
         "no_record_for": [s for s in config.sinks if s not in routed],
         "keep_done_s": config.store.keep_done,
+        # Younger than keep_done, nothing can have been pruned: those were not routed.
+        "pruned_possible": now - record.received_at >= config.store.keep_done,
     }
 
 
@@ -81,10 +83,16 @@ def render(data: dict[str, Any]) -> str:
     if data["no_record_for"]:
         names = ", ".join(data["no_record_for"])
         hours = data["keep_done_s"] / 3600
-        parts.append(
-            f"no delivery record for {names}: delivered more than store.keep_done"
-            f" ({hours:g}h) ago, or not routed there"
-        )
+        if data.get("pruned_possible", True):
+            parts.append(
+                f"no delivery record for {names}: delivered more than store.keep_done"
+                f" ({hours:g}h) ago, or not routed there"
+            )
+        else:
+            parts.append(
+                f"not routed to {names} (no route sent it there when it arrived, or the"
+                " sink was added since)"
+            )
     return "\n\n".join(parts)
 
 

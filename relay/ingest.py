@@ -30,7 +30,7 @@ from relay.forwarded import READERS, client_address
 from relay.metrics import Metrics
 from relay.models import Envelope
 from relay.routing import Router
-from relay.sources import RequestMeta, Source
+from relay.sources import SOURCES, RequestMeta, Source
 from relay.store import AcceptResult, NewEvent, Quarantined
 
 log = structlog.get_logger("relay.ingest")
@@ -99,7 +99,12 @@ class Ingest:
         name = request.match_info["source"]
         source = self.sources.get(name)
         if source is None:
-            raise UnknownSource(f"no source named {name!r} is configured")
+            hint = (
+                f"; the path takes a source's name (sources.<name>), not its kind {name!r}"
+                if name in SOURCES
+                else ""
+            )
+            raise UnknownSource(f"no source named {name!r} is configured{hint}")
         structlog.contextvars.bind_contextvars(source=name)
 
         remote = request.remote

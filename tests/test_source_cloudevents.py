@@ -497,6 +497,30 @@ def test_a_ce_header_cannot_carry_the_token_or_the_signature(tmp_path):
         assert "CloudEvents attribute" in str(refused.value)
 
 
+async def test_an_s3_body_posted_here_is_named_in_the_refusal(tmp_path, start_relay):
+    client = await start_relay(ce_config(tmp_path))
+    response = await client.post("/hooks/open", json=sample("minio-put.json"))
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (400, "not_an_event")
+    assert "kind: s3" in answer["message"]
+
+
+async def test_binary_mode_names_the_missing_header(tmp_path, start_relay):
+    client = await start_relay(ce_config(tmp_path))
+    headers = {k: v for k, v in BINARY.items() if k != "ce-type"}
+    response = await client.post("/hooks/open", data=b"{}", headers=headers)
+    answer = await response.json()
+    assert response.status == 400 and "missing ce-type" in answer["message"]
+
+
+async def test_a_time_in_epoch_milliseconds_as_a_number(tmp_path, start_relay):
+    client = await start_relay(ce_config(tmp_path))
+    body = {**GOOD, "time": 1615430559146}
+    assert (await client.post("/hooks/open", json=body)).status == 200
+    [line] = await eventually(lambda: out(tmp_path))
+    assert line["time"] == "2021-03-11T02:42:39.146Z"
+
+
 def test_only_sources_without_a_token_or_signature_count_as_open(tmp_path):
     from relay.exposure import open_sources
 

@@ -440,3 +440,36 @@ async def test_too_many_records_are_refused_before_any_is_read(tmp_path, start_r
     answer = await response.json()
     assert (response.status, answer["error"]) == (413, "too_many_records")
     assert "300000" in answer["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "hint"),
+    [
+        ({"Type": "Notification", "TopicArn": "arn:aws:sns:x", "Message": "{}"}, "SNS"),
+        (sample("cloudevents-oss.json"), "kind: cloudevents"),
+        (sample("notifier-create_object.json"), "kind: qingstor"),
+    ],
+)
+async def test_another_senders_body_is_named_in_the_refusal(tmp_path, start_relay, body, hint):
+    client = await start_relay(s3_config(tmp_path))
+    response = await client.post("/hooks/ceph", json=body)
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (400, "not_an_event")
+    assert hint in answer["message"]
+
+
+async def test_a_two_word_auth_token_is_told_to_be_a_bearer_token(tmp_path, start_relay):
+    client = await start_relay(s3_config(tmp_path))
+    headers = {"Authorization": f"Token {TOKEN}"}  # MinIO sends two words as they are
+    response = await client.post("/hooks/minio", json=sample("minio-put.json"), headers=headers)
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (401, "missing_token")
+    assert "Bearer <token>" in answer["message"] and TOKEN not in answer["message"]
+
+
+async def test_a_path_naming_the_kind_instead_of_the_source_says_so(tmp_path, start_relay):
+    client = await start_relay(s3_config(tmp_path))
+    response = await client.post("/hooks/s3", json=sample("minio-put.json"))
+    answer = await response.json()
+    assert (response.status, answer["error"]) == (404, "unknown_source")
+    assert "not its kind" in answer["message"]

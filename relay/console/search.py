@@ -32,9 +32,14 @@ class EventFilter:
             return False
         if self.bucket and envelope.get("bucket") != self.bucket:
             return False
-        # relay's type or the store's own name (s3:ObjectCreated:Put), as routes match.
-        if self.type and self.type not in (envelope.get("type"), envelope.get("event_name")):
-            return False
+        # relay's type or the store's own name (s3:ObjectCreated:Put), exactly or by a
+        # glob (s3:ObjectRemoved:*), as routes match.
+        if self.type:
+            names = [
+                n for n in (envelope.get("type"), envelope.get("event_name")) if isinstance(n, str)
+            ]
+            if not any(n == self.type or fnmatch.fnmatchcase(n, self.type) for n in names):
+                return False
         if self.key:
             key = envelope.get("key")
             if not isinstance(key, str):

@@ -146,8 +146,12 @@ def check_token(
             *([header] if header else []),
             *(["Authorization: Bearer"] if bearer else []),
         ]
+        hint = ""
+        if bearer and not presented and header_value(meta.headers, "Authorization"):
+            # MinIO sends a two-word auth_token as it is ("Token abc").
+            hint = "; Authorization must read `Bearer <token>` (give MinIO a one-word auth_token)"
         raise Unauthorized(
-            f"{what} token: pass it as ?token= in the URL or in {' or '.join(headers)}",
+            f"{what} token: pass it as ?token= in the URL or in {' or '.join(headers)}{hint}",
             code=f"{what}_token",
         )
 
@@ -210,3 +214,21 @@ def describe(error: ValidationError, prefix: str = "") -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+def looks_like(document: Any) -> str | None:
+    """What another sender's body this is, for a refusal that points at the right
+    source kind: a wrong pairing of sender and source is the usual first-hour mistake."""
+    if not isinstance(document, dict):
+        return None
+    if document.get("Type") in ("Notification", "SubscriptionConfirmation") and (
+        "TopicArn" in document
+    ):
+        return "an SNS message: relay does not read SNS's envelope; forward the bare S3 message"
+    if "specversion" in document:
+        return "a CloudEvent: post it to a `kind: cloudevents` source"
+    if isinstance(document.get("Records"), list):
+        return "an S3 event notification: post it to a `kind: s3` source"
+    if isinstance(document.get("events"), list):
+        return "a QingStor notifier batch: post it to a `kind: qingstor` source"
+    return None

@@ -25,7 +25,14 @@ from relay import jsoncodec
 from relay.config import CloudEventsSourceConfig
 from relay.errors import InvalidBody, UnsupportedMediaType
 from relay.models import Envelope, event_id, isoformat
-from relay.sources.base import RequestMeta, check_peer, check_token, decode_json, header_value
+from relay.sources.base import (
+    RequestMeta,
+    check_peer,
+    check_token,
+    decode_json,
+    header_value,
+    looks_like,
+)
 from relay.sources.hmac_header import HmacHeader
 from relay.vocabulary import bus_object
 
@@ -122,7 +129,7 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def check_event(event: Any, where: str = "") -> dict[str, Any]:
+def check_event(event: Any, where: str = "", prefix: str = "") -> dict[str, Any]:
     """The event, if it is a CloudEvent 1.0 in the JSON format; else InvalidBody saying
     what is wrong (`where` names the event of a batch)."""
     if not isinstance(event, dict):
@@ -132,8 +139,10 @@ def check_event(event: Any, where: str = "") -> dict[str, Any]:
         )
     version = event.get("specversion")
     if version is None:
+        seen = looks_like(event)
         raise InvalidBody(
-            f"{where}not a CloudEvent: no specversion (relay reads CloudEvents 1.0)",
+            f"{where}not a CloudEvent: no specversion (relay reads CloudEvents 1.0)"
+            + (f"; this is {seen}" if seen else ""),
             code="not_an_event",
         )
     if version != SPECVERSION:
@@ -143,9 +152,9 @@ def check_event(event: Any, where: str = "") -> dict[str, Any]:
         )
     missing = [n for n in _REQUIRED if not isinstance(event.get(n), str) or not event[n]]
     if missing:
+        names = ", ".join(f"{prefix}{n}" for n in missing)
         raise InvalidBody(
-            f"{where}missing {', '.join(missing)}: a CloudEvent needs a non-empty id,"
-            " source and type",
+            f"{where}missing {names}: a CloudEvent needs a non-empty id, source and type",
             code="invalid_event",
         )
     if "data" in event and "data_base64" in event:
@@ -200,9 +209,12 @@ def event_time(value: Any, fallback: str | None, received_at: datetime) -> str:
     for candidate in (value, fallback):
         if is_rfc3339(candidate):
             return str(candidate)
+    millis = value if type(value) is int else None
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        millis = int(value)
+    if millis is not None:
         try:
-            return isoformat(datetime.fromtimestamp(int(value) / 1000, tz=UTC))
+            return isoformat(datetime.fromtimestamp(millis / 1000, tz=UTC))
         except (OverflowError, OSError, ValueError):
             pass
     return isoformat(received_at)
@@ -315,8 +327,10 @@ class CloudEventsSource:
         else:
             events = [document]
         batch = len(events) > 1 or mode == "batch"
+        # In binary mode the attributes came as headers: name those.
+        prefix = _HEADER_PREFIX if mode == "binary" else ""
         checked = [
-            check_event(e, f"event {i + 1} of the batch: " if batch else "")
+            check_event(e, f"event {i + 1} of the batch: " if batch else "", prefix)
             for i, e in enumerate(events)
         ]
         return [cloudevent_envelope(e, self.name, received_at) for e in checked]

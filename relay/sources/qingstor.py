@@ -17,7 +17,14 @@ from relay.models import (
     notifier_envelopes,
     tupu_porn_envelope,
 )
-from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token, describe
+from relay.sources.base import (
+    JsonBody,
+    RequestMeta,
+    check_peer,
+    check_token,
+    describe,
+    looks_like,
+)
 
 
 class QingStorSource(JsonBody):
@@ -61,4 +68,6 @@ class QingStorSource(JsonBody):
             "notifier": 'a notifier batch {"events": [...]}',
             "tupu-porn": 'a tupu-porn result {"bucket", "object", "result"}',
         }[cloudfunc]
-        raise InvalidBody(f"not a QingStor event: expected {expected}", code="not_an_event")
+        seen = looks_like(document)
+        hint = f"; this is {seen}" if seen and "QingStor" not in seen else ""
+        raise InvalidBody(f"not a QingStor event: expected {expected}{hint}", code="not_an_event")

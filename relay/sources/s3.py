@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from relay.config import S3SourceConfig
 from relay.errors import InvalidBody
 from relay.models import Envelope, IsoTime, canonical_json, event_id, isoformat
-from relay.sources.base import JsonBody, RequestMeta, check_peer, check_token, describe
+from relay.sources.base import (
+    JsonBody,
+    RequestMeta,
+    check_peer,
+    check_token,
+    describe,
+    looks_like,
+)
 from relay.vocabulary import s3_event_name, s3_type
 
 
@@ -157,8 +164,10 @@ class S3Source(JsonBody):
         if not isinstance(document, dict) or (
             "Records" not in document and not _is_test_event(document)
         ):
+            seen = looks_like(document)
             raise InvalidBody(
-                'not an S3 event notification: expected {"Records": [...]}',
+                'not an S3 event notification: expected {"Records": [...]}'
+                + (f"; this is {seen}" if seen else ""),
                 code="not_an_event",
             )
         if "Records" not in document:
