@@ -10,11 +10,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,3 +196,20 @@ async def counting_receiver(events: int) -> AsyncIterator[Counting]:
         yield seen
     finally:
         await runner.cleanup()
+
+
+@contextmanager
+def relay_serving(workdir: Path, code: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`relay serve` on `workdir/relay.yaml` (any free port), running `code`'s relay,
+    stopped with SIGTERM on leaving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", "relay.yaml", "--port", "0"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(code)},
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

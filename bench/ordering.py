@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 # benchmark runs do not change the code under test halfway.
 CODE = ROOT
 
-from machine import counting_receiver, machine, snapshot_code  # noqa: E402
+from machine import counting_receiver, machine, relay_serving, snapshot_code  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
 from relay.config import StoreConfig  # noqa: E402
@@ -72,15 +69,6 @@ async def fill(workdir: Path, events: int, keys: int, section: str) -> None:
     await store.close()
 
 
-def serve(workdir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", "--config", "relay.yaml", "--port", "0"],
-        cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(CODE)},
-        stdout=subprocess.DEVNULL,
-    )
-
-
 async def deliver(events: int, keys: int, order: str, redis: str | None) -> float:
     async with counting_receiver(events) as seen:
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,13 +81,9 @@ async def deliver(events: int, keys: int, order: str, redis: str | None) -> floa
                 f"sinks: {{app: {{kind: http, url: '{seen.url}', concurrency: 32,"
                 f" order: {order}}}}}\n"
             )
-            proc = serve(workdir)
-            try:
+            with relay_serving(workdir, CODE):
                 await asyncio.wait_for(seen.done.wait(), timeout=900)
                 return seen.rate(events)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
 
 
 async def main() -> None:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import counting_receiver  # noqa: E402
+from machine import counting_receiver, relay_serving  # noqa: E402
 
 from relay.store import NewEvent  # noqa: E402
 from relay.store.sqlite import SqliteStore  # noqa: E402
@@ -47,18 +44,12 @@ async def fill(db: Path, events: int, sink: str) -> None:
     await store.close()
 
 
-def serve(workdir: Path, sink_yaml: str) -> subprocess.Popen[bytes]:
-    config = workdir / "relay.yaml"
-    config.write_text(
+def configure(workdir: Path, sink_yaml: str) -> Path:
+    (workdir / "relay.yaml").write_text(
         "log: {level: warning}\nstore: {path: relay.db}\n"
         f"sources: {{qingstor: {{kind: qingstor}}}}\nsinks: {{{sink_yaml}}}\n"
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", "--config", str(config), "--port", "0"],
-        cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
+    return workdir
 
 
 async def file_sink(events: int) -> float:
@@ -66,8 +57,8 @@ async def file_sink(events: int) -> float:
         workdir = Path(tmp)
         await fill(workdir / "relay.db", events, "archive")
         out = workdir / "events.jsonl"
-        proc = serve(workdir, "archive: {kind: file, path: events.jsonl}")
-        try:
+        configure(workdir, "archive: {kind: file, path: events.jsonl}")
+        with relay_serving(workdir, ROOT):
             # Timed from the first line written: relay's start-up is not the sink's speed.
             while not out.exists() or out.stat().st_size == 0:  # noqa: ASYNC110
                 await asyncio.sleep(0.002)  # polling a file another process writes
@@ -76,9 +67,6 @@ async def file_sink(events: int) -> float:
             while sum(1 for _ in out.open()) < events:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             return (events - first) / (time.monotonic() - started)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
 
 
 async def http_sink(events: int, concurrency: int) -> float:
@@ -87,13 +75,9 @@ async def http_sink(events: int, concurrency: int) -> float:
             workdir = Path(tmp)
             await fill(workdir / "relay.db", events, "app")
             sink = f"app: {{kind: http, url: '{seen.url}', concurrency: {concurrency}}}"
-            proc = serve(workdir, sink)
-            try:
+            with relay_serving(configure(workdir, sink), ROOT):
                 await asyncio.wait_for(seen.done.wait(), timeout=600)
                 return seen.rate(events)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
 
 
 async def main() -> None:

@@ -229,11 +229,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     try:
-        if not runtime.store_ready.is_set():
-            raise StoreUnavailable("the store is not open yet")  # waiting for its disk
-        stats = await asyncio.wait_for(runtime.store.sink_stats(), timeout=5.0)
-    except StoreUnavailable:
-        stats = {}  # the gauges go until the store is back; no traceback every scrape
+        # Not open yet (waiting for its disk): the gauges go, without a traceback a scrape.
+        stats = (
+            await asyncio.wait_for(runtime.store.sink_stats(), timeout=5.0)
+            if runtime.store_ready.is_set()
+            else {}
+        )
     except Exception:
         # Counters still tell a story when the store does not answer; the gauges go.
         log.exception("metrics.store_failed")
@@ -689,6 +690,9 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+_METRICS_ROOM = 1 << 20  # a process's counters at first, on disk
+
+
 def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) -> Path | None:
     """Where this relay's processes keep their counters, or None for a single process.
     Beside an SQLite store: a read-only root filesystem still has its data volume. With
@@ -703,18 +707,16 @@ def _metrics_dir(config: RelayConfig, leads: bool, worker: WorkerRole | None) ->
         try:
             path.mkdir(parents=True, exist_ok=True)
             # Each process's counters take a file of 1 MiB at first (prometheus-client's
-            # mmap): a disk that cannot hold one is no place for them.
-            probe = path / ".probe"
-            probe.write_bytes(bytes(1 << 20))
-            probe.unlink()
-            return path
+            # mmap): a disk without that much room is no place for them.
+            if shutil.disk_usage(path).free >= _METRICS_ROOM * (config.server.workers + 1):
+                return path
+            shutil.rmtree(path, ignore_errors=True)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
-            # The store's disk is full or read-only: relay starts anyway and waits for
-            # it; the counters and config snapshot live in the temporary folder meanwhile.
-            shutil.rmtree(path, ignore_errors=True)
-            prefix = Path(tempfile.gettempdir()) / prefix.name
+        # The store's disk is full or read-only: relay starts anyway and waits for it;
+        # the counters and config snapshot live in the temporary folder meanwhile.
+        prefix = Path(tempfile.gettempdir()) / prefix.name
     # In the shared temporary folder: a new folder of this user's only (mode 0700), never
     # one another user could have made first under a name known in advance.
     return Path(tempfile.mkdtemp(prefix=f"{prefix.name}{os.getpid()}-", dir=prefix.parent))

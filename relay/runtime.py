@@ -393,11 +393,7 @@ class Runtime:
             # Waiting for the store's disk: no sink runs yet. The new config is what they
             # start with once it opens (start_sinks reads self.config); only the ingest
             # side changes now.
-            if config.log != old.log:
-                configure_logs(config.log.level, config.log.format)
-            self.store.dedupe_window = config.dedupe.window
-            self._apply_ingest(config)
-            self.config = config
+            self._swap(config)
             return
         # A worker runs no sinks: for it only the ingest side changes.
         sinks = (old.sinks, config.sinks) if self.leader else ({}, {})
@@ -415,11 +411,7 @@ class Runtime:
                 raise
 
         # Nothing can fail from here on: swap.
-        if config.log != old.log:
-            configure_logs(config.log.level, config.log.format)
-        self.store.dedupe_window = config.dedupe.window
-        self._apply_ingest(config)
-        self.config = config
+        self._swap(config)
         stale = await self.dispatcher.retire([*removed, *changed], config.server.drain_timeout)
         await self._close(stale)
         for name in [*removed, *changed]:
@@ -430,6 +422,14 @@ class Runtime:
         await self._run_lanes(config, fresh)
         if fresh:
             log.info("sink.started", sinks=list(fresh))
+
+    def _swap(self, config: RelayConfig) -> None:
+        """Put `config` in force for everything but the sinks."""
+        if config.log != self.config.log:
+            configure_logs(config.log.level, config.log.format)
+        self.store.dedupe_window = config.dedupe.window
+        self._apply_ingest(config)
+        self.config = config
 
     def _apply_ingest(self, config: RelayConfig) -> None:
         # Sources and router built whole, then swapped in together between two

@@ -138,8 +138,7 @@ def check_token(
     expected = token.get_secret_value()
     # Any place may carry it: a proxy, or MinIO's auth_token, may fill Authorization
     # with something else while the URL has the token. Each is compared in full.
-    matched = [token_matches(expected, value) for value in presented]
-    if not any(matched):
+    if not any([token_matches(expected, value) for value in presented]):
         what = "invalid" if presented else "missing"
         headers = [
             TOKEN_HEADER,

@@ -82,25 +82,34 @@ def header_attribute(name: str, value: str) -> str:
         raise InvalidBody(f"{name} is not percent-encoded UTF-8", code="invalid_event") from None
 
 
-def binary_attributes(headers: Mapping[str, str]) -> dict[str, Any]:
+def binary_attributes(headers: Mapping[str, str], *, strict: bool = True) -> dict[str, Any]:
+    """The attributes a binary-mode request carries in its `ce-*` headers. Not `strict`
+    (for quarantine), what is wrong is kept as it came rather than refused: a repeated
+    header's first value, a value as sent when it does not decode."""
     attributes: dict[str, Any] = {}
     for header, value in headers.items():
         lowered = header.lower()
         if not lowered.startswith(_HEADER_PREFIX):
             continue
         name = lowered.removeprefix(_HEADER_PREFIX)
-        if not _NAME.fullmatch(name) or name in _RESERVED:
-            raise InvalidBody(
-                f"{header}: CloudEvents attribute names are lower-case letters and digits,"
-                " and not data",
-                code="invalid_event",
-            )
         if name == "datacontenttype":
             continue  # Content-Type carries it in binary mode
-        if name in attributes:
-            # Which of two ids (or sources) is the event's? Dedupe would rest on a guess.
-            raise InvalidBody(f"{header} is given more than once", code="invalid_event")
-        attributes[name] = header_attribute(header, value)
+        try:
+            if not _NAME.fullmatch(name) or name in _RESERVED:
+                raise InvalidBody(
+                    f"{header}: CloudEvents attribute names are lower-case letters and"
+                    " digits, and not data",
+                    code="invalid_event",
+                )
+            if name in attributes:
+                # Which of two ids (or sources) is the event's? Dedupe would rest on a
+                # guess.
+                raise InvalidBody(f"{header} is given more than once", code="invalid_event")
+            attributes[name] = header_attribute(header, value)
+        except InvalidBody:
+            if strict:
+                raise
+            attributes.setdefault(name, value)
     content_type = header_value(headers, "Content-Type")
     if content_type:
         attributes["datacontenttype"] = content_type
@@ -269,24 +278,11 @@ class CloudEventsSource:
         keep: it keeps the event in the JSON format instead, so it can be posted again."""
         if self._mode(meta, content_type) != "binary":
             return body, content_type
-        attributes: dict[str, Any] = {}
-        for header, value in meta.headers.items():
-            name = header.lower().removeprefix(_HEADER_PREFIX)
-            if header.lower().startswith(_HEADER_PREFIX) and name not in attributes:
-                try:
-                    attributes[name] = header_attribute(header, value)
-                except InvalidBody:
-                    attributes[name] = value  # as it came: that may be what was wrong
-        declared = header_value(meta.headers, "Content-Type")
-        if declared:
-            attributes["datacontenttype"] = declared
         try:
-            data: Any = (
-                decode_json(body, content_type) if is_json_type(content_type) else RawData(body)
-            )
+            data = self.decode(meta, body, content_type)
         except InvalidBody:
-            data = RawData(body)
-        event = with_data(attributes, data if body else NO_DATA)
+            data = RawData(body)  # not the JSON it said it was: kept as it came
+        event = with_data(binary_attributes(meta.headers, strict=False), data)
         return jsoncodec.dumps(event).encode("utf-8"), STRUCTURED
 
     @staticmethod

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import math
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
@@ -300,13 +299,6 @@ def _where(selection: Selection, table: str = "") -> tuple[str, list[object]]:
     if not selection.everything and len(clauses) == 1:
         raise ValueError("select --all, a sink, or event ids")
     return " AND ".join(clauses), params
-
-
-def _free_bytes(path: Path) -> int | None:
-    try:
-        return shutil.disk_usage(path.parent).free
-    except OSError:
-        return None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -1369,7 +1361,7 @@ class SqliteStore:
 
     async def health(self, min_free_bytes: int) -> str | None:
         # A sender is better told to wait before a full disk turns every ingest into a 503.
-        free = await asyncio.to_thread(_free_bytes, self.path)
+        free, _ = await asyncio.to_thread(disk_state, self.path)
         if free is not None and free < min_free_bytes:
             return f"the store's disk is nearly full ({free} bytes free at {self.path.parent})"
         return None
